@@ -1,0 +1,132 @@
+"""The ``dockyard`` command: parse, call one library function, render. Errors are mapped in one place."""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+import click
+
+from . import __version__
+from ._render import emit_json, progress_lines
+from .errors import DockyardError
+
+__all__ = ["cli", "main"]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show Python tracebacks for errors.")
+@click.version_option(__version__, prog_name="dockyard")
+def cli(debug: bool) -> None:
+    """dockyard: build ML environments once, run training jobs on your GPUs."""
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def doctor(as_json: bool) -> None:
+    """Check the engine, BuildKit, the index, GPUs and base images; say how to fix what is missing."""
+    from ._doctor import run_doctor
+
+    report = run_doctor()
+    if as_json:
+        emit_json(report.to_json())
+    else:
+        for check in report.checks:
+            mark = "ok " if check.ok else ("FAIL" if check.required else "warn")
+            click.echo(f"[{mark:<4}] {check.name:<12} {check.detail}")
+        click.echo("healthy" if report.ok else "not healthy: fix the FAIL lines above")
+    if not report.ok:
+        sys.exit(3)
+
+
+@cli.group()
+def base() -> None:
+    """Base images made locally, with no registry (also for air-gapped sites)."""
+
+
+@base.command("bootstrap")
+@click.option("--flavor", type=click.Choice(["python", "busybox"]), default="python", show_default=True,
+              help="python: Debian minbase with python3, pip, venv; busybox: a tiny static image.")
+@click.option("--suite", default=None, help="Debian suite (default: the host's).")
+@click.option("--mirror", default=None, help="Debian archive URL (default: the one apt uses here).")
+@click.option("--ca-bundle", default=None, metavar="FILE|none",
+              help="PEM bundle to trust inside the image (default: the host's bundle; 'none' adds nothing).")
+@click.option("--force", is_flag=True, help="Rebuild even if the image exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def base_bootstrap(flavor: str, suite: str | None, mirror: str | None, ca_bundle: str | None,
+                   force: bool, as_json: bool) -> None:
+    """Make a base image from the Debian mirror (debootstrap) or busybox-static, and import it."""
+    from ._base import HOST_CA_BUNDLE, bootstrap
+
+    bundle = None if ca_bundle == "none" else (ca_bundle or HOST_CA_BUNDLE)
+    if ca_bundle is None and not os.path.exists(HOST_CA_BUNDLE):
+        bundle = None
+    with progress_lines(f"bootstrap {flavor}") as progress:
+        image = bootstrap(flavor, suite=suite, mirror=mirror, ca_bundle=bundle, force=force,  # type: ignore[arg-type]
+                          progress=progress)
+    if as_json:
+        emit_json(image.to_json())
+    elif image.existed:
+        click.echo(f"{image.ref} already exists (created {image.created}); --force rebuilds it")
+    else:
+        click.echo(f"{image.ref} made in {image.seconds:.1f}s ({image.image_id[:19]})")
+
+
+@base.command("ls")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def base_ls(as_json: bool) -> None:
+    """List the base images dockyard made."""
+    from ._base import list_base_images
+
+    images = list_base_images()
+    if as_json:
+        emit_json({"images": [i.to_json() for i in images]})
+        return
+    if not images:
+        click.echo("no base images; make one with `dockyard base bootstrap`")
+    for i in images:
+        click.echo(f"{i.ref:<36} {i.flavor:<8} {i.suite:<10} {i.created}")
+
+
+def _wants(flag: str, argv: list[str]) -> bool:
+    return flag in argv[: argv.index("--")] if "--" in argv else flag in argv
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the CLI and map every error to a message and an exit code.
+
+    Exit codes: 0 success, 1 the job failed, 2 bad input or usage, 3 environment problem.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = _wants("--debug", args) or os.environ.get("DOCKYARD_DEBUG") == "1"
+    as_json = _wants("--json", args)
+    try:
+        cli.main(args=args, prog_name="dockyard", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except DockyardError as exc:
+        _report(exc, exc.exit_code, exc.hint, debug, as_json)
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: never a bare traceback
+        _report(exc, 1, "this is a dockyard bug; rerun with --debug and report the traceback", debug, as_json)
+
+
+def _report(exc: BaseException, code: int, hint: str, debug: bool, as_json: bool) -> None:
+    message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+    if debug:
+        traceback.print_exception(exc, file=sys.stderr)
+    if as_json:
+        emit_json({"error": {"type": type(exc).__name__, "message": message, "hint": hint, "exit_code": code}})
+    click.echo(f"error: {message}", err=True)
+    if hint:
+        click.echo(f"  hint: {hint}", err=True)
+    sys.exit(code)

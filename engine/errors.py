@@ -1,0 +1,168 @@
+"""The dockyard error tree.
+
+Every error dockyard raises on purpose is a :class:`DockyardError`; foreign errors (``grpc.RpcError``,
+``docker.errors.APIError``, ``sqlite3.Error``, ``OSError`` from sockets) are translated once, at the
+module that talks to that component, always with ``raise … from exc``. Each error carries the data
+a caller needs (``hint`` says what to do next) and an ``exit_code`` the CLI uses::
+
+    DockyardError                      exit 1 unless a subclass says otherwise
+    ├── InputError                     exit 2  bad input or usage: the caller must change something
+    │   └── SpecError                          an environment/run file is invalid (file, line, field)
+    ├── EnvironmentProblem             exit 3  the machine lacks a part: install or start it
+    │   ├── EngineUnavailable                  no Docker Engine answers at DOCKER_HOST
+    │   ├── BuildKitUnavailable                the engine answers but its BuildKit does not
+    │   ├── EngineError                        the engine refused or failed a request
+    │   ├── ToolMissing                        a host tool (debootstrap, busybox) is absent
+    │   └── RegistryError                      a registry is unreachable or refused
+    │       └── RegistryAuthError              … because the credentials were refused
+    └── JobFailed                      exit 1  the work itself failed
+        └── BootstrapError                     making a base image failed (step, log tail)
+
+``dockyard.cache`` has its own root, ``CacheError``, because it never imports this package; the CLI
+maps both roots. Messages never contain secrets: values that could hold one are scrubbed with
+:func:`scrub` before they are put into an error.
+"""
+
+from __future__ import annotations
+
+import re
+
+__all__ = [
+    "BootstrapError",
+    "BuildKitUnavailable",
+    "DockyardError",
+    "EngineError",
+    "EngineUnavailable",
+    "EnvironmentProblem",
+    "InputError",
+    "JobFailed",
+    "RegistryAuthError",
+    "RegistryError",
+    "SpecError",
+    "ToolMissing",
+    "scrub",
+]
+
+
+class DockyardError(Exception):
+    """Root of every error dockyard raises on purpose.
+
+    Attributes:
+        message: one line saying what went wrong.
+        hint: what to do next (may be empty).
+        exit_code: the CLI's exit status for this error.
+    """
+
+    exit_code: int = 1
+
+    def __init__(self, message: str, *, hint: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message} ({self.hint})" if self.hint else self.message
+
+
+class InputError(DockyardError):
+    """The caller gave something dockyard cannot use; nothing was changed."""
+
+    exit_code = 2
+
+
+class SpecError(InputError):
+    """A spec file is invalid. Carries where: ``path``, ``line`` (1-based or None), ``field``."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | None = None,
+        line: int | None = None,
+        field: str | None = None,
+        hint: str = "",
+    ) -> None:
+        where = ":".join(str(p) for p in (path, line) if p is not None)
+        prefix = " ".join(p for p in (where, f"field '{field}'" if field else "") if p)
+        super().__init__(f"{prefix}: {message}" if prefix else message, hint=hint)
+        self.path = path
+        self.line = line
+        self.field = field
+
+
+class EnvironmentProblem(DockyardError):
+    """A part of the machine dockyard needs is missing or down."""
+
+    exit_code = 3
+
+
+class EngineUnavailable(EnvironmentProblem):
+    """No Docker Engine answered at the configured address."""
+
+    def __init__(self, address: str, reason: str) -> None:
+        super().__init__(
+            f"no Docker Engine answers at {address}: {reason}",
+            hint="start one with `bash scripts/setup-engine` (installs docker.io and starts dockerd "
+            "as root on Debian/Ubuntu), or point DOCKER_HOST at a running engine",
+        )
+        self.address = address
+        self.reason = reason
+
+
+class BuildKitUnavailable(EnvironmentProblem):
+    """The engine answered, but its BuildKit gRPC service did not."""
+
+
+class EngineError(EnvironmentProblem):
+    """The engine refused or failed a request (status code and its message)."""
+
+    def __init__(self, message: str, *, status: int | None = None, hint: str = "") -> None:
+        super().__init__(message, hint=hint)
+        self.status = status
+
+
+class ToolMissing(EnvironmentProblem):
+    """A host tool is not installed (or dockyard lacks the rights to use it)."""
+
+
+class RegistryError(EnvironmentProblem):
+    """A container registry is unreachable or refused a request. Names the registry, never secrets."""
+
+    def __init__(self, message: str, *, registry: str, hint: str = "") -> None:
+        super().__init__(message, hint=hint)
+        self.registry = registry
+
+
+class RegistryAuthError(RegistryError):
+    """The registry refused the credentials given for it."""
+
+
+class JobFailed(DockyardError):
+    """The requested work ran and failed."""
+
+    exit_code = 1
+
+
+class BootstrapError(JobFailed):
+    """Making a base image failed. ``step`` names the stage, ``log_tail`` the last output lines."""
+
+    def __init__(self, message: str, *, step: str, log_tail: str = "", hint: str = "") -> None:
+        super().__init__(message, hint=hint)
+        self.step = step
+        self.log_tail = log_tail
+
+
+# user:password@ in URLs, and common "password=…"/"token: …" shapes in messages from other tools.
+_SECRET_PATTERNS = (
+    re.compile(r"(?<=://)[^/@\s:]+:[^/@\s]+@"),
+    re.compile(r"(?i)\b(password|passwd|secret|token|auth)(\"?\s*[:=]\s*\"?)[^\s\",}]+"),
+)
+
+
+def scrub(text: str, *secrets: str | None) -> str:
+    """Return ``text`` with each known secret and credential-shaped substring replaced by ``***``."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    text = _SECRET_PATTERNS[0].sub("***@", text)
+    return _SECRET_PATTERNS[1].sub(lambda m: f"{m.group(1)}{m.group(2)}***", text)
