@@ -1,0 +1,1 @@
+"""Helpers shipped with the tests (typed, real components; no mocks of the engine)."""
