@@ -1,2 +1,42 @@
-"""dockyard: build-and-run engine for ML training jobs."""
+"""dockyard: build-and-run engine for ML training jobs.
+
+Top-level names are imported lazily (PEP 562): ``import dockyard`` costs only the standard
+library, so the CLI's fast paths and code running inside training containers stay light.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
+
+# public name -> the private module that defines it
+_EXPORTS = {
+    "Environment": "._environment",
+    "ContainerRegistry": "._environment",
+    "DockerSection": "._environment",
+    "PythonSection": "._environment",
+    "DEFAULT_BASE_IMAGE": "._environment",
+    "DockyardError": ".errors",
+}
+
+__all__ = sorted([*_EXPORTS, "__version__"])
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ._environment import DEFAULT_BASE_IMAGE, ContainerRegistry, DockerSection, Environment, PythonSection
+    from .errors import DockyardError
+
+
+def __getattr__(name: str) -> Any:
+    try:
+        module = _EXPORTS[name]
+    except KeyError:
+        raise AttributeError(f"module 'dockyard' has no attribute {name!r}") from None
+    value = getattr(import_module(module, __name__), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

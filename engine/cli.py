@@ -89,6 +89,61 @@ def base_ls(as_json: bool) -> None:
         click.echo(f"{i.ref:<36} {i.flavor:<8} {i.suite:<10} {i.created}")
 
 
+@cli.group()
+def env() -> None:
+    """Environment specs: content keys and what makes two specs differ."""
+
+
+_ENV_FILE = click.Path(dir_okay=False, path_type=str)
+
+
+@env.command("key")
+@click.argument("file", type=_ENV_FILE)
+@click.option("--explain", is_flag=True, help="Show each part's own hash, to see why a cache missed.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def env_key(file: str, explain: bool, as_json: bool) -> None:
+    """Print the content key of the environment in FILE (no engine needed)."""
+    from ._environment import Environment
+    from ._explain import describe_parts
+
+    environment = Environment.load(file)
+    key = environment.content_key()
+    if as_json:
+        emit_json(key.to_json())
+        return
+    click.echo(key.hex)
+    if explain:
+        click.echo(f"schema {key.schema}; parts:")
+        for name, digest, summary in describe_parts(environment, key):
+            click.echo(f"  {name:<13} {digest}  {summary}")
+
+
+@env.command("diff")
+@click.argument("a", type=_ENV_FILE)
+@click.argument("b", type=_ENV_FILE)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def env_diff(a: str, b: str, as_json: bool) -> None:
+    """Name the key parts in which environments A and B differ (exit 1 when they differ, like diff)."""
+    from dockyard.cache import diff_keys
+
+    from ._environment import Environment
+    from ._explain import field_of_part
+
+    key_a, key_b = Environment.load(a).content_key(), Environment.load(b).content_key()
+    parts = diff_keys(key_a, key_b)
+    if as_json:
+        emit_json({"same": not parts, "a": key_a.hex, "b": key_b.hex, "parts": parts,
+                   "fields": [field_of_part(p) for p in parts]})
+    elif not parts:
+        click.echo(f"same key {key_a.hex}")
+    else:
+        click.echo(f"{key_a.hex} != {key_b.hex}; they differ in:")
+        for part in parts:
+            click.echo(f"  {part:<13} ({field_of_part(part)})")
+    if parts:
+        sys.exit(1)
+
+
 def _wants(flag: str, argv: list[str]) -> bool:
     return flag in argv[: argv.index("--")] if "--" in argv else flag in argv
 
@@ -117,6 +172,10 @@ def main(argv: list[str] | None = None) -> None:
     except DockyardError as exc:
         _report(exc, exc.exit_code, exc.hint, debug, as_json)
     except Exception as exc:  # noqa: BLE001 - the last line of defence: never a bare traceback
+        from dockyard.cache import CacheError  # the embeddable cache's own root
+
+        if isinstance(exc, CacheError):
+            _report(exc, exc.exit_code, exc.hint, debug, as_json)
         _report(exc, 1, "this is a dockyard bug; rerun with --debug and report the traceback", debug, as_json)
 
 

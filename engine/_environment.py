@@ -1,0 +1,582 @@
+"""The environment model, with Azure ML SDK v1's names, and its declarative YAML file form.
+
+An :class:`Environment` says what image a run needs: a base image (or a Dockerfile), Python
+dependencies (a conda spec and/or pip requirements, unless the image manages its own), a private
+registry to pull the base from, build args and run-time environment variables. It reduces to a
+:class:`dockyard.cache.KeyParts`, hence to a content key.
+
+File form (``environment.yml``)::
+
+    name: digits
+    version: "1"
+    docker:
+      enabled: true
+      base_image: dockyard/base:bookworm-python3   # or base_dockerfile: (text, or a path)
+      base_image_registry:
+        address: 127.0.0.1:5000
+        username: alice
+        password_env: REGISTRY_PASSWORD            # the *name* of a variable, never the password
+      platform: linux/amd64
+      build_args: {PYTHONHASHSEED: "0"}
+    python:
+      user_managed_dependencies: false
+      interpreter_path: python3
+      conda_dependencies: {channels: [...], dependencies: [...]}   # or conda_file: path
+      pip_requirements: [numpy, scikit-learn]                      # or pip_requirements_file: path
+    environment_variables: {OMP_NUM_THREADS: "2"}
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import InputError, SpecError
+
+__all__ = [
+    "DEFAULT_BASE_IMAGE",
+    "ContainerRegistry",
+    "DockerSection",
+    "Environment",
+    "PythonSection",
+]
+
+#: The base image an environment uses when it names neither a base image nor a Dockerfile:
+#: the python flavor `dockyard base bootstrap` makes (no registry needed).
+DEFAULT_BASE_IMAGE = "dockyard/base:bookworm-python3"
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_ENV_VAR = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_DOCKERFILE_TEXT = re.compile(r"^\s*(#|FROM\b|ARG\b)", re.I)
+
+
+@dataclass
+class ContainerRegistry:
+    """A private registry to pull the base image from (``docker.base_image_registry``).
+
+    The password is held in memory only: it is never written to a file, a key, a label, a log or
+    the index. In files, ``password_env`` names the environment variable that holds it.
+    """
+
+    address: str | None = None
+    username: str | None = None
+    password_env: str | None = None
+    _password: str | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def password(self) -> str | None:
+        """The password set in code, else the value of ``password_env`` (read when needed)."""
+        if self._password is not None:
+            return self._password
+        return os.environ.get(self.password_env) if self.password_env else None
+
+    @password.setter
+    def password(self, value: str | None) -> None:
+        self._password = value
+
+    def __repr__(self) -> str:
+        shown = "***" if self.password else None
+        return (
+            f"ContainerRegistry(address={self.address!r}, username={self.username!r}, "
+            f"password={shown!r}, password_env={self.password_env!r})"
+        )
+
+
+@dataclass
+class DockerSection:
+    """``environment.docker``: what image to start from and how to build it."""
+
+    enabled: bool = True
+    base_image: str | None = None
+    base_dockerfile: str | None = None
+    base_image_registry: ContainerRegistry = field(default_factory=ContainerRegistry)
+    platform: str = "linux/amd64"
+    build_args: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class PythonSection:
+    """``environment.python``: the Python dependencies dockyard installs (unless user-managed)."""
+
+    user_managed_dependencies: bool = False
+    interpreter_path: str = "python3"
+    conda_dependencies: dict[str, Any] | None = None
+    pip_requirements: list[str] = field(default_factory=list)
+
+
+class Environment:
+    """An environment a run executes in; the same names as Azure ML SDK v1's ``Environment``.
+
+    Example:
+        >>> env = Environment("fastai2")
+        >>> env.docker.base_image = "fastdotai/fastai2:latest"
+        >>> env.python.user_managed_dependencies = True
+    """
+
+    def __init__(self, name: str, *, _source: str | None = None) -> None:
+        self.name = name
+        self.version: str | None = None
+        self.docker = DockerSection()
+        self.python = PythonSection()
+        self.environment_variables: dict[str, str] = {}
+        # Where relative paths (a Dockerfile path) are resolved from, and what errors name.
+        self._source = _source
+        self._base_dir = Path(_source).resolve().parent if _source else Path.cwd()
+
+    def __repr__(self) -> str:
+        return f"Environment(name={self.name!r}, version={self.version!r})"
+
+    # -- constructors with Azure ML's names -----------------------------------------------------
+
+    @classmethod
+    def from_conda_specification(cls, name: str, file_path: str | os.PathLike[str]) -> Environment:
+        """An environment whose Python dependencies are the conda spec in ``file_path``.
+
+        Raises:
+            SpecError: the file is missing or is not a conda spec.
+        """
+        env = cls(name)
+        env.python.conda_dependencies = _read_conda_file(Path(file_path))
+        return env
+
+    @classmethod
+    def from_pip_requirements(cls, name: str, file_path: str | os.PathLike[str]) -> Environment:
+        """An environment whose Python dependencies are the requirements file ``file_path``.
+
+        Raises:
+            SpecError: the file is missing.
+        """
+        env = cls(name)
+        env.python.pip_requirements = _read_requirements(Path(file_path))
+        return env
+
+    @classmethod
+    def from_dockerfile(
+        cls,
+        name: str,
+        dockerfile: str | os.PathLike[str],
+        conda_specification: str | os.PathLike[str] | None = None,
+    ) -> Environment:
+        """An environment built from a Dockerfile (text, or a path to one).
+
+        Raises:
+            SpecError: a path that does not exist, or an invalid conda spec.
+        """
+        env = cls(name)
+        env.docker.base_dockerfile = _dockerfile_text(str(dockerfile), Path.cwd(), where=None)
+        if conda_specification is not None:
+            env.python.conda_dependencies = _read_conda_file(Path(conda_specification))
+        return env
+
+    # -- file form ------------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Environment:
+        """Read an environment file (YAML), validating every field.
+
+        Raises:
+            SpecError: unreadable file, malformed YAML (with its line), an unknown field (with a
+                suggestion), a wrong type, an inline password, a missing referenced file.
+        """
+        import yaml
+
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except FileNotFoundError as exc:
+            raise SpecError("file not found", path=str(path), hint="check the path") from exc
+        except OSError as exc:
+            raise SpecError(f"cannot be read: {exc.strerror}", path=str(path)) from exc
+        try:
+            node = yaml.compose(text, Loader=yaml.SafeLoader)
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise SpecError(
+                f"malformed YAML: {problem}",
+                path=str(path),
+                line=mark.line + 1 if mark else None,
+                hint="fix the YAML syntax at that line",
+            ) from exc
+        lines = _key_lines(node)
+        return _from_mapping(data, source=str(path), lines=lines)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, source: str | None = None) -> Environment:
+        """Build an environment from the mapping a file holds (same validation as :meth:`load`)."""
+        return _from_mapping(data, source=source, lines={})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The file form as a mapping (never a password; ``password_env`` names where it lives)."""
+        docker: dict[str, Any] = {"enabled": self.docker.enabled}
+        if self.docker.base_image is not None:
+            docker["base_image"] = self.docker.base_image
+        if self.docker.base_dockerfile is not None:
+            docker["base_dockerfile"] = self.docker.base_dockerfile
+        reg = self.docker.base_image_registry
+        if reg.address or reg.username or reg.password_env:
+            docker["base_image_registry"] = {
+                k: v
+                for k, v in (("address", reg.address), ("username", reg.username), ("password_env", reg.password_env))
+                if v is not None
+            }
+        if self.docker.platform != "linux/amd64":
+            docker["platform"] = self.docker.platform
+        if self.docker.build_args:
+            docker["build_args"] = dict(self.docker.build_args)
+        python: dict[str, Any] = {"user_managed_dependencies": self.python.user_managed_dependencies}
+        if self.python.interpreter_path != "python3":
+            python["interpreter_path"] = self.python.interpreter_path
+        if self.python.conda_dependencies is not None:
+            python["conda_dependencies"] = self.python.conda_dependencies
+        if self.python.pip_requirements:
+            python["pip_requirements"] = list(self.python.pip_requirements)
+        out: dict[str, Any] = {"name": self.name}
+        if self.version is not None:
+            out["version"] = self.version
+        out["docker"] = docker
+        out["python"] = python
+        if self.environment_variables:
+            out["environment_variables"] = dict(self.environment_variables)
+        return out
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the file form (atomically: a reader never sees half a file)."""
+        import yaml
+
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True))
+        os.replace(tmp, path)
+        return path
+
+    # -- content key ----------------------------------------------------------------------------
+
+    def validate(self) -> None:
+        """Check the fields that depend on each other.
+
+        Raises:
+            SpecError: both base_image and base_dockerfile set, bad names, bad variables.
+        """
+        where = self._source
+        if not isinstance(self.name, str) or not _NAME.match(self.name):
+            raise SpecError(
+                f"name {self.name!r} is not a valid environment name",
+                path=where,
+                field="name",
+                hint="use letters, digits, '.', '_' or '-' (no '/' or '..'), at most 128 characters",
+            )
+        if self.docker.base_image is not None and self.docker.base_dockerfile is not None:
+            raise SpecError(
+                "both base_image and base_dockerfile are set",
+                path=where,
+                field="docker.base_dockerfile",
+                hint="set docker.base_image to None when the image is defined by a Dockerfile",
+            )
+        for key in self.environment_variables:
+            if not isinstance(key, str) or not _ENV_VAR.match(key):
+                raise SpecError(
+                    f"{key!r} is not a valid variable name",
+                    path=where,
+                    field="environment_variables",
+                    hint="names are letters, digits and '_', not starting with a digit",
+                )
+
+    @property
+    def effective_base_image(self) -> str | None:
+        """The base image builds start from (``None`` when a Dockerfile defines the image)."""
+        if self.docker.base_dockerfile is not None:
+            return None
+        return self.docker.base_image or DEFAULT_BASE_IMAGE
+
+    def key_parts(self, *, base_digest: str | None = None) -> Any:
+        """The :class:`dockyard.cache.KeyParts` this environment reduces to.
+
+        Excluded on purpose: name, version and environment variables (run-time), the interpreter
+        path (it picks a Python at run time, it does not change the image), and every credential
+        (the registry *address* is in, never its username or password). With user-managed
+        dependencies the conda spec and pip requirements are not installed, so they are not in.
+
+        Raises:
+            SpecError: the environment is invalid (see :meth:`validate`), with the field named.
+        """
+        from dockyard.cache import CacheInputError, KeyParts
+
+        self.validate()
+        dockerfile = self.docker.base_dockerfile
+        if dockerfile is not None:
+            dockerfile = _dockerfile_text(dockerfile, self._base_dir, where=self._source)
+        managed = self.python.user_managed_dependencies
+        try:
+            return KeyParts(
+                base_image=self.effective_base_image,
+                base_digest=base_digest,
+                dockerfile=dockerfile,
+                conda=None if managed else self.python.conda_dependencies,
+                pip=() if managed else tuple(self.python.pip_requirements),
+                user_managed=bool(managed),
+                platform=self.docker.platform,
+                build_args=dict(self.docker.build_args),
+                registry=self.docker.base_image_registry.address or None,
+            )
+        except CacheInputError as exc:
+            part = getattr(exc, "field", None)
+            raise SpecError(
+                exc.message, path=self._source, field=_FIELD_OF_PART.get(str(part), part), hint=exc.hint
+            ) from exc
+
+    def content_key(self, *, base_digest: str | None = None) -> Any:
+        """The :class:`dockyard.cache.ContentKey` of this environment."""
+        from dockyard.cache import compute_key
+
+        return compute_key(self.key_parts(base_digest=base_digest))
+
+
+# Key part name -> the environment field a user edits.
+_FIELD_OF_PART = {
+    "base_image": "docker.base_image",
+    "dockerfile": "docker.base_dockerfile",
+    "conda": "python.conda_dependencies",
+    "pip": "python.pip_requirements",
+    "platform": "docker.platform",
+    "build_args": "docker.build_args",
+    "registry": "docker.base_image_registry.address",
+}
+
+# -- the file form's schema -----------------------------------------------------------------------
+
+_TOP = {"name", "version", "docker", "python", "environment_variables"}
+_DOCKER = {"enabled", "base_image", "base_dockerfile", "base_image_registry", "platform", "build_args"}
+_REGISTRY = {"address", "username", "password_env", "password"}
+_PYTHON = {
+    "user_managed_dependencies",
+    "interpreter_path",
+    "conda_dependencies",
+    "conda_file",
+    "pip_requirements",
+    "pip_requirements_file",
+}
+
+
+def _key_lines(node: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], int]:
+    """Map each mapping key's path to its 1-based line, so errors can say where."""
+    import yaml
+
+    out: dict[tuple[str, ...], int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            path = (*prefix, str(key_node.value))
+            out[path] = key_node.start_mark.line + 1
+            out.update(_key_lines(value_node, path))
+    return out
+
+
+class _Reader:
+    """Validates one file's mapping, with errors that name the file, line and field."""
+
+    def __init__(self, source: str | None, lines: dict[tuple[str, ...], int]) -> None:
+        self.source = source
+        self.lines = lines
+        self.base_dir = Path(source).resolve().parent if source else Path.cwd()
+
+    def error(self, path: tuple[str, ...], message: str, hint: str = "") -> SpecError:
+        line = None
+        for n in range(len(path), 0, -1):
+            if path[:n] in self.lines:
+                line = self.lines[path[:n]]
+                break
+        return SpecError(message, path=self.source, line=line, field=".".join(path) or None, hint=hint)
+
+    def mapping(self, value: Any, path: tuple[str, ...], allowed: set[str]) -> dict[str, Any]:
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping):
+            raise self.error(path, f"expected a mapping, got {type(value).__name__}")
+        for key in value:
+            if key not in allowed:
+                close = difflib.get_close_matches(str(key), sorted(allowed), n=1)
+                hint = f"did you mean '{close[0]}'?" if close else f"known fields: {', '.join(sorted(allowed))}"
+                raise self.error((*path, str(key)), "unknown field", hint=hint)
+        return dict(value)
+
+    def typed(self, value: Any, path: tuple[str, ...], kind: type | tuple[type, ...], what: str) -> Any:
+        kinds = _as_tuple(kind)
+        # YAML's `yes`/`true` are bools, and bool is an int: refuse it where a number/string is meant.
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            raise self.error(path, f"expected {what}, got {type(value).__name__}")
+        return value
+
+    def strings(self, value: Any, path: tuple[str, ...]) -> list[str]:
+        if value is None:
+            return []
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise self.error(path, "expected a list of strings")
+        return list(value)
+
+    def str_map(self, value: Any, path: tuple[str, ...]) -> dict[str, str]:
+        value = self.mapping(value, path, set(value) if isinstance(value, Mapping) else set())
+        out = {}
+        for k, v in value.items():
+            if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+                raise self.error((*path, str(k)), "expected a string value", hint='quote it: "value"')
+            out[str(k)] = str(v)
+        return out
+
+    def path(self, value: Any, path: tuple[str, ...]) -> Path:
+        rel = self.typed(value, path, str, "a file path")
+        full = (self.base_dir / rel).resolve()
+        if not full.is_file():
+            raise self.error(path, f"file {rel!r} does not exist", hint=f"looked for {full}")
+        return full
+
+
+def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
+def _from_mapping(data: Any, *, source: str | None, lines: dict[tuple[str, ...], int]) -> Environment:
+    r = _Reader(source, lines)
+    if data is None:
+        raise r.error((), "the file is empty", hint="an environment needs at least a name")
+    top = r.mapping(data, (), _TOP)
+    if "name" not in top:
+        raise r.error(("name",), "is missing", hint="add `name: my-env` at the top")
+    env = Environment(str(r.typed(top["name"], ("name",), (str, int), "a string")), _source=source)
+    if top.get("version") is not None:
+        env.version = str(r.typed(top["version"], ("version",), (str, int, float), "a string"))
+
+    docker = r.mapping(top.get("docker"), ("docker",), _DOCKER)
+    if "enabled" in docker:
+        env.docker.enabled = r.typed(docker["enabled"], ("docker", "enabled"), bool, "true or false")
+    if docker.get("base_image") is not None:
+        env.docker.base_image = r.typed(docker["base_image"], ("docker", "base_image"), str, "an image reference")
+    if docker.get("base_dockerfile") is not None:
+        raw = r.typed(docker["base_dockerfile"], ("docker", "base_dockerfile"), str, "Dockerfile text or a path")
+        try:
+            env.docker.base_dockerfile = _dockerfile_text(raw, r.base_dir, where=source)
+        except SpecError as exc:
+            raise r.error(("docker", "base_dockerfile"), exc.message.split(": ", 1)[-1], exc.hint) from None
+    if "platform" in docker:
+        env.docker.platform = r.typed(docker["platform"], ("docker", "platform"), str, "os/arch")
+    if "build_args" in docker:
+        env.docker.build_args = r.str_map(docker["build_args"], ("docker", "build_args"))
+    reg = r.mapping(docker.get("base_image_registry"), ("docker", "base_image_registry"), _REGISTRY)
+    if "password" in reg:
+        raise r.error(
+            ("docker", "base_image_registry", "password"),
+            "registry passwords are never stored in files",
+            hint="put the password in an environment variable and name it: password_env: MY_REGISTRY_PASSWORD",
+        )
+    for attr in ("address", "username", "password_env"):
+        if reg.get(attr) is not None:
+            value = r.typed(reg[attr], ("docker", "base_image_registry", attr), str, "a string")
+            setattr(env.docker.base_image_registry, attr, value)
+    if reg.get("password_env") is not None and not _ENV_VAR.match(reg["password_env"]):
+        raise r.error(
+            ("docker", "base_image_registry", "password_env"),
+            "must be the NAME of an environment variable",
+            hint="e.g. password_env: MY_REGISTRY_PASSWORD",
+        )
+
+    python = r.mapping(top.get("python"), ("python",), _PYTHON)
+    if "user_managed_dependencies" in python:
+        env.python.user_managed_dependencies = r.typed(
+            python["user_managed_dependencies"], ("python", "user_managed_dependencies"), bool, "true or false"
+        )
+    if "interpreter_path" in python:
+        env.python.interpreter_path = r.typed(
+            python["interpreter_path"], ("python", "interpreter_path"), str, "a path"
+        )
+    for inline, from_file in (("conda_dependencies", "conda_file"), ("pip_requirements", "pip_requirements_file")):
+        if python.get(inline) is not None and python.get(from_file) is not None:
+            raise r.error(("python", from_file), f"both {inline} and {from_file} are set", hint="keep one of them")
+    if python.get("conda_dependencies") is not None:
+        env.python.conda_dependencies = _check_conda(
+            python["conda_dependencies"], lambda m, h="": r.error(("python", "conda_dependencies"), m, h)
+        )
+    if python.get("conda_file") is not None:
+        env.python.conda_dependencies = _read_conda_file(r.path(python["conda_file"], ("python", "conda_file")))
+    if python.get("pip_requirements") is not None:
+        env.python.pip_requirements = r.strings(python["pip_requirements"], ("python", "pip_requirements"))
+    if python.get("pip_requirements_file") is not None:
+        env.python.pip_requirements = _read_requirements(
+            r.path(python["pip_requirements_file"], ("python", "pip_requirements_file"))
+        )
+    if "environment_variables" in top:
+        env.environment_variables = r.str_map(top["environment_variables"], ("environment_variables",))
+    try:
+        env.validate()
+    except SpecError as exc:
+        raise r.error(tuple((exc.field or "").split(".")), exc.message.split(": ", 1)[-1], exc.hint) from None
+    return env
+
+
+def _dockerfile_text(value: str, base_dir: Path, *, where: str | None) -> str:
+    """``base_dockerfile`` is Dockerfile text, or (one line, not an instruction) a path to one."""
+    if "\n" in value or _DOCKERFILE_TEXT.match(value):
+        return value
+    path = (base_dir / value).expanduser()
+    try:
+        return path.read_text()
+    except FileNotFoundError as exc:
+        raise SpecError(
+            f"Dockerfile {value!r} does not exist",
+            path=where,
+            field="docker.base_dockerfile",
+            hint=f"looked for {path.resolve()}; give Dockerfile text or an existing path",
+        ) from exc
+    except OSError as exc:
+        raise SpecError(f"Dockerfile {value!r} cannot be read: {exc.strerror}", path=where,
+                        field="docker.base_dockerfile") from exc
+
+
+def _check_conda(spec: Any, fail: Any) -> dict[str, Any]:
+    if not isinstance(spec, Mapping):
+        raise fail(f"expected a conda spec mapping, got {type(spec).__name__}",
+                   "a conda spec has name, channels and dependencies")
+    unknown = set(spec) - {"name", "channels", "dependencies", "variables", "prefix"}
+    if unknown:
+        raise fail(f"unknown conda spec field(s): {', '.join(sorted(map(str, unknown)))}",
+                   "a conda spec has name, channels, dependencies and variables")
+    deps = spec.get("dependencies") or []
+    if not isinstance(deps, list):
+        raise fail("dependencies must be a list")
+    for dep in deps:
+        if isinstance(dep, Mapping):
+            if set(dep) != {"pip"} or not isinstance(dep["pip"], list):
+                raise fail("a dependency mapping must be {pip: [requirements...]}")
+        elif not isinstance(dep, str):
+            raise fail(f"dependency {dep!r} is not a string")
+    channels = spec.get("channels") or []
+    if not isinstance(channels, list) or not all(isinstance(c, str) for c in channels):
+        raise fail("channels must be a list of strings")
+    return {k: v for k, v in dict(spec).items() if v is not None}
+
+
+def _read_conda_file(path: Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError as exc:
+        raise SpecError("conda specification not found", path=str(path), hint="check the path") from exc
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise SpecError("malformed YAML in conda specification", path=str(path),
+                        line=mark.line + 1 if mark else None) from exc
+    return _check_conda(data, lambda m, h="": SpecError(m, path=str(path), hint=h))
+
+
+def _read_requirements(path: Path) -> list[str]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError as exc:
+        raise SpecError("requirements file not found", path=str(path), hint="check the path") from exc
+    return [line for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+

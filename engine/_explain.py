@@ -1,0 +1,42 @@
+"""Human summaries of key parts for ``dockyard env key --explain`` (never showing credentials)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._environment import _FIELD_OF_PART, Environment
+
+__all__ = ["describe_parts", "field_of_part"]
+
+
+def field_of_part(part: str) -> str:
+    """The environment field a key part comes from (``pip`` -> ``python.pip_requirements``)."""
+    return _FIELD_OF_PART.get(part, part)
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}{'' if n == 1 else 's'}"
+
+
+def describe_parts(env: Environment, key: Any) -> list[tuple[str, str, str]]:
+    """(part, its hash, a one-line summary) for each part of ``key``, in the key's order."""
+    parts = env.key_parts()
+    conda = parts.conda
+    summaries = {
+        "base_image": parts.base_image or "(none: the Dockerfile defines the image)",
+        "base_digest": parts.base_digest or "(not resolved: resolution happens at build time)",
+        "dockerfile": _count(len(parts.dockerfile.splitlines()), "line") if parts.dockerfile else "(none)",
+        "conda": (
+            f"{_count(len(conda.get('dependencies') or ()), 'dependency')}, "
+            f"channels {list(conda.get('channels') or [])}"
+            if conda
+            else "(none)"
+        ),
+        "pip": _count(len(parts.pip), "requirement") if parts.pip else "(none)",
+        "user_managed": str(parts.user_managed).lower(),
+        "platform": parts.platform,
+        "build_args": ", ".join(sorted(parts.build_args)) or "(none)",
+        # KeyParts holds the address only; credentials never reach it.
+        "registry": parts.registry or "(none)",
+    }
+    return [(name, digest, summaries.get(name, "")) for name, digest in key.parts.items()]
