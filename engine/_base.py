@@ -482,9 +482,10 @@ def bootstrap(
     suite = suite or host_suite()
     ref = base_image_ref(flavor, suite)
     if not force:
-        labels = engine.image_labels(ref)
-        if labels is not None:
-            return BaseImage.from_labels(ref, labels, existed=True)
+        found = engine.inspect_image(ref)
+        if found is not None:
+            labels = dict((found.get("Config") or {}).get("Labels") or {})
+            return BaseImage.from_labels(ref, labels, image_id=str(found.get("Id", "")), existed=True)
     bundle = Path(ca_bundle) if ca_bundle else None
     if bundle is not None and not bundle.is_file():
         raise InputError(f"CA bundle {bundle} is not a readable file", hint="pass --ca-bundle FILE or --ca-bundle none")

@@ -10,23 +10,38 @@ private unix socket and bridges every connection grpcio opens to a fresh ``/grpc
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
 import os
+import re
 import shutil
 import socket
 import tempfile
 import threading
+import uuid
+from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, Literal, Mapping
 
 import grpc
 
 from ._engine import EngineAddress
-from .errors import BuildKitUnavailable, DockyardError, EngineUnavailable, InputError
+from .errors import BuildError, BuildKitUnavailable, DockyardError, EngineUnavailable, InputError
 
 if TYPE_CHECKING:  # pragma: no cover
     from types import TracebackType
 
-__all__ = ["BuildKitClient", "Worker"]
+__all__ = [
+    "BuildEvent",
+    "BuildKitClient",
+    "SolveResult",
+    "SolveSpec",
+    "TlsFiles",
+    "Worker",
+    "files_definition",
+    "parse_step",
+]
 
 # BuildKit's own clients raise both limits to 16 MiB; responses (Status streams with logs) can be big.
 _CHANNEL_OPTIONS = [
@@ -46,6 +61,162 @@ class Worker:
     @property
     def embedded_in_docker(self) -> bool:
         return self.id == "moby"
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """Client TLS for a ``tcp://`` buildkitd: CA to trust, our certificate and key, expected name."""
+
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    server_name: str | None = None
+
+
+@dataclass(frozen=True)
+class SolveSpec:
+    """One dockerfile.v0 build, sent without a session: every input travels in the request."""
+
+    dockerfile: bytes
+    context: Mapping[str, bytes]
+    exporter: str
+    exporter_attrs: Mapping[str, str]
+    frontend_attrs: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SolveResult:
+    exporter_response: dict[str, str]
+    steps: int
+    cached_steps: int
+
+
+@dataclass(frozen=True)
+class BuildEvent:
+    """One progress event from BuildKit's Status stream, already merged by vertex.
+
+    ``kind`` is ``step`` (a vertex changed state: ``state`` is started/done/cached/error) or ``log``
+    (one line the step printed). ``index``/``total`` come from names like ``[2/4] RUN …``.
+    """
+
+    kind: Literal["step", "log"]
+    name: str
+    state: str = ""
+    index: int | None = None
+    total: int | None = None
+    text: str = ""
+    seconds: float | None = None
+
+
+_STEP = re.compile(r"^\[(?:[^\]]*\s)?(\d+)/(\d+)\]\s")
+
+
+def parse_step(name: str) -> tuple[int | None, int | None]:
+    """``"[stage-0 3/5] RUN x"`` -> (3, 5); names without a step number -> (None, None)."""
+    m = _STEP.match(name)
+    return (int(m.group(1)), int(m.group(2))) if m else (None, None)
+
+
+def _op_digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def files_definition(files: Mapping[str, bytes]) -> object:
+    """An LLB Definition whose result is a filesystem holding ``files`` (flat names), made by one
+    FileOp of chained ``mkfile`` actions on scratch — no session or local source needed.
+
+    Returns a ``pb.Definition``. Timestamps are left unset (-1) so identical files give
+    identical digests and BuildKit's cache recognises them.
+    """
+    from dockyard.proto import ops_pb2
+
+    names = sorted(files) or [".dockyard-empty"]
+    actions = []
+    for i, name in enumerate(names):
+        actions.append(
+            ops_pb2.FileAction(
+                input=-1 if i == 0 else i - 1,  # chain on the previous action's result
+                secondaryInput=-1,
+                output=0 if i == len(names) - 1 else -1,
+                mkfile=ops_pb2.FileActionMkFile(
+                    path="/" + name, mode=0o644, data=files.get(name, b""), timestamp=-1
+                ),
+            )
+        )
+    file_op = ops_pb2.Op(file=ops_pb2.FileOp(actions=actions)).SerializeToString(deterministic=True)
+    terminal = ops_pb2.Op(inputs=[ops_pb2.Input(digest=_op_digest(file_op), index=0)]).SerializeToString(
+        deterministic=True
+    )
+    definition = ops_pb2.Definition()
+    getattr(definition, "def").extend([file_op, terminal])  # `def` is a Python keyword
+    for blob in (file_op, terminal):
+        # Frontends refuse definitions without a metadata entry per op.
+        definition.metadata[_op_digest(blob)].CopyFrom(ops_pb2.OpMetadata())
+    return definition
+
+
+class _Vertex:
+    __slots__ = ("name", "cached", "started", "completed", "error", "lines", "partial")
+
+    def __init__(self) -> None:
+        self.name = ""
+        self.cached = False
+        self.started = 0.0
+        self.completed = 0.0
+        self.error = ""
+        self.lines: deque[str] = deque(maxlen=40)
+        self.partial = ""
+
+
+def _ts(value: object) -> float:
+    return float(getattr(value, "seconds", 0)) + getattr(value, "nanos", 0) / 1e9
+
+
+class _StatusTracker:
+    """Merges the Status stream by vertex digest and turns it into :class:`BuildEvent`\\ s."""
+
+    def __init__(self, on_event: Callable[[BuildEvent], None] | None) -> None:
+        self.vertices: dict[str, _Vertex] = {}
+        self._emit = on_event or (lambda _e: None)
+        self.error: BaseException | None = None
+
+    def feed(self, resp: object) -> None:
+        for v in resp.vertexes:  # type: ignore[attr-defined]
+            state = self.vertices.setdefault(v.digest, _Vertex())
+            before = (state.started, state.completed, state.cached, state.error)
+            state.name = v.name or state.name
+            state.cached = state.cached or v.cached
+            state.started = _ts(v.started) or state.started
+            state.completed = _ts(v.completed) or state.completed
+            state.error = v.error or state.error
+            if (state.started, state.completed, state.cached, state.error) == before or not state.name:
+                continue
+            index, total = parse_step(state.name)
+            if state.error:
+                kind = "error"
+            elif state.completed:
+                kind = "cached" if state.cached else "done"
+            elif state.started or state.cached:
+                kind = "cached" if state.cached else "started"
+            else:
+                continue
+            seconds = state.completed - state.started if state.completed and state.started else None
+            self._emit(BuildEvent("step", state.name, kind, index, total, seconds=seconds))
+        for log in resp.logs:  # type: ignore[attr-defined]
+            state = self.vertices.setdefault(log.vertex, _Vertex())
+            text = state.partial + log.msg.decode("utf-8", errors="replace").replace("\r\n", "\n")
+            *complete, state.partial = text.split("\n")
+            for line in complete:
+                state.lines.append(line)
+                index, total = parse_step(state.name)
+                self._emit(BuildEvent("log", state.name, index=index, total=total, text=line))
+
+    def failing(self) -> _Vertex | None:
+        return next((v for v in self.vertices.values() if v.error), None)
+
+    def counts(self) -> tuple[int, int]:
+        steps = [v for v in self.vertices.values() if parse_step(v.name)[0] is not None]
+        return len(steps), sum(1 for v in steps if v.cached)
 
 
 class _HijackRelay:
@@ -92,6 +263,70 @@ class _HijackRelay:
         shutil.rmtree(self._dir, ignore_errors=True)
 
 
+def _read(path: str | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except OSError as exc:
+        raise InputError(f"cannot read TLS file {path}: {exc.strerror}") from exc
+
+
+def _summarise(details: str) -> str:
+    """The useful tail of BuildKit's wrapped Go error chain."""
+    for marker in ("executor failed running ", "did not complete successfully: ", "dockerfile parse error "):
+        if marker in details:
+            return details[details.index(marker) :]
+    return details.rsplit(": failed to solve: ", 1)[-1]
+
+
+def _error_line(exc: grpc.RpcError, details: str) -> int | None:
+    """The Dockerfile line from the message (v0.8) or the errdefs.Source detail (newer daemons)."""
+    m = re.search(r"dockerfile parse error (?:on )?line (\d+)", details, re.I)
+    if m:
+        return int(m.group(1))
+    try:
+        from dockyard.proto import rpcstatus_pb2
+
+        trailers = dict(exc.trailing_metadata() or ())  # type: ignore[attr-defined]
+        raw = trailers.get("grpc-status-details-bin")
+        if not raw:
+            return None
+        for detail in rpcstatus_pb2.RpcStatus.FromString(raw).details:
+            if detail.type_url.endswith("errdefs.Source+json"):
+                data = json.loads(detail.value)
+                for rng in data.get("ranges") or []:
+                    start = {k.lower(): v for k, v in (rng.get("start") or {}).items()}
+                    if start.get("line"):
+                        return int(start["line"])
+    except (ValueError, AttributeError, TypeError):
+        return None
+    return None
+
+
+def _instruction_line(dockerfile: str, step: str) -> int | None:
+    """Find the line a step like ``[2/3] RUN pip install x`` came from."""
+    instruction = _STEP.sub("", step).strip()
+    if not instruction:
+        return None
+    joined: list[tuple[int, str]] = []
+    start, buf = 0, ""
+    for number, raw in enumerate(dockerfile.splitlines(), 1):
+        if not buf:
+            start = number
+        if raw.rstrip().endswith("\\"):
+            buf += raw.rstrip()[:-1] + " "
+            continue
+        joined.append((start, " ".join((buf + raw).split())))
+        buf = ""
+    wanted = " ".join(instruction.split())
+    for number, text in joined:
+        if text and (text == wanted or wanted.startswith(text) or text.startswith(wanted[:60])):
+            return number
+    return None
+
+
 def _pump(src: socket.socket, dst: socket.socket) -> None:
     try:
         while chunk := src.recv(65536):
@@ -114,9 +349,12 @@ class BuildKitClient:
     Use as a context manager, or call :meth:`close`.
     """
 
-    def __init__(self, target: str = "docker", *, engine: EngineAddress | None = None) -> None:
+    def __init__(
+        self, target: str = "docker", *, engine: EngineAddress | None = None, tls: TlsFiles | None = None
+    ) -> None:
         self.target = target
         self._relay: _HijackRelay | None = None
+        options = list(_CHANNEL_OPTIONS)
         if target == "docker":
             self._engine = engine or EngineAddress.from_env()
             self._engine.ping()  # a clear EngineUnavailable beats a vague gRPC UNAVAILABLE
@@ -131,7 +369,17 @@ class BuildKitClient:
                 f"unknown BuildKit target {target!r}",
                 hint="use 'docker', unix:///run/buildkit/buildkitd.sock or tcp://host:port",
             )
-        self._channel = grpc.insecure_channel(dial, options=_CHANNEL_OPTIONS)
+        if tls is not None:
+            if not target.startswith("tcp://"):
+                raise InputError("TLS applies to tcp:// BuildKit targets only", hint=f"target was {target}")
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=_read(tls.ca), private_key=_read(tls.key), certificate_chain=_read(tls.cert)
+            )
+            if tls.server_name:
+                options.append(("grpc.ssl_target_name_override", tls.server_name))
+            self._channel = grpc.secure_channel(dial, creds, options=options)
+        else:
+            self._channel = grpc.insecure_channel(dial, options=options)
         from dockyard.proto import control_pb2_grpc
 
         self._control = control_pb2_grpc.ControlStub(self._channel)
@@ -158,6 +406,123 @@ class BuildKitClient:
             )
             for rec in reply.record
         ]
+
+    def solve(
+        self,
+        spec: SolveSpec,
+        *,
+        on_event: Callable[[BuildEvent], None] | None = None,
+        cancel: threading.Event | None = None,
+    ) -> SolveResult:
+        """Run one dockerfile.v0 build and follow it on the Status stream.
+
+        Ctrl-C (``KeyboardInterrupt``) or setting ``cancel`` cancels the solve on the daemon
+        before the exception propagates.
+
+        Raises:
+            BuildError: the build failed (step, exit code, log tail, Dockerfile line attached).
+            BuildKitUnavailable, EngineUnavailable: the daemon could not be reached.
+        """
+        from dockyard.proto import control_pb2
+
+        ref = f"dockyard-{uuid.uuid4().hex}"
+        request = control_pb2.SolveRequest(
+            Ref=ref,
+            Frontend="dockerfile.v0",
+            FrontendAttrs={"filename": "Dockerfile", **spec.frontend_attrs},
+            Exporter=spec.exporter,  # daemons < v0.13 read only these two fields …
+            ExporterAttrs=dict(spec.exporter_attrs),
+            FrontendInputs={
+                "dockerfile": files_definition({"Dockerfile": spec.dockerfile}),
+                "context": files_definition(spec.context),
+            },
+        )
+        # … newer ones read the list; the official client sends both.
+        request.Exporters.add(Type=spec.exporter, Attrs=dict(spec.exporter_attrs))
+        tracker = _StatusTracker(on_event)
+        future = self._control.Solve.future(request)
+        follower = threading.Thread(target=self._follow, args=(ref, tracker), name="dockyard-status", daemon=True)
+        follower.start()
+        try:
+            while True:
+                if cancel is not None and cancel.is_set():
+                    raise KeyboardInterrupt
+                try:
+                    reply = future.result(timeout=0.2)
+                    break
+                except grpc.FutureTimeoutError:
+                    continue
+        except KeyboardInterrupt:
+            future.cancel()  # cancels the job on the daemon: no half-exported image
+            follower.join(timeout=2)
+            raise
+        except grpc.RpcError as exc:
+            follower.join(timeout=5)
+            raise self._build_error(exc, tracker, spec.dockerfile) from exc
+        follower.join(timeout=5)
+        steps, cached = tracker.counts()
+        return SolveResult(dict(reply.ExporterResponse), steps, cached)
+
+    def _follow(self, ref: str, tracker: _StatusTracker) -> None:
+        from dockyard.proto import control_pb2
+
+        try:
+            for resp in self._control.Status(control_pb2.StatusRequest(Ref=ref)):
+                tracker.feed(resp)
+        except grpc.RpcError as exc:
+            tracker.error = exc  # progress is best-effort; the Solve result decides success
+        except Exception as exc:  # noqa: BLE001 - a renderer bug must not hide the build result
+            tracker.error = exc
+
+    def _build_error(self, exc: grpc.RpcError, tracker: _StatusTracker, dockerfile: bytes) -> DockyardError:
+        code = exc.code() if hasattr(exc, "code") else None
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED) and not tracker.vertices:
+            return self._translate(exc, "Solve")
+        details = (exc.details() if hasattr(exc, "details") else "") or str(exc)
+        text = dockerfile.decode(errors="replace")
+        failing = tracker.failing()
+        step = failing.name if failing else ""
+        exit_match = re.search(r"exit code: (\d+)", (failing.error if failing else "") + " " + details)
+        line = _error_line(exc, details) or (_instruction_line(text, step) if step else None)
+        tail = "\n".join(failing.lines) if failing else ""
+        if failing and failing.partial:
+            tail = f"{tail}\n{failing.partial}".strip("\n")
+        summary = _summarise(details)
+        message = f"build failed at {step}: {summary}" if step else f"build failed: {summary}"
+        return BuildError(
+            message,
+            step=step,
+            exit_code_of_step=int(exit_match.group(1)) if exit_match else None,
+            log_tail=tail,
+            dockerfile_line=line,
+            dockerfile=text,
+            hint="see the step's last lines above; `dockyard env render FILE` shows the Dockerfile",
+        )
+
+    def disk_usage(self, timeout: float = 30.0) -> list[dict[str, object]]:
+        """``Control.DiskUsage``: BuildKit's cache records (id, size, in use, description)."""
+        from dockyard.proto import control_pb2
+
+        try:
+            reply = self._control.DiskUsage(control_pb2.DiskUsageRequest(), timeout=timeout)
+        except grpc.RpcError as exc:
+            raise self._translate(exc, "DiskUsage") from exc
+        return [
+            {"id": r.ID, "size": r.Size, "in_use": r.InUse, "description": r.Description, "type": r.RecordType}
+            for r in reply.record
+        ]
+
+    def prune(self, *, keep_bytes: int = 0, keep_seconds: float = 0, all_records: bool = False) -> int:
+        """``Control.Prune``: drop BuildKit cache records; returns the bytes freed."""
+        from dockyard.proto import control_pb2
+
+        request = control_pb2.PruneRequest(
+            all=all_records, keepBytes=keep_bytes, keepDuration=int(keep_seconds * 1e9)
+        )
+        try:
+            return sum(r.Size for r in self._control.Prune(request, timeout=600))
+        except grpc.RpcError as exc:
+            raise self._translate(exc, "Prune") from exc
 
     def _translate(self, exc: grpc.RpcError, method: str) -> DockyardError:
         code = exc.code() if hasattr(exc, "code") else None

@@ -197,14 +197,19 @@ class EngineAddress:
             arch=str(data.get("Arch", "")),
         )
 
-    def image_labels(self, ref: str, timeout: float = 5.0) -> dict[str, str] | None:
-        """Labels of a local image, or ``None`` when the engine has no such image (one request)."""
+    def inspect_image(self, ref: str, timeout: float = 5.0) -> dict[str, Any] | None:
+        """``GET /images/<ref>/json``, or ``None`` when the engine has no such image (one request)."""
         reply = self.request("GET", f"/images/{urllib.parse.quote(ref, safe='')}/json", timeout=timeout)
         if reply.status == 404:
             return None
         if reply.status != 200:
             raise EngineError(f"inspecting image {ref} answered HTTP {reply.status}", status=reply.status)
-        return dict((reply.json().get("Config") or {}).get("Labels") or {})
+        return dict(reply.json())
+
+    def image_labels(self, ref: str, timeout: float = 5.0) -> dict[str, str] | None:
+        """Labels of a local image, or ``None`` when the engine has no such image."""
+        data = self.inspect_image(ref, timeout)
+        return None if data is None else dict((data.get("Config") or {}).get("Labels") or {})
 
     def hijack(self, path: str, headers: Mapping[str, str] | None = None, timeout: float = 10.0) -> socket.socket:
         """``POST path`` with ``Upgrade: h2c`` and return the raw socket after ``101``.

@@ -8,7 +8,7 @@ import time
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
-__all__ = ["emit_json", "progress_lines"]
+__all__ = ["BuildProgress", "emit_json", "progress_lines"]
 
 
 def emit_json(obj: object) -> None:
@@ -46,3 +46,97 @@ def progress_lines(title: str, *, quiet: bool = False) -> Iterator[Callable[[str
             sys.stderr.flush()
 
     yield plain
+
+
+class BuildProgress:
+    """Renders BuildKit events: a live view on a TTY, plain lines otherwise, JSON lines for machines.
+
+    Everything goes to stderr: stdout belongs to the command's result (``--json``).
+    """
+
+    def __init__(self, mode: str, title: str) -> None:
+        if mode == "auto":
+            mode = "tty" if sys.stderr.isatty() else "plain"
+        self.mode = mode
+        self.title = title
+        self._live = None
+        self._done: list[str] = []
+        self._current = ""
+        self._log = ""
+        self._started = time.monotonic()
+
+    def __enter__(self) -> BuildProgress:
+        return self
+
+    def _start_live(self) -> None:
+        # Started on the first event only, so a cache hit never pays for importing rich.
+        if self.mode == "tty" and self._live is None:
+            from rich.console import Console
+            from rich.live import Live
+
+            self._live = Live(self._view(), console=Console(stderr=True), refresh_per_second=8, transient=False)
+            self._live.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        if self._live is not None:
+            self._live.update(self._view(final=True))
+            self._live.__exit__(None, None, None)
+
+    def note(self, line: str) -> None:
+        if self.mode == "json":
+            self._json({"event": "note", "text": line})
+        elif self.mode == "plain":
+            sys.stderr.write(f"{line}\n")
+        elif self.mode == "tty":
+            self._log = line
+            self._refresh()
+
+    def event(self, ev: object) -> None:
+        kind = getattr(ev, "kind", "")
+        if self.mode == "json":
+            self._json({"event": kind, **{k: getattr(ev, k) for k in ("name", "state", "index", "total", "text", "seconds")}})
+            return
+        name, state = getattr(ev, "name", ""), getattr(ev, "state", "")
+        if kind == "log":
+            if self.mode == "plain":
+                sys.stderr.write(f"    | {getattr(ev, 'text', '')}\n")
+            self._log = getattr(ev, "text", "")
+        elif state == "started":
+            self._current, self._log = name, ""
+            if self.mode == "plain":
+                sys.stderr.write(f"{name}\n")
+        else:
+            secs = getattr(ev, "seconds", None)
+            label = {"cached": "CACHED", "error": "ERROR", "done": f"{secs:.1f}s" if secs is not None else "done"}.get(state, state)
+            line = f"{name}  {label}"
+            self._done.append(line)
+            if self._current == name:
+                self._current = ""
+            if self.mode == "plain":
+                sys.stderr.write(f"{line}\n")
+        if self.mode == "plain":
+            sys.stderr.flush()
+        self._refresh()
+
+    def _json(self, obj: dict[str, object]) -> None:
+        sys.stderr.write(json.dumps(obj) + "\n")
+        sys.stderr.flush()
+
+    def _refresh(self) -> None:
+        self._start_live()
+        if self._live is not None:
+            self._live.update(self._view())
+
+    def _view(self, final: bool = False) -> object:
+        from rich.text import Text
+
+        text = Text()
+        text.append(f"{self.title} [{time.monotonic() - self._started:.1f}s]\n", style="bold")
+        for line in self._done[-8:]:
+            style = "red" if line.endswith("ERROR") else ("dim" if line.endswith("CACHED") else "green")
+            text.append(f"  {line}\n", style=style)
+        if self._current and not final:
+            text.append(f"  => {self._current}\n", style="yellow")
+            if self._log:
+                text.append(f"     {self._log[:120]}\n", style="dim")
+        return text

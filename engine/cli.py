@@ -144,6 +144,71 @@ def env_diff(a: str, b: str, as_json: bool) -> None:
         sys.exit(1)
 
 
+@env.command("render")
+@click.argument("file", type=_ENV_FILE)
+def env_render(file: str) -> None:
+    """Print the Dockerfile dockyard builds for the environment in FILE (and its context files)."""
+    from ._dockerfile import render
+    from ._environment import Environment
+
+    environment = Environment.load(file)
+    rendered = render(environment, environment.content_key())
+    click.echo(rendered.dockerfile, nl=False)
+    for name, data in sorted(rendered.context.items()):
+        click.echo(f"# --- context file {name} ({len(data)} bytes) ---")
+        click.echo(data.decode(errors="replace"), nl=False)
+
+
+@env.command("build")
+@click.argument("file", type=_ENV_FILE)
+@click.option("--no-cache", is_flag=True, help="Rebuild from scratch and replace the cached image.")
+@click.option("--progress", "progress_mode", type=click.Choice(["auto", "tty", "plain", "json"]), default="auto",
+              show_default=True, help="How to show build progress (on stderr).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def env_build(file: str, no_cache: bool, progress_mode: str, as_json: bool) -> None:
+    """Build the environment in FILE once; later calls are cache hits in milliseconds."""
+    from ._builder import Builder
+    from ._environment import Environment
+    from ._render import BuildProgress
+
+    environment = Environment.load(file)
+    builder = Builder()
+    try:
+        # The view draws nothing until the first event: a cache hit never loads rich or grpc.
+        with BuildProgress(progress_mode, f"building {environment.name}") as view:
+            image = builder.ensure_image(environment, no_cache=no_cache, progress=view.note, on_event=view.event)
+    finally:
+        builder.close()
+    if as_json:
+        emit_json(image.to_json())
+    elif image.cached:
+        click.echo(f"{image.image} (cache hit in {image.seconds * 1000:.1f} ms)")
+    else:
+        click.echo(f"{image.image} built in {image.seconds:.1f}s ({image.image_id[:19]})")
+
+
+@env.command("ls")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def env_ls(as_json: bool) -> None:
+    """List the environment images in the index (most recently used first)."""
+    from dockyard.cache import ImageCache
+
+    from ._home import index_path
+
+    cache = ImageCache(index_path())
+    try:
+        entries = sorted(cache.entries(), key=lambda e: e.last_used, reverse=True)
+    finally:
+        cache.close()
+    if as_json:
+        emit_json({"images": [e.to_json() for e in entries]})
+        return
+    if not entries:
+        click.echo("no environment images yet; build one with `dockyard env build FILE`")
+    for e in entries:
+        click.echo(f"{e.key}  {e.image:<48} {e.size / 1e6:8.1f} MB  hits {e.hit_count}")
+
+
 def _wants(flag: str, argv: list[str]) -> bool:
     return flag in argv[: argv.index("--")] if "--" in argv else flag in argv
 

@@ -16,7 +16,8 @@ a caller needs (``hint`` says what to do next) and an ``exit_code`` the CLI uses
     │   └── RegistryError                      a registry is unreachable or refused
     │       └── RegistryAuthError              … because the credentials were refused
     └── JobFailed                      exit 1  the work itself failed
-        └── BootstrapError                     making a base image failed (step, log tail)
+        ├── BootstrapError                     making a base image failed (step, log tail)
+        └── BuildError                         an image build failed (step, exit code, log tail, line)
 
 ``dockyard.cache`` has its own root, ``CacheError``, because it never imports this package; the CLI
 maps both roots. Messages never contain secrets: values that could hold one are scrubbed with
@@ -29,6 +30,7 @@ import re
 
 __all__ = [
     "BootstrapError",
+    "BuildError",
     "BuildKitUnavailable",
     "DockyardError",
     "EngineError",
@@ -150,6 +152,36 @@ class BootstrapError(JobFailed):
         super().__init__(message, hint=hint)
         self.step = step
         self.log_tail = log_tail
+
+
+class BuildError(JobFailed):
+    """An image build failed.
+
+    Attributes:
+        step: the failing step as BuildKit names it (``[3/5] RUN pip install …``), or "".
+        exit_code_of_step: the failing command's exit code, when BuildKit said it.
+        log_tail: the last lines the failing step printed.
+        dockerfile_line: the 1-based line of the rendered Dockerfile, when known.
+        dockerfile: the rendered Dockerfile text (to show the line in context).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        step: str = "",
+        exit_code_of_step: int | None = None,
+        log_tail: str = "",
+        dockerfile_line: int | None = None,
+        dockerfile: str = "",
+        hint: str = "",
+    ) -> None:
+        super().__init__(message, hint=hint)
+        self.step = step
+        self.exit_code_of_step = exit_code_of_step
+        self.log_tail = log_tail
+        self.dockerfile_line = dockerfile_line
+        self.dockerfile = dockerfile
 
 
 # user:password@ in URLs, and common "password=…"/"token: …" shapes in messages from other tools.

@@ -24,20 +24,76 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from dockyard.proto import ops_pb2 as dockyard_dot_proto_dot_ops__pb2
 from dockyard.proto import worker_pb2 as dockyard_dot_proto_dot_worker__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x64ockyard/proto/control.proto\x12\x10moby.buildkit.v1\x1a\x1b\x64ockyard/proto/worker.proto\"$\n\x12ListWorkersRequest\x12\x0e\n\x06\x66ilter\x18\x01 \x03(\t\"K\n\x13ListWorkersResponse\x12\x34\n\x06record\x18\x01 \x03(\x0b\x32$.moby.buildkit.v1.types.WorkerRecord2e\n\x07\x43ontrol\x12Z\n\x0bListWorkers\x12$.moby.buildkit.v1.ListWorkersRequest\x1a%.moby.buildkit.v1.ListWorkersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x64ockyard/proto/control.proto\x12\x10moby.buildkit.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18\x64ockyard/proto/ops.proto\x1a\x1b\x64ockyard/proto/worker.proto\"\xfb\x04\n\x0cSolveRequest\x12\x0b\n\x03Ref\x18\x01 \x01(\t\x12\"\n\nDefinition\x18\x02 \x01(\x0b\x32\x0e.pb.Definition\x12\x10\n\x08\x45xporter\x18\x03 \x01(\t\x12H\n\rExporterAttrs\x18\x04 \x03(\x0b\x32\x31.moby.buildkit.v1.SolveRequest.ExporterAttrsEntry\x12\x0f\n\x07Session\x18\x05 \x01(\t\x12\x10\n\x08\x46rontend\x18\x06 \x01(\t\x12H\n\rFrontendAttrs\x18\x07 \x03(\x0b\x32\x31.moby.buildkit.v1.SolveRequest.FrontendAttrsEntry\x12-\n\x05\x43\x61\x63he\x18\x08 \x01(\x0b\x32\x1e.moby.buildkit.v1.CacheOptions\x12\x14\n\x0c\x45ntitlements\x18\t \x03(\t\x12J\n\x0e\x46rontendInputs\x18\n \x03(\x0b\x32\x32.moby.buildkit.v1.SolveRequest.FrontendInputsEntry\x12-\n\tExporters\x18\r \x03(\x0b\x32\x1a.moby.buildkit.v1.Exporter\x1a\x34\n\x12\x45xporterAttrsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x34\n\x12\x46rontendAttrsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x45\n\x13\x46rontendInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1d\n\x05value\x18\x02 \x01(\x0b\x32\x0e.pb.Definition:\x02\x38\x01\"|\n\x08\x45xporter\x12\x0c\n\x04Type\x18\x01 \x01(\t\x12\x34\n\x05\x41ttrs\x18\x02 \x03(\x0b\x32%.moby.buildkit.v1.Exporter.AttrsEntry\x1a,\n\nAttrsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"z\n\x0c\x43\x61\x63heOptions\x12\x34\n\x07\x45xports\x18\x04 \x03(\x0b\x32#.moby.buildkit.v1.CacheOptionsEntry\x12\x34\n\x07Imports\x18\x05 \x03(\x0b\x32#.moby.buildkit.v1.CacheOptionsEntry\"\x8e\x01\n\x11\x43\x61\x63heOptionsEntry\x12\x0c\n\x04Type\x18\x01 \x01(\t\x12=\n\x05\x41ttrs\x18\x02 \x03(\x0b\x32..moby.buildkit.v1.CacheOptionsEntry.AttrsEntry\x1a,\n\nAttrsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x99\x01\n\rSolveResponse\x12O\n\x10\x45xporterResponse\x18\x01 \x03(\x0b\x32\x35.moby.buildkit.v1.SolveResponse.ExporterResponseEntry\x1a\x37\n\x15\x45xporterResponseEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x1c\n\rStatusRequest\x12\x0b\n\x03Ref\x18\x01 \x01(\t\"\xcc\x01\n\x0eStatusResponse\x12*\n\x08vertexes\x18\x01 \x03(\x0b\x32\x18.moby.buildkit.v1.Vertex\x12\x30\n\x08statuses\x18\x02 \x03(\x0b\x32\x1e.moby.buildkit.v1.VertexStatus\x12)\n\x04logs\x18\x03 \x03(\x0b\x32\x1b.moby.buildkit.v1.VertexLog\x12\x31\n\x08warnings\x18\x04 \x03(\x0b\x32\x1f.moby.buildkit.v1.VertexWarning\"\xb1\x01\n\x06Vertex\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0e\n\x06\x63\x61\x63hed\x18\x04 \x01(\x08\x12+\n\x07started\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tcompleted\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x65rror\x18\x07 \x01(\t\"\xe3\x01\n\x0cVertexStatus\x12\n\n\x02ID\x18\x01 \x01(\t\x12\x0e\n\x06vertex\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0f\n\x07\x63urrent\x18\x04 \x01(\x03\x12\r\n\x05total\x18\x05 \x01(\x03\x12-\n\ttimestamp\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07started\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tcompleted\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"g\n\tVertexLog\x12\x0e\n\x06vertex\x18\x01 \x01(\t\x12-\n\ttimestamp\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06stream\x18\x03 \x01(\x03\x12\x0b\n\x03msg\x18\x04 \x01(\x0c\"Z\n\rVertexWarning\x12\x0e\n\x06vertex\x18\x01 \x01(\t\x12\r\n\x05level\x18\x02 \x01(\x03\x12\r\n\x05short\x18\x03 \x01(\x0c\x12\x0e\n\x06\x64\x65tail\x18\x04 \x03(\x0c\x12\x0b\n\x03url\x18\x05 \x01(\t\"\"\n\x10\x44iskUsageRequest\x12\x0e\n\x06\x66ilter\x18\x01 \x03(\t\"B\n\x11\x44iskUsageResponse\x12-\n\x06record\x18\x01 \x03(\x0b\x32\x1d.moby.buildkit.v1.UsageRecord\"T\n\x0cPruneRequest\x12\x0e\n\x06\x66ilter\x18\x01 \x03(\t\x12\x0b\n\x03\x61ll\x18\x02 \x01(\x08\x12\x14\n\x0ckeepDuration\x18\x03 \x01(\x03\x12\x11\n\tkeepBytes\x18\x04 \x01(\x03\"\x94\x02\n\x0bUsageRecord\x12\n\n\x02ID\x18\x01 \x01(\t\x12\x0f\n\x07Mutable\x18\x02 \x01(\x08\x12\r\n\x05InUse\x18\x03 \x01(\x08\x12\x0c\n\x04Size\x18\x04 \x01(\x03\x12\x0e\n\x06Parent\x18\x05 \x01(\t\x12-\n\tCreatedAt\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nLastUsedAt\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nUsageCount\x18\x08 \x01(\x03\x12\x13\n\x0b\x44\x65scription\x18\t \x01(\t\x12\x12\n\nRecordType\x18\n \x01(\t\x12\x0e\n\x06Shared\x18\x0b \x01(\x08\x12\x0f\n\x07Parents\x18\x0c \x03(\t\"$\n\x12ListWorkersRequest\x12\x0e\n\x06\x66ilter\x18\x01 \x03(\t\"K\n\x13ListWorkersResponse\x12\x34\n\x06record\x18\x01 \x03(\x0b\x32$.moby.buildkit.v1.types.WorkerRecord2\x9e\x03\n\x07\x43ontrol\x12T\n\tDiskUsage\x12\".moby.buildkit.v1.DiskUsageRequest\x1a#.moby.buildkit.v1.DiskUsageResponse\x12H\n\x05Prune\x12\x1e.moby.buildkit.v1.PruneRequest\x1a\x1d.moby.buildkit.v1.UsageRecord0\x01\x12H\n\x05Solve\x12\x1e.moby.buildkit.v1.SolveRequest\x1a\x1f.moby.buildkit.v1.SolveResponse\x12M\n\x06Status\x12\x1f.moby.buildkit.v1.StatusRequest\x1a .moby.buildkit.v1.StatusResponse0\x01\x12Z\n\x0bListWorkers\x12$.moby.buildkit.v1.ListWorkersRequest\x1a%.moby.buildkit.v1.ListWorkersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dockyard.proto.control_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LISTWORKERSREQUEST']._serialized_start=79
-  _globals['_LISTWORKERSREQUEST']._serialized_end=115
-  _globals['_LISTWORKERSRESPONSE']._serialized_start=117
-  _globals['_LISTWORKERSRESPONSE']._serialized_end=192
-  _globals['_CONTROL']._serialized_start=194
-  _globals['_CONTROL']._serialized_end=295
+  _globals['_SOLVEREQUEST_EXPORTERATTRSENTRY']._loaded_options = None
+  _globals['_SOLVEREQUEST_EXPORTERATTRSENTRY']._serialized_options = b'8\001'
+  _globals['_SOLVEREQUEST_FRONTENDATTRSENTRY']._loaded_options = None
+  _globals['_SOLVEREQUEST_FRONTENDATTRSENTRY']._serialized_options = b'8\001'
+  _globals['_SOLVEREQUEST_FRONTENDINPUTSENTRY']._loaded_options = None
+  _globals['_SOLVEREQUEST_FRONTENDINPUTSENTRY']._serialized_options = b'8\001'
+  _globals['_EXPORTER_ATTRSENTRY']._loaded_options = None
+  _globals['_EXPORTER_ATTRSENTRY']._serialized_options = b'8\001'
+  _globals['_CACHEOPTIONSENTRY_ATTRSENTRY']._loaded_options = None
+  _globals['_CACHEOPTIONSENTRY_ATTRSENTRY']._serialized_options = b'8\001'
+  _globals['_SOLVERESPONSE_EXPORTERRESPONSEENTRY']._loaded_options = None
+  _globals['_SOLVERESPONSE_EXPORTERRESPONSEENTRY']._serialized_options = b'8\001'
+  _globals['_SOLVEREQUEST']._serialized_start=139
+  _globals['_SOLVEREQUEST']._serialized_end=774
+  _globals['_SOLVEREQUEST_EXPORTERATTRSENTRY']._serialized_start=597
+  _globals['_SOLVEREQUEST_EXPORTERATTRSENTRY']._serialized_end=649
+  _globals['_SOLVEREQUEST_FRONTENDATTRSENTRY']._serialized_start=651
+  _globals['_SOLVEREQUEST_FRONTENDATTRSENTRY']._serialized_end=703
+  _globals['_SOLVEREQUEST_FRONTENDINPUTSENTRY']._serialized_start=705
+  _globals['_SOLVEREQUEST_FRONTENDINPUTSENTRY']._serialized_end=774
+  _globals['_EXPORTER']._serialized_start=776
+  _globals['_EXPORTER']._serialized_end=900
+  _globals['_EXPORTER_ATTRSENTRY']._serialized_start=856
+  _globals['_EXPORTER_ATTRSENTRY']._serialized_end=900
+  _globals['_CACHEOPTIONS']._serialized_start=902
+  _globals['_CACHEOPTIONS']._serialized_end=1024
+  _globals['_CACHEOPTIONSENTRY']._serialized_start=1027
+  _globals['_CACHEOPTIONSENTRY']._serialized_end=1169
+  _globals['_CACHEOPTIONSENTRY_ATTRSENTRY']._serialized_start=856
+  _globals['_CACHEOPTIONSENTRY_ATTRSENTRY']._serialized_end=900
+  _globals['_SOLVERESPONSE']._serialized_start=1172
+  _globals['_SOLVERESPONSE']._serialized_end=1325
+  _globals['_SOLVERESPONSE_EXPORTERRESPONSEENTRY']._serialized_start=1270
+  _globals['_SOLVERESPONSE_EXPORTERRESPONSEENTRY']._serialized_end=1325
+  _globals['_STATUSREQUEST']._serialized_start=1327
+  _globals['_STATUSREQUEST']._serialized_end=1355
+  _globals['_STATUSRESPONSE']._serialized_start=1358
+  _globals['_STATUSRESPONSE']._serialized_end=1562
+  _globals['_VERTEX']._serialized_start=1565
+  _globals['_VERTEX']._serialized_end=1742
+  _globals['_VERTEXSTATUS']._serialized_start=1745
+  _globals['_VERTEXSTATUS']._serialized_end=1972
+  _globals['_VERTEXLOG']._serialized_start=1974
+  _globals['_VERTEXLOG']._serialized_end=2077
+  _globals['_VERTEXWARNING']._serialized_start=2079
+  _globals['_VERTEXWARNING']._serialized_end=2169
+  _globals['_DISKUSAGEREQUEST']._serialized_start=2171
+  _globals['_DISKUSAGEREQUEST']._serialized_end=2205
+  _globals['_DISKUSAGERESPONSE']._serialized_start=2207
+  _globals['_DISKUSAGERESPONSE']._serialized_end=2273
+  _globals['_PRUNEREQUEST']._serialized_start=2275
+  _globals['_PRUNEREQUEST']._serialized_end=2359
+  _globals['_USAGERECORD']._serialized_start=2362
+  _globals['_USAGERECORD']._serialized_end=2638
+  _globals['_LISTWORKERSREQUEST']._serialized_start=2640
+  _globals['_LISTWORKERSREQUEST']._serialized_end=2676
+  _globals['_LISTWORKERSRESPONSE']._serialized_start=2678
+  _globals['_LISTWORKERSRESPONSE']._serialized_end=2753
+  _globals['_CONTROL']._serialized_start=2756
+  _globals['_CONTROL']._serialized_end=3170
 # @@protoc_insertion_point(module_scope)

@@ -36,6 +36,26 @@ class ControlStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.DiskUsage = channel.unary_unary(
+                '/moby.buildkit.v1.Control/DiskUsage',
+                request_serializer=dockyard_dot_proto_dot_control__pb2.DiskUsageRequest.SerializeToString,
+                response_deserializer=dockyard_dot_proto_dot_control__pb2.DiskUsageResponse.FromString,
+                _registered_method=True)
+        self.Prune = channel.unary_stream(
+                '/moby.buildkit.v1.Control/Prune',
+                request_serializer=dockyard_dot_proto_dot_control__pb2.PruneRequest.SerializeToString,
+                response_deserializer=dockyard_dot_proto_dot_control__pb2.UsageRecord.FromString,
+                _registered_method=True)
+        self.Solve = channel.unary_unary(
+                '/moby.buildkit.v1.Control/Solve',
+                request_serializer=dockyard_dot_proto_dot_control__pb2.SolveRequest.SerializeToString,
+                response_deserializer=dockyard_dot_proto_dot_control__pb2.SolveResponse.FromString,
+                _registered_method=True)
+        self.Status = channel.unary_stream(
+                '/moby.buildkit.v1.Control/Status',
+                request_serializer=dockyard_dot_proto_dot_control__pb2.StatusRequest.SerializeToString,
+                response_deserializer=dockyard_dot_proto_dot_control__pb2.StatusResponse.FromString,
+                _registered_method=True)
         self.ListWorkers = channel.unary_unary(
                 '/moby.buildkit.v1.Control/ListWorkers',
                 request_serializer=dockyard_dot_proto_dot_control__pb2.ListWorkersRequest.SerializeToString,
@@ -46,8 +66,33 @@ class ControlStub:
 class ControlServicer:
     """Missing associated documentation comment in .proto file."""
 
+    def DiskUsage(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Prune(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Solve(self, request, context):
+        """Unary: blocks until the build ends. Follow it with Status using the same Ref.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Status(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListWorkers(self, request, context):
-        """Since v0.3. Used as the liveness probe: Info (v0.11) is UNIMPLEMENTED on Docker 20.10.
+        """Since v0.3. The liveness probe: Info (v0.11) is UNIMPLEMENTED on Docker 20.10.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -56,6 +101,26 @@ class ControlServicer:
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'DiskUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.DiskUsage,
+                    request_deserializer=dockyard_dot_proto_dot_control__pb2.DiskUsageRequest.FromString,
+                    response_serializer=dockyard_dot_proto_dot_control__pb2.DiskUsageResponse.SerializeToString,
+            ),
+            'Prune': grpc.unary_stream_rpc_method_handler(
+                    servicer.Prune,
+                    request_deserializer=dockyard_dot_proto_dot_control__pb2.PruneRequest.FromString,
+                    response_serializer=dockyard_dot_proto_dot_control__pb2.UsageRecord.SerializeToString,
+            ),
+            'Solve': grpc.unary_unary_rpc_method_handler(
+                    servicer.Solve,
+                    request_deserializer=dockyard_dot_proto_dot_control__pb2.SolveRequest.FromString,
+                    response_serializer=dockyard_dot_proto_dot_control__pb2.SolveResponse.SerializeToString,
+            ),
+            'Status': grpc.unary_stream_rpc_method_handler(
+                    servicer.Status,
+                    request_deserializer=dockyard_dot_proto_dot_control__pb2.StatusRequest.FromString,
+                    response_serializer=dockyard_dot_proto_dot_control__pb2.StatusResponse.SerializeToString,
+            ),
             'ListWorkers': grpc.unary_unary_rpc_method_handler(
                     servicer.ListWorkers,
                     request_deserializer=dockyard_dot_proto_dot_control__pb2.ListWorkersRequest.FromString,
@@ -71,6 +136,114 @@ def add_ControlServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Control:
     """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def DiskUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moby.buildkit.v1.Control/DiskUsage',
+            dockyard_dot_proto_dot_control__pb2.DiskUsageRequest.SerializeToString,
+            dockyard_dot_proto_dot_control__pb2.DiskUsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Prune(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/moby.buildkit.v1.Control/Prune',
+            dockyard_dot_proto_dot_control__pb2.PruneRequest.SerializeToString,
+            dockyard_dot_proto_dot_control__pb2.UsageRecord.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Solve(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moby.buildkit.v1.Control/Solve',
+            dockyard_dot_proto_dot_control__pb2.SolveRequest.SerializeToString,
+            dockyard_dot_proto_dot_control__pb2.SolveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Status(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/moby.buildkit.v1.Control/Status',
+            dockyard_dot_proto_dot_control__pb2.StatusRequest.SerializeToString,
+            dockyard_dot_proto_dot_control__pb2.StatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def ListWorkers(request,

@@ -119,7 +119,7 @@ ensure_base_images() {
 # Host tools that `dockyard base bootstrap` and the registry tests use.
 ensure_host_tools() {
   if is_root && command -v apt-get >/dev/null; then
-    apt_ensure debootstrap busybox-static
+    apt_ensure debootstrap busybox-static docker-registry apache2-utils
   fi
 }
 

@@ -1,0 +1,276 @@
+"""Build each environment once, reuse it forever: key -> index -> (verify) -> single-flight build.
+
+The hit path imports neither grpc nor the docker SDK nor sqlite-utils: the base resolution and the
+index lookup are SQLite reads, and verifying the image is one HTTP request on the engine socket.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Literal
+
+from ._engine import EngineAddress
+from ._environment import Environment
+from ._home import dockyard_home, index_path
+from .errors import InputError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from dockyard.cache import ContentKey, ImageCache
+
+    from ._buildkit import BuildEvent
+
+__all__ = ["BuiltImage", "Builder", "ensure_image"]
+
+#: How long a base image's resolved digest is trusted before the engine is asked again.
+DEFAULT_RESOLVE_TTL = 300.0
+_FROM = re.compile(r"^\s*FROM\s+(?:--platform=\S+\s+)?(\S+)(?:\s+AS\s+(\S+))?\s*$", re.I | re.M)
+
+
+@dataclass(frozen=True)
+class BuiltImage:
+    """An image ready to run: ``cached`` when no build ran in this call."""
+
+    key: str
+    image: str
+    image_id: str
+    cached: bool
+    source: Literal["local-hit", "built", "pulled"]
+    seconds: float
+    python: str = "python3"
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "key": self.key,
+            "image": self.image,
+            "image_id": self.image_id,
+            "cached": self.cached,
+            "source": self.source,
+            "seconds": round(self.seconds, 6),
+        }
+
+
+def _resolve_ttl() -> float:
+    raw = os.environ.get("DOCKYARD_RESOLVE_TTL")
+    if raw is None:
+        return DEFAULT_RESOLVE_TTL
+    try:
+        value = float(raw)
+    except ValueError:
+        raise InputError(f"DOCKYARD_RESOLVE_TTL={raw!r} is not a number of seconds") from None
+    if value < 0:
+        raise InputError(f"DOCKYARD_RESOLVE_TTL={raw!r} must be >= 0")
+    return value
+
+
+class Builder:
+    """Turns environments into images in one engine, with an index under ``home``.
+
+    Args:
+        home: dockyard's state folder (default ``$DOCKYARD_HOME`` or ``~/.local/share/dockyard``).
+        engine: the Docker Engine (default from ``DOCKER_HOST``).
+        buildkit: ``docker`` (the engine's BuildKit) or a standalone buildkitd address.
+        resolve_ttl: seconds a base image's resolved digest is reused (``DOCKYARD_RESOLVE_TTL``).
+    """
+
+    def __init__(
+        self,
+        home: str | Path | None = None,
+        *,
+        engine: EngineAddress | None = None,
+        buildkit: str | None = None,
+        resolve_ttl: float | None = None,
+    ) -> None:
+        from dockyard.cache import ImageCache
+
+        self.home = Path(home) if home is not None else dockyard_home()
+        self.engine = engine or EngineAddress.from_env()
+        self.buildkit = buildkit or os.environ.get("DOCKYARD_BUILDKIT", "docker")
+        self.resolve_ttl = _resolve_ttl() if resolve_ttl is None else resolve_ttl
+        self.cache: ImageCache = ImageCache(index_path(self.home))
+
+    def close(self) -> None:
+        self.cache.close()
+
+    # -- resolution -----------------------------------------------------------------------------
+
+    def _local_id(self, ref: str) -> str | None:
+        found = self.engine.inspect_image(ref)
+        return str(found.get("Id", "")) or None if found is not None else None
+
+    def _resolve_ref(self, ref: str, env: Environment, progress: Callable[[str], None]) -> tuple[str, bool]:
+        """(image ID of ``ref`` in the engine, pulled?) — pulled with the env's registry if absent."""
+        image_id = self._local_id(ref)
+        if image_id is not None:
+            return image_id, False
+        from ._registry import pull_image
+
+        registry = env.docker.base_image_registry
+        progress(f"pulling {ref}")
+        return pull_image(ref, registry if registry.address else None, engine=self.engine, progress=progress), True
+
+    def resolve_base(self, env: Environment, progress: Callable[[str], None] | None = None) -> tuple[str | None, bool]:
+        """The digest that pins the environment's base content, and whether a pull happened.
+
+        A base image resolves to its image ID in the engine (what Docker's BuildKit builds from);
+        a Dockerfile resolves to one digest over every ``FROM`` image it names. Results are reused
+        for ``resolve_ttl`` seconds, so a hit stays in microseconds and a moved tag is noticed
+        within that time.
+        """
+        report = progress or (lambda _l: None)
+        refs = self._base_refs(env)
+        if not refs:
+            return None, False
+        resolved: list[str] = []
+        pulled = False
+        for ref in refs:
+            digest = self.cache.resolution(ref, max_age=self.resolve_ttl)
+            if digest is None:
+                digest, did_pull = self._resolve_ref(ref, env, report)
+                pulled = pulled or did_pull
+                self.cache.remember_resolution(ref, digest)
+            resolved.append(f"{ref}@{digest}")
+        if len(resolved) == 1:
+            return resolved[0].rsplit("@", 1)[1], pulled
+        combined = hashlib.sha256("\n".join(sorted(resolved)).encode()).hexdigest()
+        return f"sha256:{combined}", pulled
+
+    def _base_refs(self, env: Environment) -> list[str]:
+        from ._registry import qualify
+
+        registry = env.docker.base_image_registry
+        reg = registry if registry.address else None
+        base = env.effective_base_image
+        if base is not None:
+            return [qualify(base, reg)]
+        stages: set[str] = set()
+        refs: list[str] = []
+        for m in _FROM.finditer(env.docker.base_dockerfile or ""):
+            image, alias = m.group(1), m.group(2)
+            if image.lower() != "scratch" and image not in stages and "$" not in image:
+                refs.append(qualify(image, reg))
+            if alias:
+                stages.add(alias)
+        return refs
+
+    # -- the hit path ---------------------------------------------------------------------------
+
+    def key_for(self, env: Environment, progress: Callable[[str], None] | None = None) -> tuple[ContentKey, bool]:
+        digest, pulled = self.resolve_base(env, progress)
+        return env.content_key(base_digest=digest), pulled
+
+    def _verified(self, image: str, image_id: str) -> bool:
+        """The tag still exists in the engine and still names the recorded image (one request)."""
+        if self.buildkit != "docker":
+            return True  # pushed to a registry, not kept in a local engine
+        return self._local_id(image) == image_id
+
+    def ensure_image(
+        self,
+        env: Environment,
+        *,
+        no_cache: bool = False,
+        verify: bool = True,
+        progress: Callable[[str], None] | None = None,
+        on_event: Callable[[BuildEvent], None] | None = None,
+        cancel: threading.Event | None = None,
+    ) -> BuiltImage:
+        """Return the image for ``env``, building it only when no usable one exists.
+
+        Args:
+            env: the environment.
+            no_cache: rebuild without BuildKit's cache and replace the index entry.
+            verify: on an index hit, check the image still exists in the engine (one request);
+                an image deleted behind dockyard's back is rebuilt and the index repaired.
+            progress: receives one-line notes (pulls, waits for another builder).
+            on_event: receives BuildKit's step and log events while building.
+            cancel: set it to cancel a running build (as Ctrl-C does).
+
+        Raises:
+            SpecError: the environment is invalid.
+            BuildError: the build failed; nothing was recorded.
+            RegistryAuthError, RegistryError: the base could not be pulled.
+            EngineUnavailable, BuildKitUnavailable: the engine or BuildKit is down.
+        """
+        started = time.perf_counter()
+        report = progress or (lambda _l: None)
+        key, pulled = self.key_for(env, report)
+        if no_cache:
+            self.cache.remove(key)
+        entry = self.cache.lookup(key)
+        if entry is not None:
+            if not verify or self._verified(entry.image, entry.image_id):
+                return self._done(key, entry.image, entry.image_id, True, "local-hit", started)
+            report(f"{entry.image} is gone from the engine; rebuilding it")
+            self.cache.remove(key)
+
+        from dockyard.cache import BuildSlot
+
+        slot: BuildSlot
+        with self.cache.building(key) as slot:
+            if not slot.must_build:
+                assert slot.entry is not None
+                return self._done(key, slot.entry.image, slot.entry.image_id, True, "local-hit", started)
+            image, image_id, size = self._build(env, key, no_cache=no_cache, on_event=on_event, cancel=cancel)
+            slot.record(image=image, image_id=image_id, size=size, parts=dict(key.parts), builder="buildkit")
+        return self._done(key, image, image_id, False, "pulled" if pulled else "built", started)
+
+    def _done(self, key: Any, image: str, image_id: str, cached: bool, source: Any, started: float) -> BuiltImage:
+        return BuiltImage(key.hex, image, image_id, cached, source, time.perf_counter() - started)
+
+    # -- building -------------------------------------------------------------------------------
+
+    def _build(
+        self,
+        env: Environment,
+        key: ContentKey,
+        *,
+        no_cache: bool,
+        on_event: Callable[[BuildEvent], None] | None,
+        cancel: threading.Event | None,
+    ) -> tuple[str, str, int]:
+        from ._buildkit import BuildKitClient, SolveSpec
+        from ._dockerfile import image_tag, render
+
+        rendered = render(env, key)
+        attrs = {f"label:{k}": v for k, v in rendered.labels.items()}
+        attrs.update({f"build-arg:{k}": v for k, v in rendered.build_args.items()})
+        attrs["platform"] = env.docker.platform
+        if no_cache:
+            attrs["no-cache"] = ""
+        tag = image_tag(key.hex)
+        if self.buildkit == "docker":
+            exporter, exporter_attrs = "moby", {"name": tag}
+        else:
+            push_to = os.environ.get("DOCKYARD_PUSH_REGISTRY")
+            if not push_to:
+                raise InputError(
+                    f"building on {self.buildkit} needs a registry to push to",
+                    hint="set DOCKYARD_PUSH_REGISTRY=host:port (a standalone buildkitd cannot load into Docker)",
+                )
+            tag = f"{push_to.rstrip('/')}/{tag}"
+            exporter, exporter_attrs = "image", {"name": tag, "push": "true"}
+        spec = SolveSpec(rendered.dockerfile.encode(), rendered.context, exporter, exporter_attrs, attrs)
+        with BuildKitClient(self.buildkit, engine=self.engine) as client:
+            result = client.solve(spec, on_event=on_event, cancel=cancel)
+        image_id = result.exporter_response.get("containerimage.digest", "")
+        size = 0
+        found = self.engine.inspect_image(tag) if self.buildkit == "docker" else None
+        if found is not None:
+            image_id = str(found.get("Id") or image_id)
+            size = int(found.get("Size") or 0)
+        return tag, image_id, size
+
+
+def ensure_image(env: Environment, home: str | Path | None = None, **kwargs: Any) -> BuiltImage:
+    """Build ``env`` once and reuse it: see :meth:`Builder.ensure_image` for the arguments."""
+    builder = Builder(home)
+    try:
+        return builder.ensure_image(env, **kwargs)
+    finally:
+        builder.close()
