@@ -1,1 +1,59 @@
-"""dockyard.cache"""
+"""dockyard.cache: an embeddable, content-addressed image cache.
+
+Canonical content keys (XXH3-128 over named parts), a SQLite index safe across processes,
+single-flight builds (one builder per key, the others wait) and LRU garbage collection. It never
+imports the dockyard engine, Docker or gRPC: any tool can plug in its own builder::
+
+    from dockyard.cache import BuildResult, ImageCache, KeyParts, compute_key
+
+    key = compute_key(KeyParts("dockyard/base:bookworm-python3", pip=["numpy==2.1.0"]))
+    cache = ImageCache("/var/cache/mytool/index.db")
+
+    def build(key):  # runs once across all processes asking for this key
+        image_id = my_builder.build(tag=f"mytool/env:{key}")
+        return BuildResult(image=f"mytool/env:{key}", image_id=image_id, builder="mytool")
+
+    entry, built = cache.get_or_build(key, build)
+    print(entry.image, "built now" if built else "cache hit")
+
+``dockyard env key --explain`` and :func:`diff_keys` show which part changed when a key missed.
+"""
+
+from ._index import ImageCache
+from ._keys import PART_NAMES, SCHEMA_VERSION, ContentKey, KeyParts, compute_key, diff_keys
+from ._lease import BuildSlot
+from ._model import BuildResult, CacheEntry, CacheStats, GcFailure, GcReport
+from .errors import (
+    CacheError,
+    CacheInputError,
+    IndexCorrupt,
+    IndexUnavailable,
+    InvalidKey,
+    InvalidKeyParts,
+    LeaseLost,
+    WaitTimeout,
+)
+
+__all__ = [
+    "PART_NAMES",
+    "SCHEMA_VERSION",
+    "BuildResult",
+    "BuildSlot",
+    "CacheEntry",
+    "CacheError",
+    "CacheInputError",
+    "CacheStats",
+    "ContentKey",
+    "GcFailure",
+    "GcReport",
+    "ImageCache",
+    "IndexCorrupt",
+    "IndexUnavailable",
+    "InvalidKey",
+    "InvalidKeyParts",
+    "KeyParts",
+    "LeaseLost",
+    "WaitTimeout",
+    "compute_key",
+    "diff_keys",
+]

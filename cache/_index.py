@@ -1,0 +1,772 @@
+"""The image index: a SQLite file mapping content keys to built images.
+
+The read path (:meth:`ImageCache.lookup`) uses stdlib ``sqlite3`` on one connection per thread
+that stays open, so a hit costs one indexed ``SELECT``. Hit bookkeeping (``last_used``,
+``hit_count``, which LRU GC needs) is kept in memory and written in one small transaction when
+the stored ``last_used`` is older than ``touch_interval``, when the batch is that old, or when the
+cache is closed, collected or the process exits: a hit never pays for a write transaction except
+about once per ``touch_interval``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import os
+import sqlite3
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from . import _db
+from ._keys import _HEX32, ContentKey
+from ._lease import BuildSlot, acquire
+from ._model import (
+    ENTRY_COLUMNS,
+    BuildResult,
+    CacheEntry,
+    CacheStats,
+    GcFailure,
+    GcReport,
+    check_parts,
+    check_result_fields,
+    entry_from_row,
+)
+from .errors import (
+    CacheError,
+    CacheInputError,
+    IndexCorrupt,
+    IndexUnavailable,
+    InvalidKey,
+    LeaseLost,
+)
+
+__all__ = ["ImageCache"]
+
+_SELECT_ENTRY = f"SELECT {ENTRY_COLUMNS} FROM entries WHERE key = ?"
+_UPSERT = (
+    "INSERT INTO entries (key, image, image_id, size, created, last_used, hit_count, parts,"
+    " builder, pinned) VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?, 0)"
+    " ON CONFLICT(key) DO UPDATE SET image = excluded.image, image_id = excluded.image_id,"
+    " size = excluded.size, created = excluded.created, last_used = excluded.last_used,"
+    " parts = excluded.parts, builder = excluded.builder"
+)
+_TOUCH = (
+    "UPDATE entries SET hit_count = hit_count + ?, last_used = max(last_used, ?) WHERE key = ?"
+)
+_MAX_PENDING = 1024
+
+_LIVE: weakref.WeakSet[ImageCache] = weakref.WeakSet()
+
+
+@atexit.register
+def _flush_all_at_exit() -> None:
+    # Best effort: a process that exits normally keeps its hits; kill -9 loses at most a batch.
+    for cache in list(_LIVE):
+        cache._flush(quiet=True)
+
+
+def _key_hex(key: ContentKey | str) -> str:
+    """The hex of a key given as a ContentKey or as text (validated)."""
+    if type(key) is ContentKey:
+        return key.hex
+    if isinstance(key, str):
+        return key if _HEX32.fullmatch(key) else ContentKey.parse(key).hex
+    raise InvalidKey(
+        f"expected a ContentKey or a 32-hex string, got {type(key).__name__}",
+        hint="pass compute_key(...) or its hex",
+    )
+
+
+def _key_and_parts(key: ContentKey | str) -> tuple[str, dict[str, str]]:
+    if isinstance(key, ContentKey):
+        return key.hex, dict(key.parts)
+    return _key_hex(key), {}
+
+
+def _check_seconds(name: str, value: object, *, allow_none: bool = True) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise CacheInputError(f"{name} must be a number >= 0", hint=f"got {value!r}")
+
+
+class ImageCache:
+    """A content-addressed image index in one SQLite file, safe across threads and processes.
+
+    Args:
+        path: the index file; its parent directories are created on first use.
+        busy_timeout: seconds a statement waits for another process's write lock.
+        touch_interval: seconds of hit bookkeeping kept in memory before it is written.
+
+    Raises:
+        CacheInputError: an argument is invalid (``":memory:"`` is refused: the lease heartbeat
+            and other processes need a real file).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        busy_timeout: float = 5.0,
+        touch_interval: float = 60.0,
+    ) -> None:
+        if not isinstance(path, (str, os.PathLike)) or str(path) in ("", ":memory:"):
+            raise CacheInputError(
+                "ImageCache needs the path of an index file",
+                hint="e.g. ~/.local/share/dockyard/index.db, or a file in a temp dir for tests",
+            )
+        _check_seconds("busy_timeout", busy_timeout, allow_none=False)
+        _check_seconds("touch_interval", touch_interval, allow_none=False)
+        self._path = Path(path).expanduser()
+        self._path_str = str(self._path)
+        self._busy_timeout = float(busy_timeout)
+        self._touch_interval = float(touch_interval)
+        self._local = threading.local()
+        self._lock = threading.Lock()  # guards _conns
+        self._hits_lock = threading.Lock()  # guards _pending
+        self._conns: list[tuple[int, sqlite3.Connection]] = []
+        self._schema_gen = -1
+        self._pending: dict[str, list[float]] = {}
+        self._gen = _db._generation
+        self._last_flush = time.time()
+        _LIVE.add(self)
+
+    def _forked(self) -> None:
+        """Reset per-process state in a fork child (it is single-threaded at this point)."""
+        self._lock = threading.Lock()  # a parent thread may have held them at fork time
+        self._hits_lock = threading.Lock()
+        self._pending = {}  # the parent owns (and writes) those hits
+        for _, conn in self._conns:
+            _db.abandon(conn)  # never closed or collected here: SQLite forbids it after fork
+        self._conns = []
+        self._gen = _db._generation
+
+    def __repr__(self) -> str:
+        return f"ImageCache({self._path_str!r})"
+
+    def __enter__(self) -> ImageCache:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        # Interpreter teardown may have taken sqlite3 away already: nothing sensible left to do.
+        with contextlib.suppress(Exception):
+            self._flush(quiet=True)
+
+    @property
+    def path(self) -> Path:
+        """The index file."""
+        return self._path
+
+    # -- connections -------------------------------------------------------------------------
+
+    def _conn(self) -> sqlite3.Connection:
+        local = self._local
+        try:
+            if local.gen == _db._generation:
+                conn: sqlite3.Connection = local.conn
+                return conn
+            _db.abandon(local.conn)  # inherited across fork: SQLite forbids touching it
+        except AttributeError:
+            pass
+        try:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            conn = _db.connect(self._path_str, self._busy_timeout)
+        except OSError as exc:
+            raise IndexUnavailable(
+                f"cannot create the directory of the cache index {self._path_str}: {exc.strerror}",
+                path=self._path_str,
+                hint="check that the parent directory is writable, or choose another path",
+            ) from exc
+        except sqlite3.Error as exc:
+            raise _db.translate(exc, self._path_str, "open") from exc
+        if self._gen != _db._generation:
+            self._forked()
+        local.conn = conn
+        local.gen = _db._generation
+        with self._lock:
+            self._conns.append((_db._generation, conn))
+        return conn
+
+    def _ensure_schema(self) -> sqlite3.Connection:
+        conn = self._conn()
+        if self._schema_gen != _db._generation:
+            try:
+                _db.ensure_schema(conn, self._path_str, self._busy_timeout)
+            except sqlite3.Error as exc:
+                raise _db.translate(exc, self._path_str, "create the schema of") from exc
+            self._schema_gen = _db._generation
+        return conn
+
+    def close(self) -> None:
+        """Write pending hit bookkeeping and close this process's connections.
+
+        The cache stays usable: the next call reopens a connection.
+
+        Raises:
+            IndexUnavailable: the pending bookkeeping could not be written.
+        """
+        try:
+            self._flush(quiet=False)
+        finally:
+            with self._lock:
+                conns, self._conns = self._conns, []
+            for gen, conn in conns:
+                if gen == _db._generation:
+                    conn.close()
+            self._local = threading.local()
+
+    # -- read path ---------------------------------------------------------------------------
+
+    def lookup(self, key: ContentKey | str) -> CacheEntry | None:
+        """Find the entry for a key (the hot path: stdlib sqlite3, about 10 µs).
+
+        Args:
+            key: a :class:`ContentKey` or its 32-hex text.
+
+        Returns:
+            The entry, or None on a miss (also when the index does not exist yet).
+
+        Raises:
+            InvalidKey: ``key`` is not a key.
+            IndexUnavailable: the index cannot be read (``IndexCorrupt`` when it is damaged).
+        """
+        hexkey = key.hex if type(key) is ContentKey else _key_hex(key)
+        conn = self._conn()
+        try:
+            row = conn.execute(_SELECT_ENTRY, (hexkey,)).fetchone()
+        except sqlite3.OperationalError as exc:
+            if str(exc).startswith("no such table"):
+                return None  # nothing was ever recorded here; reads never create the schema
+            if not str(exc).startswith("no such column"):
+                raise _db.translate(exc, self._path_str, "look up a key in") from exc
+            self._ensure_schema()  # an older schema: migrate once, then read again
+            try:
+                row = conn.execute(_SELECT_ENTRY, (hexkey,)).fetchone()
+            except sqlite3.Error as exc2:
+                raise _db.translate(exc2, self._path_str, "look up a key in") from exc2
+        except sqlite3.Error as exc:
+            raise _db.translate(exc, self._path_str, "look up a key in") from exc
+        if row is None:
+            return None
+        now = time.time()
+        with self._hits_lock:  # exact counts when threads share the cache
+            hit = self._pending.get(hexkey)
+            if hit is None:
+                self._pending[hexkey] = [1, now]
+            else:
+                hit[0] += 1
+                hit[1] = now
+        if (
+            now - row[5] >= self._touch_interval
+            or now - self._last_flush >= self._touch_interval
+            or len(self._pending) >= _MAX_PENDING
+        ):
+            self._flush(quiet=True)
+        return entry_from_row(row)
+
+    def _flush(self, *, quiet: bool) -> None:
+        """Write pending hits in one transaction.
+
+        Args:
+            quiet: on failure keep the hits for the next flush instead of raising (a hit must
+                not fail because its bookkeeping met a busy index).
+
+        Raises:
+            IndexUnavailable: the write failed and ``quiet`` is False.
+        """
+        if self._gen != _db._generation:
+            self._forked()
+        self._last_flush = time.time()
+        with self._hits_lock:
+            pending, self._pending = self._pending, {}
+        if not pending:
+            return
+        try:
+            conn = self._conn()
+            with _db.transaction(conn):
+                conn.executemany(_TOUCH, [(c, t, k) for k, (c, t) in pending.items()])
+        except (sqlite3.Error, CacheError) as exc:
+            with self._hits_lock:  # keep them for the next flush
+                for k, (c, t) in pending.items():
+                    hit = self._pending.setdefault(k, [0, t])
+                    hit[0] += c
+                    hit[1] = max(hit[1], t)
+            if quiet:
+                return
+            if isinstance(exc, sqlite3.Error):
+                raise _db.translate(exc, self._path_str, "write hit counts to") from exc
+            raise
+
+    # -- writes ------------------------------------------------------------------------------
+
+    def record(
+        self,
+        key: ContentKey | str,
+        *,
+        image: str,
+        image_id: str,
+        size: int = 0,
+        parts: dict[str, str] | None = None,
+        builder: str = "",
+    ) -> CacheEntry:
+        """Record (or replace) the image built for a key, atomically.
+
+        Prefer :meth:`building` or :meth:`get_or_build` when several processes may build the same
+        key; ``record`` is for importing images built elsewhere.
+
+        Args:
+            key: the content key.
+            image: the image reference, e.g. ``"dockyard/env:<key>"``.
+            image_id: the image id.
+            size: bytes (0 when unknown).
+            parts: part hashes; defaults to ``key.parts`` when ``key`` is a :class:`ContentKey`.
+            builder: who built it.
+
+        Returns:
+            The stored entry. Re-recording a key keeps its hit count and pin.
+
+        Raises:
+            InvalidKey: ``key`` is not a key.
+            CacheInputError: another field is invalid.
+            IndexUnavailable: the index could not be written.
+        """
+        hexkey, key_parts = _key_and_parts(key)
+        check_result_fields(image, image_id, size, builder)
+        stored = check_parts(key_parts if parts is None else parts)
+        return self._record(
+            hexkey, image=image, image_id=image_id, size=size, parts=stored, builder=builder,
+            lease_owner=None,
+        )
+
+    def _record(
+        self,
+        hexkey: str,
+        *,
+        image: str,
+        image_id: str,
+        size: int,
+        parts: dict[str, str],
+        builder: str,
+        lease_owner: str | None,
+    ) -> CacheEntry:
+        """Write an entry, and delete ``lease_owner``'s lease in the same transaction.
+
+        Raises:
+            LeaseLost: ``lease_owner`` no longer holds the lease; nothing was written.
+            IndexUnavailable: the index could not be written.
+        """
+        conn = self._ensure_schema()
+        now = time.time()
+        parts_json = json.dumps(parts, sort_keys=True, separators=(",", ":"))
+        try:
+            with _db.transaction(conn):
+                if lease_owner is not None:
+                    cur = conn.execute(
+                        "DELETE FROM leases WHERE key = ? AND owner = ?", (hexkey, lease_owner)
+                    )
+                    if cur.rowcount != 1:
+                        holder = conn.execute(
+                            "SELECT owner FROM leases WHERE key = ?", (hexkey,)
+                        ).fetchone()
+                        raise LeaseLost(hexkey, holder[0] if holder else None)
+                conn.execute(
+                    _UPSERT, (hexkey, image, image_id, size, now, now, parts_json, builder)
+                )
+                row = conn.execute(_SELECT_ENTRY, (hexkey,)).fetchone()
+        except sqlite3.Error as exc:
+            raise _db.translate(exc, self._path_str, "record an entry in") from exc
+        return entry_from_row(row)
+
+    def remove(self, key: ContentKey | str) -> bool:
+        """Delete an entry from the index (the image itself is the caller's business).
+
+        Returns:
+            True when an entry was deleted.
+
+        Raises:
+            InvalidKey: ``key`` is not a key.
+            IndexUnavailable: the index could not be written.
+        """
+        return self._update("DELETE FROM entries WHERE key = ?", (_key_hex(key),), "remove from")
+
+    def pin(self, key: ContentKey | str) -> bool:
+        """Protect an entry from GC.
+
+        Returns:
+            True when the entry exists (pinned now), False when there is no such entry.
+
+        Raises:
+            InvalidKey: ``key`` is not a key.
+            IndexUnavailable: the index could not be written.
+        """
+        return self._update(
+            "UPDATE entries SET pinned = 1 WHERE key = ?", (_key_hex(key),), "pin an entry in"
+        )
+
+    def unpin(self, key: ContentKey | str) -> bool:
+        """Let GC consider an entry again.
+
+        Returns:
+            True when the entry exists (unpinned now), False when there is no such entry.
+
+        Raises:
+            InvalidKey: ``key`` is not a key.
+            IndexUnavailable: the index could not be written.
+        """
+        return self._update(
+            "UPDATE entries SET pinned = 0 WHERE key = ?", (_key_hex(key),), "unpin an entry in"
+        )
+
+    def _update(self, sql: str, args: tuple[Any, ...], action: str) -> bool:
+        conn = self._ensure_schema()
+        try:
+            with _db.transaction(conn):
+                return conn.execute(sql, args).rowcount > 0
+        except sqlite3.Error as exc:
+            raise _db.translate(exc, self._path_str, action) from exc
+
+    # -- listings ----------------------------------------------------------------------------
+
+    def entries(self) -> list[CacheEntry]:
+        """Every entry, most recently used first.
+
+        Raises:
+            IndexUnavailable: the index could not be read.
+        """
+        import sqlite_utils  # listings are off the hot path
+
+        conn = self._ensure_schema()
+        self._flush(quiet=True)
+        columns = [c.strip() for c in ENTRY_COLUMNS.split(",")]
+        try:
+            db = sqlite_utils.Database(conn, execute_plugins=False, recursive_triggers=False)
+            rows = db.table("entries").rows_where(
+                select=ENTRY_COLUMNS, order_by="last_used DESC, key"
+            )
+            return [entry_from_row(tuple(r[c] for c in columns)) for r in rows]
+        except sqlite3.Error as exc:
+            raise _db.translate(exc, self._path_str, "list") from exc
+
+    def stats(self) -> CacheStats:
+        """Counts and sizes of what the index holds (after writing this process's pending hits).
+
+        Raises:
+            IndexUnavailable: the index could not be read or written.
+        """
+        conn = self._ensure_schema()
+        self._flush(quiet=False)
+        try:
+            n, total, hits, pinned, oldest, newest = conn.execute(
+                "SELECT count(*), coalesce(sum(size), 0), coalesce(sum(hit_count), 0),"
+                " coalesce(sum(pinned), 0), min(created), max(created) FROM entries"
+            ).fetchone()
+            (leases,) = conn.execute("SELECT count(*) FROM leases").fetchone()
+        except sqlite3.Error as exc:
+            raise _db.translate(exc, self._path_str, "read statistics of") from exc
+        return CacheStats(self._path_str, n, total, hits, pinned, leases, oldest, newest)
+
+    def verify(self) -> None:
+        """Check the file with ``PRAGMA integrity_check`` and the schema version.
+
+        Raises:
+            IndexCorrupt: the check found problems (listed in ``problems``).
+            IndexUnavailable: the index could not be read, or has a newer schema.
+        """
+        conn = self._conn()
+        try:
+            problems = tuple(r[0] for r in conn.execute("PRAGMA integrity_check"))
+            (version,) = conn.execute("PRAGMA user_version").fetchone()
+        except sqlite3.Error as exc:
+            raise _db.translate(exc, self._path_str, "verify") from exc
+        if problems != ("ok",):
+            raise IndexCorrupt(
+                f"the cache index at {self._path_str} failed its integrity check",
+                path=self._path_str,
+                problems=problems,
+                hint="move the file away; the cache starts empty and images are rebuilt",
+            )
+        if version > _db.INDEX_SCHEMA:
+            _db._check_not_newer(version, self._path_str)
+
+    # -- single flight -----------------------------------------------------------------------
+
+    def _try_lease(
+        self, hexkey: str, owner: str, timeout: float
+    ) -> tuple[bool, tuple[str, int] | None]:
+        """Take the lease unless the entry exists or a live lease does (one transaction).
+
+        Returns:
+            ``(True, None)`` when taken; ``(False, None)`` when the entry exists;
+            ``(False, (owner, pid))`` when someone else holds a live lease.
+
+        Raises:
+            IndexUnavailable: the index could not be written.
+        """
+        conn = self._ensure_schema()
+        now = time.time()
+        try:
+            with _db.transaction(conn):
+                if conn.execute("SELECT 1 FROM entries WHERE key = ?", (hexkey,)).fetchone():
+                    return False, None
+                row = conn.execute(
+                    "SELECT owner, pid, heartbeat, timeout FROM leases WHERE key = ?", (hexkey,)
+                ).fetchone()
+                if row is not None:
+                    if now - row[2] <= row[3]:
+                        return False, (row[0], row[1])
+                    # Stale: its holder died or stalled; replace it in this same transaction.
+                    conn.execute("DELETE FROM leases WHERE key = ?", (hexkey,))
+                conn.execute(
+                    "INSERT INTO leases (key, owner, pid, acquired, heartbeat, timeout)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    (hexkey, owner, os.getpid(), now, now, float(timeout)),
+                )
+                return True, None
+        except sqlite3.Error as exc:
+            raise _db.translate(exc, self._path_str, "take a build lease in") from exc
+
+    def _lease_state(self, hexkey: str) -> tuple[str, int, bool] | None:
+        """``(owner, pid, stale)`` of the lease on a key, or None (a plain read)."""
+        conn = self._conn()
+        try:
+            row = conn.execute(
+                "SELECT owner, pid, heartbeat, timeout FROM leases WHERE key = ?", (hexkey,)
+            ).fetchone()
+        except sqlite3.Error as exc:
+            raise _db.translate(exc, self._path_str, "read a build lease in") from exc
+        if row is None:
+            return None
+        return row[0], row[1], time.time() - row[2] > row[3]
+
+    def _delete_lease(self, hexkey: str, owner: str) -> None:
+        self._update(
+            "DELETE FROM leases WHERE key = ? AND owner = ?", (hexkey, owner), "release a lease in"
+        )
+
+    @contextmanager
+    def building(
+        self,
+        key: ContentKey | str,
+        *,
+        lease_timeout: float = 30.0,
+        heartbeat: float | None = None,
+        poll: float = 0.05,
+        wait_timeout: float | None = None,
+    ) -> Iterator[BuildSlot]:
+        """Build a key at most once across threads and processes.
+
+        ``with cache.building(key) as slot:`` gives a hit (``slot.entry``, ``slot.must_build`` is
+        False), or the build lease (``slot.must_build`` is True: build, then
+        ``slot.record(image=..., image_id=..., ...)``). When another process holds the lease, it
+        waits until that process records the entry (a hit) or gives the lease up or dies (then
+        it takes the lease over). If the body raises, or ends without ``record``, the lease is
+        released and nothing is recorded; the exception propagates.
+
+        Args:
+            key: the content key.
+            lease_timeout: seconds without a heartbeat after which this process's lease is
+                stale and may be taken over.
+            heartbeat: seconds between heartbeats (default ``lease_timeout / 3``).
+            poll: seconds between checks while waiting for another builder.
+            wait_timeout: give up waiting after this many seconds (None: wait as long as the
+                holder keeps its lease alive).
+
+        Yields:
+            The :class:`BuildSlot`.
+
+        Raises:
+            InvalidKey: ``key`` is not a key.
+            CacheInputError: a timing argument is invalid.
+            WaitTimeout: another process held the lease past ``wait_timeout``.
+            IndexUnavailable: the index could not be read or written.
+        """
+        hexkey, parts = _key_and_parts(key)
+        slot = acquire(
+            self, hexkey, parts, lease_timeout=lease_timeout, heartbeat=heartbeat, poll=poll,
+            wait_timeout=wait_timeout,
+        )
+        try:
+            yield slot
+        except BaseException:
+            slot.release(quiet=True)  # the body's exception is the one worth seeing
+            raise
+        slot.release(quiet=False)
+
+    def get_or_build(
+        self,
+        key: ContentKey | str,
+        build: Callable[[ContentKey | str], BuildResult],
+        **opts: Any,
+    ) -> tuple[CacheEntry, bool]:
+        """Return the entry for a key, calling ``build(key)`` exactly once across processes on a miss.
+
+        Args:
+            key: the content key.
+            build: any callable returning a :class:`BuildResult`; it runs only in the process
+                that holds the lease.
+            **opts: passed on to :meth:`building` (``lease_timeout``, ``heartbeat``, ``poll``,
+                ``wait_timeout``).
+
+        Returns:
+            ``(entry, built)``: ``built`` is True when this call ran ``build``.
+
+        Raises:
+            CacheInputError: ``build`` returned something other than a :class:`BuildResult`.
+            WaitTimeout: another process held the lease past ``wait_timeout``.
+            LeaseLost: this process stalled past its lease and another took the key over.
+            IndexUnavailable: the index could not be read or written.
+            Exception: whatever ``build`` raised (the lease is released first).
+        """
+        with self.building(key, **opts) as slot:
+            if not slot.must_build:
+                assert slot.entry is not None  # a hit always carries its entry
+                return slot.entry, False
+            result = build(key)
+            if not isinstance(result, BuildResult):
+                raise CacheInputError(
+                    f"build() returned {type(result).__name__}, not a BuildResult",
+                    hint="return BuildResult(image=..., image_id=..., size=..., builder=...)",
+                )
+            entry = slot.record(
+                image=result.image, image_id=result.image_id, size=result.size,
+                builder=result.builder,
+            )
+            return entry, True
+
+    # -- garbage collection ------------------------------------------------------------------
+
+    def gc(
+        self,
+        *,
+        keep_bytes: int | None = None,
+        keep_days: float | None = None,
+        pinned: Iterable[ContentKey | str] = (),
+        in_use: Iterable[ContentKey | str] = (),
+        remove: Callable[[CacheEntry], None] | None = None,
+        dry_run: bool = False,
+    ) -> GcReport:
+        """Remove least-recently-used entries.
+
+        First every entry unused for more than ``keep_days``, then, while the total size is above
+        ``keep_bytes``, the least recently used ones. Never removed: pinned entries (column or
+        ``pinned``), keys in ``in_use``, keys with a live build lease. For each victim
+        ``remove(entry)`` runs *before* its row is deleted (e.g. to delete the image); if it
+        raises, the row is kept and the failure reported, and the next candidate is tried.
+
+        Args:
+            keep_bytes: target total size in bytes (None: no size limit).
+            keep_days: drop entries unused for longer than this (None: no age limit).
+            pinned: extra keys to keep.
+            in_use: keys in use right now (running containers).
+            remove: callback deleting what an entry stands for; None only edits the index.
+            dry_run: report what would be removed, change nothing, call nothing.
+
+        Returns:
+            The :class:`GcReport`.
+
+        Raises:
+            CacheInputError: a limit is invalid.
+            InvalidKey: a key in ``pinned`` or ``in_use`` is not a key.
+            IndexUnavailable: the index could not be read or written.
+        """
+        if keep_bytes is not None and (
+            isinstance(keep_bytes, bool) or not isinstance(keep_bytes, int) or keep_bytes < 0
+        ):
+            raise CacheInputError("keep_bytes must be an int >= 0 or None", hint="bytes to keep")
+        _check_seconds("keep_days", keep_days)
+        protected = {_key_hex(k) for k in pinned} | {_key_hex(k) for k in in_use}
+        conn = self._ensure_schema()
+        self._flush(quiet=False)
+        now = time.time()
+        try:
+            lru = [
+                entry_from_row(r)
+                for r in conn.execute(
+                    f"SELECT {ENTRY_COLUMNS} FROM entries ORDER BY last_used, created, key"
+                )
+            ]
+        except sqlite3.Error as exc:
+            raise _db.translate(exc, self._path_str, "list entries of") from exc
+        protected |= self._live_leases(now)
+        total = sum(e.size for e in lru)
+        removed: list[CacheEntry] = []
+        errors: list[GcFailure] = []
+        tried: set[str] = set()
+
+        def candidate(entry: CacheEntry) -> bool:
+            return not entry.pinned and entry.key not in protected and entry.key not in tried
+
+        def try_remove(entry: CacheEntry) -> bool:
+            tried.add(entry.key)
+            if dry_run:
+                removed.append(entry)
+                return True
+            current = self._recheck(entry)
+            if current is None:
+                return False
+            if remove is not None:
+                try:
+                    remove(current)
+                except Exception as exc:  # noqa: BLE001 - reported, and the row is kept
+                    errors.append(GcFailure(entry.key, entry.image, f"{type(exc).__name__}: {exc}"))
+                    return False
+            self._update("DELETE FROM entries WHERE key = ?", (entry.key,), "remove from")
+            removed.append(current)
+            return True
+
+        if keep_days is not None:
+            cutoff = now - keep_days * 86400.0
+            for entry in lru:
+                if entry.last_used < cutoff and candidate(entry) and try_remove(entry):
+                    total -= entry.size
+        if keep_bytes is not None:
+            for entry in lru:
+                if total <= keep_bytes:
+                    break
+                if candidate(entry) and try_remove(entry):
+                    total -= entry.size
+        return GcReport(
+            removed=tuple(removed),
+            kept=len(lru) - len(removed),
+            freed_bytes=sum(e.size for e in removed),
+            remaining_bytes=total,
+            errors=tuple(errors),
+            dry_run=dry_run,
+        )
+
+    def _live_leases(self, now: float) -> set[str]:
+        try:
+            rows = self._conn().execute(
+                "SELECT key FROM leases WHERE ? - heartbeat <= timeout", (now,)
+            ).fetchall()
+        except sqlite3.Error as exc:
+            raise _db.translate(exc, self._path_str, "read build leases in") from exc
+        return {r[0] for r in rows}
+
+    def _recheck(self, entry: CacheEntry) -> CacheEntry | None:
+        """The entry as it is now, or None when it was used, pinned or leased since the snapshot.
+
+        GC reads a snapshot, then removes images one by one (slowly); another process may have
+        used an entry in between. A small window remains between this check and the delete.
+        """
+        conn = self._conn()
+        try:
+            row = conn.execute(_SELECT_ENTRY, (entry.key,)).fetchone()
+            leased = self._live_leases(time.time())
+        except sqlite3.Error as exc:
+            raise _db.translate(exc, self._path_str, "read an entry of") from exc
+        if row is None:
+            return None
+        current = entry_from_row(row)
+        if current.pinned or current.key in leased or current.last_used > entry.last_used:
+            return None
+        return current

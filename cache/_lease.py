@@ -1,0 +1,250 @@
+"""Single-flight builds across processes: one lease row per key being built.
+
+A lease is a row in ``leases`` taken in a ``BEGIN IMMEDIATE`` transaction, so exactly one process
+wins. The holder refreshes ``heartbeat`` from a daemon thread; a lease whose heartbeat is older
+than the holder's own ``timeout`` is stale (its process died or stalled) and the next process
+deletes and replaces it in the same transaction. The holder records its entry and deletes its
+lease in one transaction, so a waiter sees either the lease or the entry, never neither by
+accident (except when the build failed, which is when it should build itself).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from . import _db
+from ._model import CacheEntry, check_parts, check_result_fields
+from .errors import CacheError, CacheInputError, WaitTimeout
+
+if TYPE_CHECKING:
+    from ._index import ImageCache
+
+__all__ = ["BuildSlot", "acquire", "new_owner"]
+
+
+def new_owner() -> str:
+    """A lease owner token unique across hosts, processes and calls: ``host:pid:random``."""
+    import socket  # only builders need it; keeps the read path's imports small
+
+    return f"{socket.gethostname()}:{os.getpid()}:{os.urandom(8).hex()}"
+
+
+class _Heartbeat(threading.Thread):
+    """Refreshes one lease until stopped; notices when the lease is no longer ours."""
+
+    def __init__(self, path: str, busy_timeout: float, key: str, owner: str, every: float) -> None:
+        super().__init__(name=f"dockyard-cache-lease-{key[:8]}", daemon=True)
+        self._path = path
+        self._busy_timeout = busy_timeout
+        self._key = key
+        self._owner = owner
+        self._every = every
+        self._stop_event = threading.Event()
+        self.lost = False
+
+    def run(self) -> None:
+        try:
+            conn = _db.connect(self._path, self._busy_timeout)
+        except sqlite3.Error:
+            return  # the lease then goes stale; record() will notice and say so
+        try:
+            while not self._stop_event.wait(self._every):
+                try:
+                    cur = conn.execute(
+                        "UPDATE leases SET heartbeat = ? WHERE key = ? AND owner = ?",
+                        (time.time(), self._key, self._owner),
+                    )
+                except sqlite3.Error:
+                    continue  # a busy index is retried at the next beat, well before stale
+                if cur.rowcount == 0:
+                    self.lost = True
+                    return
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join()
+
+
+class BuildSlot:
+    """The outcome of entering :meth:`ImageCache.building`.
+
+    Either the key is cached (``entry`` is set, ``must_build`` is False) or this process holds the
+    build lease (``must_build`` is True) and must call :meth:`record` once it has built the image.
+
+    Attributes:
+        key: the content key (32 hex).
+        entry: the cached entry, or None while this process must build.
+        must_build: True when this process holds the lease.
+        owner: this process's lease token (``host:pid:random``) when it holds the lease.
+    """
+
+    def __init__(
+        self,
+        cache: ImageCache,
+        key: str,
+        parts: dict[str, str],
+        *,
+        entry: CacheEntry | None,
+        owner: str | None = None,
+        heartbeat: _Heartbeat | None = None,
+    ) -> None:
+        self._cache = cache
+        self.key = key
+        self._parts = parts
+        self.entry = entry
+        self.must_build = entry is None
+        self.owner = owner
+        self._heartbeat = heartbeat
+        self._done = entry is not None
+
+    def __repr__(self) -> str:
+        return f"BuildSlot(key={self.key!r}, must_build={self.must_build})"
+
+    @property
+    def lease_lost(self) -> bool:
+        """True when the heartbeat found the lease taken over by another process."""
+        return self._heartbeat is not None and self._heartbeat.lost
+
+    def record(
+        self,
+        *,
+        image: str,
+        image_id: str,
+        size: int = 0,
+        parts: dict[str, str] | None = None,
+        builder: str = "",
+    ) -> CacheEntry:
+        """Record the built image and release the lease, in one transaction.
+
+        Args:
+            image: the image reference.
+            image_id: the image id.
+            size: bytes (0 when unknown).
+            parts: part hashes; defaults to the key's own parts.
+            builder: who built it.
+
+        Returns:
+            The recorded entry (also in ``slot.entry``).
+
+        Raises:
+            CacheInputError: this slot does not hold the lease, it was already recorded, or a
+                field is invalid.
+            LeaseLost: the lease was taken over meanwhile; nothing was recorded.
+            IndexUnavailable: the index could not be written.
+        """
+        if not self.must_build or self._done:
+            raise CacheInputError(
+                f"nothing to record for {self.key}: "
+                + ("it is recorded already" if self.must_build else "this slot is a cache hit"),
+                hint="call record() once, and only when slot.must_build is True",
+            )
+        check_result_fields(image, image_id, size, builder)
+        stored = check_parts(self._parts if parts is None else parts)
+        entry = self._cache._record(
+            self.key, image=image, image_id=image_id, size=size, parts=stored, builder=builder,
+            lease_owner=self.owner,
+        )
+        self.entry = entry
+        self._finish()
+        return entry
+
+    def _finish(self) -> None:
+        self._done = True
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
+
+    def release(self, *, quiet: bool) -> None:
+        """Give the lease up without recording (the build failed or was abandoned).
+
+        Args:
+            quiet: swallow index errors (used while another exception propagates: an undeleted
+                lease only goes stale).
+
+        Raises:
+            IndexUnavailable: the lease could not be deleted and ``quiet`` is False.
+        """
+        if self._done:
+            return
+        self._finish()
+        try:
+            self._cache._delete_lease(self.key, self.owner or "")
+        except CacheError:
+            if not quiet:
+                raise
+
+
+def _check_positive(name: str, value: Any, *, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise CacheInputError(f"{name} must be a number of seconds > 0", hint=f"got {value!r}")
+
+
+def acquire(
+    cache: ImageCache,
+    key: str,
+    parts: dict[str, str],
+    *,
+    lease_timeout: float,
+    heartbeat: float | None,
+    poll: float,
+    wait_timeout: float | None,
+) -> BuildSlot:
+    """Return a hit, or take the lease, or wait for the holder (see ``ImageCache.building``).
+
+    Raises:
+        CacheInputError: a timing argument is invalid.
+        WaitTimeout: another process held the lease for longer than ``wait_timeout``.
+        IndexUnavailable: the index could not be read or written.
+    """
+    _check_positive("lease_timeout", lease_timeout)
+    _check_positive("heartbeat", heartbeat, allow_none=True)
+    _check_positive("poll", poll)
+    if wait_timeout is not None and (
+        isinstance(wait_timeout, bool) or not isinstance(wait_timeout, (int, float))
+        or wait_timeout < 0
+    ):
+        raise CacheInputError("wait_timeout must be seconds >= 0 or None", hint="None waits forever")
+    every = lease_timeout / 3 if heartbeat is None else heartbeat
+    if every >= lease_timeout:
+        raise CacheInputError(
+            "heartbeat must be shorter than lease_timeout",
+            hint="leave heartbeat=None for lease_timeout / 3",
+        )
+    entry = cache.lookup(key)
+    if entry is not None:
+        return BuildSlot(cache, key, parts, entry=entry)
+    owner = new_owner()
+    started = time.monotonic()
+    while True:
+        taken, holder = cache._try_lease(key, owner, lease_timeout)
+        if taken:
+            beat = _Heartbeat(cache._path_str, cache._busy_timeout, key, owner, every)
+            beat.start()
+            return BuildSlot(cache, key, parts, entry=None, owner=owner, heartbeat=beat)
+        if holder is None:
+            # The entry appeared between our lookup and the lease attempt.
+            entry = cache.lookup(key)
+            if entry is not None:
+                return BuildSlot(cache, key, parts, entry=entry)
+            continue
+        while True:
+            waited = time.monotonic() - started
+            if wait_timeout is not None and waited >= wait_timeout:
+                raise WaitTimeout(key, holder=holder[0], holder_pid=holder[1], waited=waited)
+            time.sleep(poll)
+            # Plain reads while someone else builds: no write lock per poll.
+            entry = cache.lookup(key)
+            if entry is not None:
+                return BuildSlot(cache, key, parts, entry=entry)
+            current = cache._lease_state(key)
+            if current is None or current[2]:  # vanished or stale: try to take it over
+                break
+            holder = (current[0], current[1])
