@@ -30,7 +30,7 @@ __all__ = [
 ]
 
 #: ``PRAGMA user_version`` of the index this code writes; bump it with a new migration.
-INDEX_SCHEMA = 1
+INDEX_SCHEMA = 2
 
 _generation = 0
 # Connections inherited across fork() are never closed in the child nor garbage-collected there:
@@ -170,8 +170,20 @@ def _migrate_to_1(db: sqlite_utils.Database) -> None:
     )
 
 
+def _migrate_to_2(db: sqlite_utils.Database) -> None:
+    """Schema 2: base-image resolutions remembered for a bounded time (reference -> digest)."""
+    db["resolutions"].create(  # type: ignore[union-attr]
+        {"ref": str, "digest": str, "resolved": float},
+        pk="ref",
+        not_null={"digest", "resolved"},
+    )
+
+
 #: target version -> migration that brings the schema from target - 1 to target.
-_MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {1: _migrate_to_1}
+_MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
+    1: _migrate_to_1,
+    2: _migrate_to_2,
+}
 
 
 def _user_version(conn: sqlite3.Connection) -> int:

@@ -6,6 +6,9 @@ that stays open, so a hit costs one indexed ``SELECT``. Hit bookkeeping (``last_
 the stored ``last_used`` is older than ``touch_interval``, when the batch is that old, or when the
 cache is closed, collected or the process exits: a hit never pays for a write transaction except
 about once per ``touch_interval``.
+
+The index also remembers what base-image references resolved to (:meth:`ImageCache.resolution`),
+for a bounded time, so that pinning a key's base digest does not cost a registry round trip per hit.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import atexit
 import contextlib
 import json
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -87,6 +91,17 @@ def _key_and_parts(key: ContentKey | str) -> tuple[str, dict[str, str]]:
     if isinstance(key, ContentKey):
         return key.hex, dict(key.parts)
     return _key_hex(key), {}
+
+
+_DIGEST = re.compile(r"[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[0-9a-f]{32,128}")
+
+
+def _check_ref(ref: object) -> None:
+    if not isinstance(ref, str) or not ref or any(c.isspace() for c in ref) or "\x00" in ref:
+        raise CacheInputError(
+            "an image reference is a non-empty string without spaces",
+            hint='e.g. "dockyard/base:bookworm-python3"',
+        )
 
 
 def _check_seconds(name: str, value: object, *, allow_none: bool = True) -> None:
@@ -496,6 +511,67 @@ class ImageCache:
             )
         if version > _db.INDEX_SCHEMA:
             _db._check_not_newer(version, self._path_str)
+
+    # -- base-image resolutions ------------------------------------------------------------
+
+    def resolution(self, ref: str, *, max_age: float) -> str | None:
+        """The digest a base-image reference resolved to, if remembered within ``max_age``.
+
+        Resolving a tag means asking an engine or a registry (milliseconds to seconds); keeping
+        the answer for a bounded time keeps hits in microseconds while a moved tag is still
+        noticed after ``max_age``. A read: stdlib sqlite3 only, nothing written.
+
+        Args:
+            ref: the image reference as written (``"dockyard/base:bookworm-python3"``).
+            max_age: seconds an answer stays good.
+
+        Returns:
+            The digest, or None when never resolved or resolved too long ago.
+
+        Raises:
+            CacheInputError: ``ref`` or ``max_age`` is invalid.
+            IndexUnavailable: the index cannot be read.
+        """
+        _check_ref(ref)
+        _check_seconds("max_age", max_age, allow_none=False)
+        conn = self._conn()
+        try:
+            row = conn.execute(
+                "SELECT digest, resolved FROM resolutions WHERE ref = ?", (ref,)
+            ).fetchone()
+        except sqlite3.OperationalError as exc:
+            if str(exc).startswith("no such table"):
+                return None  # never remembered anything (or an index from before schema 2)
+            raise _db.translate(exc, self._path_str, "read a resolution in") from exc
+        except sqlite3.Error as exc:
+            raise _db.translate(exc, self._path_str, "read a resolution in") from exc
+        if row is None or time.time() - row[1] > max_age:
+            return None
+        digest: str = row[0]
+        return digest
+
+    def remember_resolution(self, ref: str, digest: str) -> None:
+        """Remember what a base-image reference resolved to, now.
+
+        Args:
+            ref: the image reference as written.
+            digest: what it resolved to (``"sha256:<hex>"``: a manifest digest or an image id).
+
+        Raises:
+            CacheInputError: ``ref`` or ``digest`` is invalid.
+            IndexUnavailable: the index could not be written.
+        """
+        _check_ref(ref)
+        if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
+            raise CacheInputError(
+                "digest must look like 'sha256:<hex>'", hint="pass the resolved digest or image id"
+            )
+        self._update(
+            "INSERT INTO resolutions (ref, digest, resolved) VALUES (?, ?, ?)"
+            " ON CONFLICT(ref) DO UPDATE SET digest = excluded.digest, resolved = excluded.resolved",
+            (ref, digest, time.time()),
+            "remember a resolution in",
+        )
 
     # -- single flight -----------------------------------------------------------------------
 

@@ -24,7 +24,9 @@ _READ_PATH = f"""
 import json, sys
 import dockyard.cache as cache
 key = cache.compute_key(cache.KeyParts("dockyard/base:bookworm-python3", pip=["numpy==2.1.0"]))
-entry = cache.ImageCache(sys.argv[1]).lookup(key)
+index = cache.ImageCache(sys.argv[1])
+index.resolution("dockyard/base:bookworm-python3", max_age=60)
+entry = index.lookup(key)
 heavy = sorted(m for m in sys.modules if m.split(".")[0] in {set(HEAVY)!r})
 engine = sorted(m for m in sys.modules
                 if m.startswith("dockyard.") and not m.startswith(("dockyard.cache", "dockyard.proto")))
@@ -49,6 +51,7 @@ def test_the_read_path_imports_neither_sqlite_utils_docker_nor_grpc(tmp_path: Pa
         for i in range(50):
             cache.record(f"{i:032x}", image=f"img{i}", image_id="id")
         cache.record(key, image="img", image_id="id")
+        cache.remember_resolution("dockyard/base:bookworm-python3", "sha256:" + "0" * 64)
         cache.close()
     result = _read_path(index)
     assert result["hit"] is populated

@@ -86,9 +86,9 @@ def test_entry_to_json_is_plain_json(cache: ImageCache) -> None:
 def test_index_is_wal_with_a_schema_version(cache: ImageCache) -> None:
     cache.record(KEY, image="img", image_id="id")
     assert _sql(cache, "PRAGMA journal_mode") == [("wal",)]
-    assert _sql(cache, "PRAGMA user_version") == [(1,)]
+    assert _sql(cache, "PRAGMA user_version") == [(2,)]
     assert {r[0] for r in _sql(cache, "SELECT name FROM sqlite_master WHERE type='table'")} == {
-        "entries", "leases"}
+        "entries", "leases", "resolutions"}
 
 
 def test_record_replaces_but_keeps_hits_and_pin(cache: ImageCache) -> None:
@@ -320,3 +320,58 @@ def test_many_connections_creating_a_fresh_index_at_once_all_succeed(tmp_path: P
             t.join()
         assert ImageCache(path).stats().entries == 6
     assert failures == []
+
+
+REF = "dockyard/base:bookworm-python3"
+DIGEST = "sha256:" + "9a" * 32
+
+
+def test_resolutions_are_remembered_for_a_bounded_time(cache: ImageCache) -> None:
+    assert cache.resolution(REF, max_age=60) is None  # nothing yet, and no schema needed to say so
+    cache.remember_resolution(REF, DIGEST)
+    assert cache.resolution(REF, max_age=60) == DIGEST
+    assert ImageCache(cache.path).resolution(REF, max_age=60) == DIGEST  # other processes too
+    _sql(cache, "UPDATE resolutions SET resolved = resolved - 120")
+    assert cache.resolution(REF, max_age=60) is None  # too old: the tag may have moved
+    assert cache.resolution(REF, max_age=600) == DIGEST
+    cache.remember_resolution(REF, "sha256:" + "1b" * 32)  # re-resolved: replaces, fresh again
+    assert cache.resolution(REF, max_age=60) == "sha256:" + "1b" * 32
+
+
+@pytest.mark.parametrize(
+    ("ref", "digest"),
+    [("", DIGEST), ("has space", DIGEST), (REF, "latest"), (REF, "sha256:xyz"), (3, DIGEST)],
+)
+def test_bad_resolutions_are_refused(cache: ImageCache, ref: object, digest: object) -> None:
+    with pytest.raises(CacheInputError):
+        cache.remember_resolution(ref, digest)  # type: ignore[arg-type]
+    with pytest.raises(CacheInputError):
+        cache.resolution(REF, max_age=-1)
+
+
+def test_an_index_of_schema_1_is_read_as_is_and_migrated_on_first_write(tmp_path: Path) -> None:
+    import sqlite_utils
+
+    from dockyard.cache import _db
+
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    _db._migrate_to_1(sqlite_utils.Database(conn, execute_plugins=False))
+    conn.execute("PRAGMA user_version = 1")
+    conn.execute(
+        "INSERT INTO entries (key, image, image_id, size, created, last_used, hit_count, parts,"
+        " builder, pinned) VALUES (?, 'old-img', 'id', 7, 1.0, 1.0, 3, '{}', 'old', 0)",
+        (KEY.hex,),
+    )
+    conn.close()
+
+    cache = ImageCache(path)
+    entry = cache.lookup(KEY)
+    assert entry is not None and entry.image == "old-img" and entry.hit_count == 3
+    assert cache.resolution(REF, max_age=60) is None
+    assert _sql(cache, "PRAGMA user_version") == [(1,)]  # reads never migrate
+    cache.remember_resolution(REF, DIGEST)  # the first write migrates
+    assert _sql(cache, "PRAGMA user_version") == [(2,)]
+    assert cache.resolution(REF, max_age=60) == DIGEST
+    assert cache.lookup(KEY) is not None and cache.stats().entries == 1
+    cache.verify()
