@@ -89,8 +89,9 @@ def render(env: Environment, key: Any) -> RenderedBuild:
     prefix = f"{ENV_PREFIX_ROOT}/{key.hex}"
     header = f"# Rendered by dockyard for content key {key.hex}: edit the environment, not this file.\n"
     if parts.dockerfile is not None:
+        # The user's own lines come first and unchanged, so build errors point at *their* line numbers.
         text = env.docker.base_dockerfile or ""
-        lines = [header + text.rstrip("\n") + "\n"]
+        lines = [text.rstrip("\n") + "\n"]
     else:
         lines = [header, f"FROM {parts.base_image}\n"]
     context: dict[str, bytes] = {}
@@ -109,6 +110,8 @@ def render(env: Environment, key: Any) -> RenderedBuild:
         if conda is not None or pip:
             lines.append(f'ENV PATH="{prefix}/bin:$PATH" VIRTUAL_ENV="{prefix}"\n')
             python = f"{prefix}/bin/python"
+    if parts.dockerfile is not None:
+        lines.append(header)
     labels = {
         "dockyard.key": key.hex,
         "dockyard.schema": str(key.schema),

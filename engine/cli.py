@@ -251,6 +251,24 @@ def _report(exc: BaseException, code: int, hint: str, debug: bool, as_json: bool
     if as_json:
         emit_json({"error": {"type": type(exc).__name__, "message": message, "hint": hint, "exit_code": code}})
     click.echo(f"error: {message}", err=True)
+    _details(exc)
     if hint:
         click.echo(f"  hint: {hint}", err=True)
     sys.exit(code)
+
+
+def _details(exc: BaseException) -> None:
+    """The data an error carries that a person needs to act: Dockerfile line, exit code, log tail."""
+    line, dockerfile = getattr(exc, "dockerfile_line", None), getattr(exc, "dockerfile", "")
+    if line and dockerfile:
+        lines = dockerfile.splitlines()
+        if 0 < line <= len(lines):
+            click.echo(f"  Dockerfile line {line}: {lines[line - 1].strip()}", err=True)
+    code = getattr(exc, "exit_code_of_step", None)
+    if code is not None:
+        click.echo(f"  exit code: {code}", err=True)
+    tail = getattr(exc, "log_tail", "")
+    if tail:
+        click.echo("  last output:", err=True)
+        for text in tail.splitlines()[-15:]:
+            click.echo(f"    {text}", err=True)
