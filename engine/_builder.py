@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from ._engine import EngineAddress
-from ._environment import Environment
+from ._environment import ContainerRegistry, Environment
 from ._home import dockyard_home, index_path
 from .errors import InputError
 
@@ -103,16 +103,17 @@ class Builder:
         found = self.engine.inspect_image(ref)
         return str(found.get("Id", "")) or None if found is not None else None
 
-    def _resolve_ref(self, ref: str, env: Environment, progress: Callable[[str], None]) -> tuple[str, bool]:
-        """(image ID of ``ref`` in the engine, pulled?) — pulled with the env's registry if absent."""
+    def _resolve_ref(
+        self, ref: str, registry: ContainerRegistry | None, progress: Callable[[str], None]
+    ) -> tuple[str, bool]:
+        """(image ID of ``ref`` in the engine, pulled?) — pulled (with ``registry``'s credentials) if absent."""
         image_id = self._local_id(ref)
         if image_id is not None:
             return image_id, False
         from ._registry import pull_image
 
-        registry = env.docker.base_image_registry
         progress(f"pulling {ref}")
-        return pull_image(ref, registry if registry.address else None, engine=self.engine, progress=progress), True
+        return pull_image(ref, registry, engine=self.engine, progress=progress), True
 
     def resolve_base(self, env: Environment, progress: Callable[[str], None] | None = None) -> tuple[str | None, bool]:
         """The digest that pins the environment's base content, and whether a pull happened.
@@ -128,10 +129,10 @@ class Builder:
             return None, False
         resolved: list[str] = []
         pulled = False
-        for ref in refs:
+        for ref, registry in refs:
             digest = self.cache.resolution(ref, max_age=self.resolve_ttl)
             if digest is None:
-                digest, did_pull = self._resolve_ref(ref, env, report)
+                digest, did_pull = self._resolve_ref(ref, registry, report)
                 pulled = pulled or did_pull
                 self.cache.remember_resolution(ref, digest)
             resolved.append(f"{ref}@{digest}")
@@ -140,20 +141,26 @@ class Builder:
         combined = hashlib.sha256("\n".join(sorted(resolved)).encode()).hexdigest()
         return f"sha256:{combined}", pulled
 
-    def _base_refs(self, env: Environment) -> list[str]:
-        from ._registry import qualify
+    def _base_refs(self, env: Environment) -> list[tuple[str, ContainerRegistry | None]]:
+        """The images a build starts from, each with the registry credentials that apply to it."""
+        from ._registry import parse_image_ref, qualify
 
         registry = env.docker.base_image_registry
         reg = registry if registry.address else None
         base = env.effective_base_image
         if base is not None:
-            return [qualify(base, reg)]
+            return [(qualify(base, reg), reg)]
+        # A Dockerfile's FROM lines are used as written; the registry's credentials go only to
+        # images that name the registry's own host.
         stages: set[str] = set()
-        refs: list[str] = []
+        refs: list[tuple[str, ContainerRegistry | None]] = []
         for m in _FROM.finditer(env.docker.base_dockerfile or ""):
             image, alias = m.group(1), m.group(2)
             if image.lower() != "scratch" and image not in stages and "$" not in image:
-                refs.append(qualify(image, reg))
+                host = parse_image_ref(image).host
+                # qualify() keeps a ref naming the registry's host and refuses any other host.
+                same = reg is not None and host is not None and _qualify_or_none(image, reg) is not None
+                refs.append((image, reg if same else None))
             if alias:
                 stages.add(alias)
         return refs
@@ -265,6 +272,15 @@ class Builder:
             image_id = str(found.get("Id") or image_id)
             size = int(found.get("Size") or 0)
         return tag, image_id, size
+
+
+def _qualify_or_none(image: str, registry: ContainerRegistry) -> str | None:
+    from ._registry import qualify
+
+    try:
+        return qualify(image, registry)
+    except InputError:
+        return None  # another registry's image: no credentials for it
 
 
 def ensure_image(env: Environment, home: str | Path | None = None, **kwargs: Any) -> BuiltImage:

@@ -93,7 +93,11 @@ def render(env: Environment, key: Any) -> RenderedBuild:
         text = env.docker.base_dockerfile or ""
         lines = [text.rstrip("\n") + "\n"]
     else:
-        lines = [header, f"FROM {parts.base_image}\n"]
+        from ._registry import qualify
+
+        registry = env.docker.base_image_registry
+        base = qualify(parts.base_image, registry if registry.address else None)
+        lines = [header, f"FROM {base}\n"]
     context: dict[str, bytes] = {}
     python = env.python.interpreter_path
     if not env.python.user_managed_dependencies:

@@ -189,3 +189,62 @@ def test_push_with_a_wrong_password_fails_inside_the_stream(seeded: Seeded, engi
         _untag(engine, base)
     assert lines, "the engine's stream started before the refusal"
     _assert_no_secret(info.value, wrong, seeded.registry.password)
+
+
+def test_env_build_pulls_a_private_base_and_keeps_the_password_out(
+    seeded: Seeded, engine: EngineAddress, tmp_path, monkeypatch: pytest.MonkeyPatch, engine_resources
+):
+    import os
+    import subprocess
+    import sys
+
+    from dockyard import Environment
+    from dockyard._builder import Builder
+
+    home = tmp_path / "home"
+    spec = tmp_path / "env.yml"
+    spec.write_text(
+        "name: private-base\ndocker:\n"
+        f"  base_image: {seeded.repo_tag}\n"
+        "  base_image_registry:\n"
+        f"    address: {seeded.registry.address}\n"
+        f"    username: {seeded.registry.username}\n"
+        "    password_env: DY_TEST_REGISTRY_PASSWORD\n"
+        f"  build_args:\n    RUN_ID: {uuid.uuid4().hex}\n"
+    )
+    wrong = f"wrong-{uuid.uuid4().hex[:8]}"
+    cli_env = {**os.environ, "DOCKYARD_HOME": str(home), "DY_TEST_REGISTRY_PASSWORD": wrong}
+    try:
+        # Wrong password: one clear line, exit 3, the registry named, no password anywhere.
+        out = subprocess.run([sys.executable, "-m", "dockyard", "env", "build", str(spec)],
+                             capture_output=True, text=True, env=cli_env, timeout=120)
+        assert out.returncode == 3, out.stderr
+        errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and seeded.registry.address in errors[0], out.stderr
+        assert "Traceback" not in out.stderr
+        for secret in (wrong, seeded.registry.password):
+            assert secret not in out.stdout + out.stderr
+
+        # Right password: the base is pulled, the image built and recorded.
+        monkeypatch.setenv("DY_TEST_REGISTRY_PASSWORD", seeded.registry.password)
+        builder = Builder(home)
+        try:
+            built = builder.ensure_image(Environment.load(spec))
+            engine_resources.track_image(built.image)
+            assert built.source == "pulled" and not built.cached
+            assert builder.ensure_image(Environment.load(spec)).source == "local-hit"
+        finally:
+            builder.close()
+        labels = engine.image_labels(built.image) or {}
+        index_bytes = b"".join(p.read_bytes() for p in home.glob("index.db*"))
+        for secret in (wrong, seeded.registry.password):
+            assert secret not in json_dump(labels)
+            assert secret.encode() not in index_bytes
+    finally:
+        _untag(engine, seeded.full)
+
+
+def json_dump(obj: object) -> str:
+    import json
+
+    return json.dumps(obj)
