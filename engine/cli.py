@@ -191,22 +191,123 @@ def env_build(file: str, no_cache: bool, progress_mode: str, as_json: bool) -> N
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def env_ls(as_json: bool) -> None:
     """List the environment images in the index (most recently used first)."""
+    _list_entries(as_json)
+
+
+@cli.group()
+def cache() -> None:
+    """The image index: what is cached, how much it holds, and clearing space."""
+
+
+def _open_cache():  # type: ignore[no-untyped-def]
     from dockyard.cache import ImageCache
 
     from ._home import index_path
 
-    cache = ImageCache(index_path())
+    return ImageCache(index_path())
+
+
+def _list_entries(as_json: bool) -> None:
+    index = _open_cache()
     try:
-        entries = sorted(cache.entries(), key=lambda e: e.last_used, reverse=True)
+        entries = sorted(index.entries(), key=lambda e: e.last_used, reverse=True)
     finally:
-        cache.close()
+        index.close()
     if as_json:
         emit_json({"images": [e.to_json() for e in entries]})
         return
     if not entries:
         click.echo("no environment images yet; build one with `dockyard env build FILE`")
     for e in entries:
-        click.echo(f"{e.key}  {e.image:<48} {e.size / 1e6:8.1f} MB  hits {e.hit_count}")
+        pin = " pinned" if e.pinned else ""
+        click.echo(f"{e.key}  {e.image:<48} {e.size / 1e6:8.1f} MB  hits {e.hit_count}{pin}")
+
+
+@cache.command("ls")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def cache_ls(as_json: bool) -> None:
+    """List cached environment images (most recently used first)."""
+    _list_entries(as_json)
+
+
+@cache.command("stats")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def cache_stats(as_json: bool) -> None:
+    """How many images the index holds, their size and hits."""
+    index = _open_cache()
+    try:
+        stats = index.stats()
+    finally:
+        index.close()
+    if as_json:
+        emit_json(stats.to_json())
+        return
+    click.echo(f"index    {stats.path}")
+    click.echo(f"entries  {stats.entries} ({stats.pinned} pinned, {stats.leases} building)")
+    click.echo(f"size     {stats.total_bytes / 1e6:.1f} MB")
+    click.echo(f"hits     {stats.hits}")
+
+
+@cache.command("gc")
+@click.option("--keep-bytes", default=None, metavar="SIZE", help="Shrink to at most SIZE (e.g. 20G, 500MiB).")
+@click.option("--keep-days", type=float, default=None, help="Drop images unused for more than N days.")
+@click.option("--dry-run", is_flag=True, help="Say what would be removed; change nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def cache_gc(keep_bytes: str | None, keep_days: float | None, dry_run: bool, as_json: bool) -> None:
+    """Remove least-recently-used images (never pinned ones, never ones a container uses)."""
+    from ._engine import EngineAddress
+    from ._gc import images_in_use, parse_size, remove_image
+
+    if keep_bytes is None and keep_days is None:
+        raise click.UsageError("give --keep-bytes SIZE and/or --keep-days N")
+    limit = parse_size(keep_bytes) if keep_bytes is not None else None
+    engine = EngineAddress.from_env()
+    index = _open_cache()
+    try:
+        used = images_in_use(engine)
+        in_use = [e.key for e in index.entries() if e.image_id in used]
+        report = index.gc(keep_bytes=limit, keep_days=keep_days, in_use=in_use, dry_run=dry_run,
+                          remove=lambda entry: remove_image(engine, entry.image))
+    finally:
+        index.close()
+    if as_json:
+        emit_json(report.to_json())
+        return
+    verb = "would remove" if dry_run else "removed"
+    for entry in report.removed:
+        click.echo(f"{verb} {entry.image} ({entry.size / 1e6:.1f} MB)")
+    for failure in report.errors:
+        click.echo(f"kept {failure.image}: {failure.error}", err=True)
+    click.echo(f"{verb} {len(report.removed)} image(s), {report.freed_bytes / 1e6:.1f} MB; "
+               f"{report.kept} left ({report.remaining_bytes / 1e6:.1f} MB)")
+
+
+@cache.command("pin")
+@click.argument("key")
+def cache_pin(key: str) -> None:
+    """Keep the image of KEY through every GC."""
+    index = _open_cache()
+    try:
+        found = index.pin(key)
+    finally:
+        index.close()
+    if not found:
+        raise click.UsageError(f"no cached image with key {key}; see `dockyard cache ls`")
+    click.echo(f"pinned {key}")
+
+
+@cache.command("unpin")
+@click.argument("key")
+def cache_unpin(key: str) -> None:
+    """Let GC remove the image of KEY again."""
+    index = _open_cache()
+    try:
+        found = index.unpin(key)
+    finally:
+        index.close()
+    if not found:
+        raise click.UsageError(f"no cached image with key {key}; see `dockyard cache ls`")
+    click.echo(f"unpinned {key}")
 
 
 def _wants(flag: str, argv: list[str]) -> bool:
