@@ -19,20 +19,54 @@ imports the dockyard engine, Docker or gRPC: any tool can plug in its own builde
 ``dockyard env key --explain`` and :func:`diff_keys` show which part changed when a key missed.
 """
 
-from ._index import ImageCache
-from ._keys import PART_NAMES, SCHEMA_VERSION, ContentKey, KeyParts, compute_key, diff_keys
-from ._lease import BuildSlot
-from ._model import BuildResult, CacheEntry, CacheStats, GcFailure, GcReport
-from .errors import (
-    CacheError,
-    CacheInputError,
-    IndexCorrupt,
-    IndexUnavailable,
-    InvalidKey,
-    InvalidKeyParts,
-    LeaseLost,
-    WaitTimeout,
-)
+from importlib import import_module
+# Not `from typing import …`: typing alone costs ~10 ms, more than a whole cache hit.
+TYPE_CHECKING = False
+
+# public name -> private module. Loaded on first use (PEP 562), so that a short-lived process can
+# import one light module (``dockyard.cache._fastread``) without paying for the rest.
+_EXPORTS = {
+    "ImageCache": "._index",
+    "PART_NAMES": "._keys",
+    "SCHEMA_VERSION": "._keys",
+    "ContentKey": "._keys",
+    "KeyParts": "._keys",
+    "compute_key": "._keys",
+    "diff_keys": "._keys",
+    "BuildSlot": "._lease",
+    "BuildResult": "._model",
+    "CacheEntry": "._model",
+    "CacheStats": "._model",
+    "GcFailure": "._model",
+    "GcReport": "._model",
+    "CacheError": ".errors",
+    "CacheInputError": ".errors",
+    "IndexCorrupt": ".errors",
+    "IndexUnavailable": ".errors",
+    "InvalidKey": ".errors",
+    "InvalidKeyParts": ".errors",
+    "LeaseLost": ".errors",
+    "WaitTimeout": ".errors",
+    "FastHit": "._fastread",
+    "fast_hit": "._fastread",
+}
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ._index import ImageCache
+    from ._keys import PART_NAMES, SCHEMA_VERSION, ContentKey, KeyParts, compute_key, diff_keys
+    from ._lease import BuildSlot
+    from ._model import BuildResult, CacheEntry, CacheStats, GcFailure, GcReport
+    from .errors import (
+        CacheError,
+        CacheInputError,
+        IndexCorrupt,
+        IndexUnavailable,
+        InvalidKey,
+        InvalidKeyParts,
+        LeaseLost,
+        WaitTimeout,
+    )
+    from ._fastread import FastHit, fast_hit
 
 __all__ = [
     "PART_NAMES",
@@ -56,4 +90,20 @@ __all__ = [
     "WaitTimeout",
     "compute_key",
     "diff_keys",
+    "fast_hit",
+    "FastHit",
 ]
+
+
+def __getattr__(name: str) -> object:
+    try:
+        module = _EXPORTS[name]
+    except KeyError:
+        raise AttributeError(f"module 'dockyard.cache' has no attribute {name!r}") from None
+    value = getattr(import_module(module, __name__), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -30,7 +30,7 @@ __all__ = [
 ]
 
 #: ``PRAGMA user_version`` of the index this code writes; bump it with a new migration.
-INDEX_SCHEMA = 2
+INDEX_SCHEMA = 3
 
 _generation = 0
 # Connections inherited across fork() are never closed in the child nor garbage-collected there:
@@ -179,10 +179,21 @@ def _migrate_to_2(db: sqlite_utils.Database) -> None:
     )
 
 
+def _migrate_to_3(db: sqlite_utils.Database) -> None:
+    """Schema 3: key memos (a spec source's fingerprint -> the key it produced, and the base
+    resolutions that key depended on), so a caller can find a hit without re-reading the spec."""
+    db["memos"].create(  # type: ignore[union-attr]
+        {"source": str, "fingerprint": str, "key": str, "refs": str, "recorded": float},
+        pk="source",
+        not_null={"fingerprint", "key", "refs", "recorded"},
+    )
+
+
 #: target version -> migration that brings the schema from target - 1 to target.
 _MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
     1: _migrate_to_1,
     2: _migrate_to_2,
+    3: _migrate_to_3,
 }
 
 

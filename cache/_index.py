@@ -22,7 +22,7 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -571,6 +571,39 @@ class ImageCache:
             " ON CONFLICT(ref) DO UPDATE SET digest = excluded.digest, resolved = excluded.resolved",
             (ref, digest, time.time()),
             "remember a resolution in",
+        )
+
+    def remember_key(self, source: str, fingerprint: str, key: ContentKey | str, refs: Mapping[str, str]) -> None:
+        """Memoise that ``source`` with content ``fingerprint`` produced ``key``.
+
+        ``refs`` are the base references the key depended on and the digests they resolved to;
+        :func:`dockyard.cache.fast_hit` accepts the memo only while each of those resolutions is
+        still fresh and unchanged, so a moved tag is noticed exactly as on the normal path.
+
+        Args:
+            source: what the key was computed from (e.g. an absolute spec path plus its context).
+            fingerprint: a hash of everything the key was computed from.
+            key: the content key.
+            refs: base reference -> resolved digest.
+
+        Raises:
+            CacheInputError: an argument is invalid.
+            IndexUnavailable: the index could not be written.
+        """
+        hexkey = _key_hex(key)
+        for text, name in ((source, "source"), (fingerprint, "fingerprint")):
+            if not isinstance(text, str) or not text:
+                raise CacheInputError(f"{name} must be a non-empty string")
+        for ref, digest in refs.items():
+            _check_ref(ref)
+            if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
+                raise CacheInputError("digest must look like 'sha256:<hex>'")
+        self._update(
+            "INSERT INTO memos (source, fingerprint, key, refs, recorded) VALUES (?, ?, ?, ?, ?)"
+            " ON CONFLICT(source) DO UPDATE SET fingerprint = excluded.fingerprint,"
+            " key = excluded.key, refs = excluded.refs, recorded = excluded.recorded",
+            (source, fingerprint, hexkey, json.dumps(dict(refs), sort_keys=True), time.time()),
+            "remember a key in",
         )
 
     # -- single flight -----------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """``python -m dockyard`` is the ``dockyard`` command."""
 
-from .cli import main
+from ._fastpath import main
 
 main()

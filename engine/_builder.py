@@ -115,8 +115,11 @@ class Builder:
         progress(f"pulling {ref}")
         return pull_image(ref, registry, engine=self.engine, progress=progress), True
 
-    def resolve_base(self, env: Environment, progress: Callable[[str], None] | None = None) -> tuple[str | None, bool]:
-        """The digest that pins the environment's base content, and whether a pull happened.
+    def resolve_base(
+        self, env: Environment, progress: Callable[[str], None] | None = None
+    ) -> tuple[str | None, bool, dict[str, str]]:
+        """The digest that pins the environment's base content, whether a pull happened, and
+        each base reference with the digest it resolved to.
 
         A base image resolves to its image ID in the engine (what Docker's BuildKit builds from);
         a Dockerfile resolves to one digest over every ``FROM`` image it names. Results are reused
@@ -125,9 +128,7 @@ class Builder:
         """
         report = progress or (lambda _l: None)
         refs = self._base_refs(env)
-        if not refs:
-            return None, False
-        resolved: list[str] = []
+        resolved: dict[str, str] = {}
         pulled = False
         for ref, registry in refs:
             digest = self.cache.resolution(ref, max_age=self.resolve_ttl)
@@ -135,11 +136,13 @@ class Builder:
                 digest, did_pull = self._resolve_ref(ref, registry, report)
                 pulled = pulled or did_pull
                 self.cache.remember_resolution(ref, digest)
-            resolved.append(f"{ref}@{digest}")
+            resolved[ref] = digest
+        if not resolved:
+            return None, False, resolved
         if len(resolved) == 1:
-            return resolved[0].rsplit("@", 1)[1], pulled
-        combined = hashlib.sha256("\n".join(sorted(resolved)).encode()).hexdigest()
-        return f"sha256:{combined}", pulled
+            return next(iter(resolved.values())), pulled, resolved
+        combined = hashlib.sha256("\n".join(sorted(f"{r}@{d}" for r, d in resolved.items())).encode()).hexdigest()
+        return f"sha256:{combined}", pulled, resolved
 
     def _base_refs(self, env: Environment) -> list[tuple[str, ContainerRegistry | None]]:
         """The images a build starts from, each with the registry credentials that apply to it."""
@@ -168,8 +171,20 @@ class Builder:
     # -- the hit path ---------------------------------------------------------------------------
 
     def key_for(self, env: Environment, progress: Callable[[str], None] | None = None) -> tuple[ContentKey, bool]:
-        digest, pulled = self.resolve_base(env, progress)
-        return env.content_key(base_digest=digest), pulled
+        digest, pulled, refs = self.resolve_base(env, progress)
+        key = env.content_key(base_digest=digest)
+        self._remember(env, key, refs)
+        return key, pulled
+
+    def _remember(self, env: Environment, key: ContentKey, refs: dict[str, str]) -> None:
+        """Memoise spec file -> key for the CLI's fast lane (see ``_fastpath``)."""
+        spec = env._source_bytes
+        if env._source is None or spec is None or env._reads_other_files or self.buildkit != "docker":
+            return
+        from ._fastpath import spec_fingerprint
+
+        fingerprint = spec_fingerprint(spec, self.engine.url)
+        self.cache.remember_key(os.path.abspath(env._source), fingerprint, key, refs)
 
     def _verified(self, image: str, image_id: str) -> bool:
         """The tag still exists in the engine and still names the recorded image (one request)."""

@@ -127,6 +127,10 @@ class Environment:
         # Where relative paths (a Dockerfile path) are resolved from, and what errors name.
         self._source = _source
         self._base_dir = Path(_source).resolve().parent if _source else Path.cwd()
+        # True when the file form pulled in other files (a Dockerfile, a conda or pip file): then
+        # the spec file's bytes alone do not decide the key (see _fastpath).
+        self._reads_other_files = False
+        self._source_bytes: bytes | None = None
 
     def __repr__(self) -> str:
         return f"Environment(name={self.name!r}, version={self.version!r})"
@@ -187,7 +191,10 @@ class Environment:
 
         path = Path(path)
         try:
-            text = path.read_text()
+            raw = path.read_bytes()
+            text = raw.decode()
+        except UnicodeDecodeError as exc:
+            raise SpecError("is not UTF-8 text", path=str(path), hint="save the file as UTF-8") from exc
         except FileNotFoundError as exc:
             raise SpecError("file not found", path=str(path), hint="check the path") from exc
         except OSError as exc:
@@ -205,7 +212,9 @@ class Environment:
                 hint="fix the YAML syntax at that line",
             ) from exc
         lines = _key_lines(node)
-        return _from_mapping(data, source=str(path), lines=lines)
+        env = _from_mapping(data, source=str(path), lines=lines)
+        env._source_bytes = raw  # exactly what the key was computed from (the fast lane's memo)
+        return env
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, source: str | None = None) -> Environment:
@@ -460,6 +469,7 @@ def _from_mapping(data: Any, *, source: str | None, lines: dict[tuple[str, ...],
         raw = r.typed(docker["base_dockerfile"], ("docker", "base_dockerfile"), str, "Dockerfile text or a path")
         try:
             env.docker.base_dockerfile = _dockerfile_text(raw, r.base_dir, where=source)
+            env._reads_other_files = env._reads_other_files or env.docker.base_dockerfile != raw
         except SpecError as exc:
             raise r.error(("docker", "base_dockerfile"), exc.message.split(": ", 1)[-1], exc.hint) from None
     if "platform" in docker:
@@ -502,9 +512,11 @@ def _from_mapping(data: Any, *, source: str | None, lines: dict[tuple[str, ...],
         )
     if python.get("conda_file") is not None:
         env.python.conda_dependencies = _read_conda_file(r.path(python["conda_file"], ("python", "conda_file")))
+        env._reads_other_files = True
     if python.get("pip_requirements") is not None:
         env.python.pip_requirements = r.strings(python["pip_requirements"], ("python", "pip_requirements"))
     if python.get("pip_requirements_file") is not None:
+        env._reads_other_files = True
         env.python.pip_requirements = _read_requirements(
             r.path(python["pip_requirements_file"], ("python", "pip_requirements_file"))
         )

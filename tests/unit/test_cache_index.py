@@ -86,9 +86,9 @@ def test_entry_to_json_is_plain_json(cache: ImageCache) -> None:
 def test_index_is_wal_with_a_schema_version(cache: ImageCache) -> None:
     cache.record(KEY, image="img", image_id="id")
     assert _sql(cache, "PRAGMA journal_mode") == [("wal",)]
-    assert _sql(cache, "PRAGMA user_version") == [(2,)]
+    assert _sql(cache, "PRAGMA user_version") == [(3,)]
     assert {r[0] for r in _sql(cache, "SELECT name FROM sqlite_master WHERE type='table'")} == {
-        "entries", "leases", "resolutions"}
+        "entries", "leases", "resolutions", "memos"}
 
 
 def test_record_replaces_but_keeps_hits_and_pin(cache: ImageCache) -> None:
@@ -371,7 +371,7 @@ def test_an_index_of_schema_1_is_read_as_is_and_migrated_on_first_write(tmp_path
     assert cache.resolution(REF, max_age=60) is None
     assert _sql(cache, "PRAGMA user_version") == [(1,)]  # reads never migrate
     cache.remember_resolution(REF, DIGEST)  # the first write migrates
-    assert _sql(cache, "PRAGMA user_version") == [(2,)]
+    assert _sql(cache, "PRAGMA user_version") == [(3,)]
     assert cache.resolution(REF, max_age=60) == DIGEST
     assert cache.lookup(KEY) is not None and cache.stats().entries == 1
     cache.verify()

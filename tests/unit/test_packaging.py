@@ -35,7 +35,7 @@ def test_wheel_contents(tmp_path: Path):
     for needed in ("dockyard/cli.py", "dockyard/cache/__init__.py", "dockyard/proto/control_pb2.py"):
         assert needed in names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
-    assert "dockyard = dockyard.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "dockyard = dockyard._fastpath:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
 
 def test_generated_stubs_are_current():
