@@ -13,6 +13,17 @@ Rows (µs per call, p50/p95 over N timed calls after a warm-up):
 * ``hit_write_through`` ``lookup`` with ``touch_interval=0``: every hit writes its bookkeeping,
   which is what the default (batched) bookkeeping avoids
 
+With a Docker Engine (skipped with a note otherwise), side by side on one small environment
+(``FROM dockyard/base:<suite>-busybox`` + one ``RUN``), built once before timing:
+
+* ``dockyard_hit_index``     ``Builder.ensure_image(env, verify=False)``: resolution + key + index
+* ``dockyard_hit_verified``  ``Builder.ensure_image(env)``: the same plus one engine request
+* ``buildkit_cached_solve``  a fully cached BuildKit Solve of the same Dockerfile over gRPC
+* ``docker_build_cached``    ``DOCKER_BUILDKIT=1 docker build`` of the same Dockerfile (fully
+  cached), where a BuildKit-capable docker CLI exists (Debian's ``/usr/bin/docker`` 20.10)
+* ``dockyard_cli_process`` / ``docker_build_process``: whole processes, paired run by run
+  (alternating which goes first): ``dockyard env build FILE`` on a hit vs the cached ``docker build``
+
 To add a row (an engine-verified hit, a cached BuildKit Solve, a cached ``docker build``), write a
 function ``(n, workdir) -> list[Result]`` that calls :func:`measure`, append it to ``SUITES``, and
 add any ratio worth reading to ``RATIOS``. A suite that cannot run here (no engine) returns ``[]``
@@ -124,12 +135,128 @@ def cache_suite(n: int, workdir: Path, *, entries: int) -> list[Result]:
     return rows
 
 
-SUITES: list[Callable[[int, Path], list[Result]]] = []
+BENCH_DOCKERFILE = "FROM {base}\nRUN echo dockyard-benchmark > /marker\n"
+
+
+def _docker_cli() -> str | None:
+    """A docker CLI whose ``docker build`` uses BuildKit (the 20.10 client with DOCKER_BUILDKIT=1)."""
+    import shutil
+    import subprocess
+
+    for cand in ("/usr/bin/docker", shutil.which("docker")):
+        if not cand or not os.path.exists(cand):
+            continue
+        out = subprocess.run([cand, "build", "--help"], capture_output=True, text=True,
+                             env={**os.environ, "DOCKER_BUILDKIT": "1"})
+        # The legacy-only 28.x client without buildx has no BuildKit; 20.10's shows --progress.
+        if out.returncode == 0 and "--progress" in out.stdout:
+            return cand
+    return None
+
+
+def _timed_process(cmd: list[str], env: dict[str, str]) -> float:
+    import subprocess
+
+    start = time.perf_counter_ns()
+    out = subprocess.run(cmd, capture_output=True, env=env)
+    elapsed = time.perf_counter_ns() - start
+    if out.returncode != 0:
+        raise RuntimeError(f"{cmd[:3]} failed: {out.stderr.decode(errors='replace')[-500:]}")
+    return elapsed / 1000
+
+
+def _row(name: str, samples_us: list[float], unit: str = "us") -> Result:
+    samples_us.sort()
+    n = len(samples_us)
+    return Result(name, unit, round(statistics.median(samples_us), 2),
+                  round(samples_us[min(n - 1, int(n * 0.95))], 2), n)
+
+
+def engine_suite(n: int, workdir: Path) -> list[Result]:
+    """dockyard's hits next to BuildKit's and docker's cached builds of the same Dockerfile."""
+    try:
+        from dockyard import Environment
+        from dockyard._base import base_image_ref, bootstrap, host_suite
+        from dockyard._buildkit import BuildKitClient, SolveSpec
+        from dockyard._builder import Builder
+        from dockyard._dockerfile import render
+        from dockyard._engine import EngineAddress
+        from dockyard.errors import DockyardError
+
+        engine = EngineAddress.from_env()
+        engine.ping()
+    except Exception as exc:  # noqa: BLE001 - a benchmark says why it skipped, it does not crash
+        NOTES.append(f"engine rows skipped: {exc}")
+        return []
+    try:
+        base = bootstrap("busybox", engine=engine).ref
+    except DockyardError as exc:
+        NOTES.append(f"engine rows skipped: no busybox base image ({exc})")
+        return []
+    home = workdir / "home"
+    spec = workdir / "env.yml"
+    dockerfile = BENCH_DOCKERFILE.format(base=base)
+    spec.write_text("name: bench\ndocker:\n  base_dockerfile: |\n" + "".join(f"    {line}\n" for line in dockerfile.splitlines()))
+    env = Environment.load(spec)
+    builder = Builder(home, engine=engine)
+    built = builder.ensure_image(env)  # untimed: the one real build
+    rows = [
+        measure("dockyard_hit_index", lambda: builder.ensure_image(env, verify=False), max(100, n // 10), warmup=50),
+        measure("dockyard_hit_verified", lambda: builder.ensure_image(env), max(100, n // 20), warmup=20),
+    ]
+    rendered = render(env, env.content_key(base_digest=builder.resolve_base(env)[0]))
+    solve_spec = SolveSpec(rendered.dockerfile.encode(), rendered.context, "moby",
+                           {"name": f"dockyard/bench:{built.key}"}, {f"label:{k}": v for k, v in rendered.labels.items()})
+    slow_n = 20
+    with BuildKitClient("docker", engine=engine) as client:
+        client.solve(solve_spec)  # warm: everything cached from now on
+        rows.append(_row("buildkit_cached_solve", [_time_us(lambda: client.solve(solve_spec)) for _ in range(slow_n)]))
+    docker = _docker_cli()
+    context = workdir / "ctx"
+    context.mkdir()
+    (context / "Dockerfile").write_text(rendered.dockerfile)
+    proc_env = {**os.environ, "DOCKER_BUILDKIT": "1", "DOCKYARD_HOME": str(home)}
+    if docker is None:
+        NOTES.append("docker build rows skipped: no BuildKit-capable docker CLI (install Debian's docker.io)")
+    else:
+        build_cmd = [docker, "build", "-q", "-t", "dockyard/bench-docker:latest", str(context)]
+        _timed_process(build_cmd, proc_env)  # warm
+        rows.append(_row("docker_build_cached", [_timed_process(build_cmd, proc_env) for _ in range(slow_n)]))
+        cli = Path(sys.executable).with_name("dockyard")
+        cli_cmd = [str(cli) if cli.exists() else sys.executable, *([] if cli.exists() else ["-m", "dockyard"]),
+                   "env", "build", str(spec)]
+        _timed_process(cli_cmd, proc_env)  # warm: writes the spec memo
+        ours: list[float] = []
+        theirs: list[float] = []
+        for i in range(slow_n):
+            pair = [(ours, cli_cmd), (theirs, build_cmd)]
+            for sink, cmd in pair if i % 2 == 0 else reversed(pair):
+                sink.append(_timed_process(cmd, proc_env))
+        rows += [_row("dockyard_cli_process", ours), _row("docker_build_process", theirs)]
+        NOTES.append(f"docker CLI: {docker}; process rows paired run by run, {slow_n} pairs")
+    for ref in (f"dockyard/bench:{built.key}", "dockyard/bench-docker:latest", built.image):
+        engine.request("DELETE", f"/images/{ref.replace('/', '%2F')}")
+    builder.close()
+    NOTES.append(f"engine rows built from {base}; image removed afterwards")
+    return rows
+
+
+def _time_us(fn: Callable[[], object]) -> float:
+    start = time.perf_counter_ns()
+    fn()
+    return (time.perf_counter_ns() - start) / 1000
+
+
+SUITES: list[Callable[[int, Path], list[Result]]] = [engine_suite]
 RATIOS: list[tuple[str, str]] = [
     ("hit", "key_only"),
     ("hit", "lookup_only"),
     ("spec_to_hit", "hit"),
     ("hit_write_through", "lookup_only"),
+    ("dockyard_hit_verified", "dockyard_hit_index"),
+    ("buildkit_cached_solve", "dockyard_hit_verified"),
+    ("docker_build_cached", "dockyard_hit_verified"),
+    ("docker_build_process", "dockyard_cli_process"),
 ]
 
 
@@ -160,9 +287,9 @@ def run(n: int, entries: int) -> dict[str, Any]:
 
 
 def _table(doc: dict[str, Any]) -> str:
-    lines = [f"{'name':<20} {'p50 µs':>9} {'p95 µs':>9} {'n':>7}"]
-    lines += [f"{r['name']:<20} {r['p50']:>9.2f} {r['p95']:>9.2f} {r['n']:>7}" for r in doc["results"]]
-    lines += [""] + [f"{name:<30} {value:>6.2f}x" for name, value in doc["ratios"].items()]
+    lines = [f"{'name':<24} {'p50 µs':>12} {'p95 µs':>12} {'n':>7}"]
+    lines += [f"{r['name']:<24} {r['p50']:>12.2f} {r['p95']:>12.2f} {r['n']:>7}" for r in doc["results"]]
+    lines += [""] + [f"{name:<46} {value:>9.2f}x" for name, value in doc["ratios"].items()]
     lines += ["", doc["notes"]]
     return "\n".join(lines)
 
@@ -173,9 +300,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     parser.add_argument("--n", type=int, default=20000, help="timed calls per row (default 20000)")
     parser.add_argument("--entries", type=int, default=1000, help="entries in the index")
+    parser.add_argument("--no-engine", action="store_true", help="only the pure cache rows")
     args = parser.parse_args(argv)
     if args.n < 1 or args.entries < 1:
         parser.error("--n and --entries must be >= 1")
+    if args.no_engine:
+        SUITES.clear()
     doc = run(args.n, args.entries)
     print(json.dumps(doc) if args.json else _table(doc))
     return 0

@@ -598,11 +598,23 @@ class ImageCache:
             _check_ref(ref)
             if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
                 raise CacheInputError("digest must look like 'sha256:<hex>'")
+        refs_json = json.dumps(dict(refs), sort_keys=True)
+        try:
+            same = self._conn().execute(
+                "SELECT 1 FROM memos WHERE source = ? AND fingerprint = ? AND key = ? AND refs = ?",
+                (source, fingerprint, hexkey, refs_json),
+            ).fetchone()
+        except sqlite3.OperationalError:
+            same = None  # no memos table yet: the write below migrates
+        except sqlite3.Error as exc:
+            raise _db.translate(exc, self._path_str, "read a memo in") from exc
+        if same is not None:
+            return  # hits call this every time: a read, not a write transaction
         self._update(
             "INSERT INTO memos (source, fingerprint, key, refs, recorded) VALUES (?, ?, ?, ?, ?)"
             " ON CONFLICT(source) DO UPDATE SET fingerprint = excluded.fingerprint,"
             " key = excluded.key, refs = excluded.refs, recorded = excluded.recorded",
-            (source, fingerprint, hexkey, json.dumps(dict(refs), sort_keys=True), time.time()),
+            (source, fingerprint, hexkey, refs_json, time.time()),
             "remember a key in",
         )
 

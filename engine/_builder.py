@@ -190,6 +190,10 @@ class Builder:
         """The tag still exists in the engine and still names the recorded image (one request)."""
         if self.buildkit != "docker":
             return True  # pushed to a registry, not kept in a local engine
+        if self.engine.unix_path is not None:
+            from ._rawhttp import unix_image_id
+
+            return unix_image_id(self.engine.unix_path, image) == image_id
         return self._local_id(image) == image_id
 
     def ensure_image(

@@ -33,33 +33,6 @@ def _unix_engine() -> str | None:
     return host.removeprefix("unix://")
 
 
-def _image_id(socket_path: str, ref: str) -> str | None:
-    """``GET /images/<ref>/json`` in raw HTTP/1.0 (http.client would cost more than the request)."""
-    import json
-    import socket
-    from urllib.parse import quote
-
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.settimeout(5)
-        sock.connect(socket_path)
-        sock.sendall(f"GET /v1.41/images/{quote(ref, safe='')}/json HTTP/1.0\r\nHost: docker\r\n\r\n".encode())
-        chunks = []
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
-    except OSError:
-        return None
-    finally:
-        sock.close()
-    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
-    if not head.startswith((b"HTTP/1.0 200", b"HTTP/1.1 200")):
-        return None
-    try:
-        return str(json.loads(body).get("Id", "")) or None
-    except ValueError:
-        return None
-
-
 def _parse(args: list[str]) -> tuple[str, bool] | None:
     """``env build FILE [--json] [--progress MODE]`` -> (FILE, as_json); anything else -> None."""
     if len(args) < 3 or args[0] != "env" or args[1] != "build":
@@ -102,8 +75,10 @@ def try_env_build_hit(args: list[str]) -> int | None:
         return None
     from dockyard.cache._fastread import fast_hit
 
+    from ._rawhttp import unix_image_id
+
     hit = fast_hit(index, os.path.abspath(file), spec_fingerprint(spec, f"unix://{socket_path}"), ttl)
-    if hit is None or _image_id(socket_path, hit.image) != hit.image_id:
+    if hit is None or unix_image_id(socket_path, hit.image) != hit.image_id:
         return None
     seconds = time.perf_counter() - started
     if as_json:

@@ -118,3 +118,17 @@ def test_hijack_refused_is_engine_error(fake):
     addr = start(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
     with pytest.raises(EngineError, match="refused POST /grpc"):
         addr.hijack("/grpc")
+
+
+def test_raw_image_id_reads_the_id_and_treats_anything_else_as_absent(fake, tmp_path: Path):
+    from dockyard._rawhttp import unix_image_id
+
+    start, made = fake
+    image_id = "sha256:" + "ab" * 32
+    body = f'{{"Id":"{image_id}","RepoTags":["x/y:1"]}}'.encode()
+    ok = start(b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n" + body)
+    assert unix_image_id(ok.unix_path, "dockyard/env:abc") == image_id
+    assert made[0].requests[0].startswith(b"GET /v1.41/images/dockyard%2Fenv:abc/json HTTP/1.0")
+    missing = start(b'HTTP/1.0 404 Not Found\r\n\r\n{"message":"No such image"}')
+    assert unix_image_id(missing.unix_path, "x") is None
+    assert unix_image_id(str(tmp_path / "no.sock"), "x") is None
