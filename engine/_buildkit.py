@@ -156,9 +156,10 @@ def files_definition(files: Mapping[str, bytes]) -> object:
 
 
 class _Vertex:
-    __slots__ = ("name", "cached", "started", "completed", "error", "lines", "partial")
+    __slots__ = ("name", "cached", "started", "completed", "error", "lines", "partial", "finished")
 
     def __init__(self) -> None:
+        self.finished = False  # its completion was reported (BuildKit re-sends vertices)
         self.name = ""
         self.cached = False
         self.started = 0.0
@@ -191,15 +192,20 @@ class _StatusTracker:
             state.error = v.error or state.error
             if (state.started, state.completed, state.cached, state.error) == before or not state.name:
                 continue
+            if state.name.startswith("mkfile /"):
+                continue  # dockyard's own FrontendInputs loaders: noise to a reader
             index, total = parse_step(state.name)
             if state.error:
                 kind = "error"
-            elif state.completed:
+            elif state.finished:
+                continue
+            elif state.completed or state.cached:
                 kind = "cached" if state.cached else "done"
-            elif state.started or state.cached:
-                kind = "cached" if state.cached else "started"
+            elif state.started:
+                kind = "started"
             else:
                 continue
+            state.finished = state.finished or kind in ("cached", "done")
             seconds = state.completed - state.started if state.completed and state.started else None
             self._emit(BuildEvent("step", state.name, kind, index, total, seconds=seconds))
         for log in resp.logs:  # type: ignore[attr-defined]
