@@ -20,6 +20,12 @@ _EXPORTS = {
     "PythonSection": "._environment",
     "DEFAULT_BASE_IMAGE": "._environment",
     "DockyardError": ".errors",
+    # Azure ML's workflow names, also under dockyard.core.
+    "Workspace": "._workflow",
+    "Experiment": "._workflow",
+    "ScriptRunConfig": "._workflow",
+    "ComputeTarget": "._workflow",
+    "Run": "._run",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])

@@ -29,6 +29,7 @@ File form (``environment.yml``)::
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -227,7 +228,8 @@ class Environment:
         if self.docker.base_image is not None:
             docker["base_image"] = self.docker.base_image
         if self.docker.base_dockerfile is not None:
-            docker["base_dockerfile"] = self.docker.base_dockerfile
+            # The text, never a path: the file form must mean the same thing wherever it is read.
+            docker["base_dockerfile"] = _dockerfile_text(self.docker.base_dockerfile, self._base_dir, where=self._source)
         reg = self.docker.base_image_registry
         if reg.address or reg.username or reg.password_env:
             docker["base_image_registry"] = {
@@ -243,7 +245,7 @@ class Environment:
         if self.python.interpreter_path != "python3":
             python["interpreter_path"] = self.python.interpreter_path
         if self.python.conda_dependencies is not None:
-            python["conda_dependencies"] = self.python.conda_dependencies
+            python["conda_dependencies"] = json.loads(json.dumps(self.python.conda_dependencies))  # plain types
         if self.python.pip_requirements:
             python["pip_requirements"] = list(self.python.pip_requirements)
         out: dict[str, Any] = {"name": self.name}

@@ -8,7 +8,7 @@ import time
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
-__all__ = ["BuildProgress", "emit_json", "progress_lines"]
+__all__ = ["BuildProgress", "emit_json", "plot_metrics", "progress_lines", "sparkline"]
 
 
 def emit_json(obj: object) -> None:
@@ -140,3 +140,43 @@ class BuildProgress:
             if self._log:
                 text.append(f"     {self._log[:120]}\n", style="dim")
         return text
+
+
+_BARS = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: list[float], width: int = 40) -> str:
+    """A one-line chart of a series (the last ``width`` points)."""
+    points = values[-width:]
+    if not points:
+        return ""
+    low, high = min(points), max(points)
+    span = (high - low) or 1.0
+    return "".join(_BARS[min(len(_BARS) - 1, int((v - low) / span * (len(_BARS) - 1) + 0.5))] for v in points)
+
+
+def plot_metrics(metrics: dict[str, list[object]], path: str, title: str = "") -> None:
+    """Draw each numeric series into one PNG.
+
+    Raises:
+        InputError: matplotlib is not installed.
+    """
+    from .errors import InputError
+
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise InputError("--plot needs matplotlib", hint="pip install matplotlib") from exc
+    series = {k: [v for v in vs if isinstance(v, (int, float)) and not isinstance(v, bool)] for k, vs in metrics.items()}
+    series = {k: v for k, v in series.items() if v}
+    fig, axes = plt.subplots(max(1, len(series)), 1, figsize=(6, 2.2 * max(1, len(series))), squeeze=False)
+    for ax, (name, values) in zip(axes[:, 0], series.items()):
+        ax.plot(range(1, len(values) + 1), values, marker="o")
+        ax.set_title(name)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

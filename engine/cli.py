@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import traceback
 
 import click
@@ -308,6 +309,226 @@ def cache_unpin(key: str) -> None:
     if not found:
         raise click.UsageError(f"no cached image with key {key}; see `dockyard cache ls`")
     click.echo(f"unpinned {key}")
+
+
+# -- runs -------------------------------------------------------------------------------------------
+
+_WORKSPACE = click.option("--workspace", "workspace_name", default=None, metavar="NAME",
+                          help="Workspace (default: from config.json above the current folder, else 'default').")
+
+
+def _workspace(name: str | None):  # type: ignore[no-untyped-def]
+    from ._workflow import Workspace
+
+    if name:
+        return Workspace(name)
+    try:
+        return Workspace.from_config()
+    except DockyardError:
+        return Workspace("default")
+
+
+def _run_json(run) -> dict:  # type: ignore[no-untyped-def]
+    record = run._record()
+    return {
+        "id": record.id,
+        "status": record.status,
+        "exit_code": record.exit_code,
+        "image": record.image,
+        "gpus": list(record.gpus),
+        "metrics": run._store().metrics(record.id),
+        "experiment": record.experiment,
+        "script": record.script,
+        "compute": record.compute,
+        "reason": record.reason,
+        "created": record.created,
+        "started": record.started,
+        "ended": record.ended,
+    }
+
+
+@cli.command("run", context_settings={"ignore_unknown_options": True})
+@click.argument("script")
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+@click.option("--source", default=".", show_default=True, help="Source directory (snapshotted; the script is relative to it).")
+@click.option("--env", "env_file", default=None, help="Environment file (default: the default python base image).")
+@click.option("--compute", default=None, help="Compute target (default: local).")
+@click.option("--experiment", default="default", show_default=True, help="Experiment name.")
+@click.option("--detach", is_flag=True, help="Submit and return at once.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (waits for the end unless --detach).")
+@_WORKSPACE
+def run_command(script: str, args: tuple[str, ...], source: str, env_file: str | None, compute: str | None,
+                experiment: str, detach: bool, as_json: bool, workspace_name: str | None) -> None:
+    """Run SCRIPT (in --source) in its environment's image and follow its output. Arguments after
+    `--` go to the script."""
+    from ._environment import Environment
+    from ._workflow import Experiment, ScriptRunConfig
+
+    ws = _workspace(workspace_name)
+    env = Environment.load(env_file) if env_file else None
+    config = ScriptRunConfig(source_directory=source, script=script, arguments=list(args),
+                             compute_target=compute, environment=env)
+    run = Experiment(ws, experiment).submit(config)
+    if detach:
+        if as_json:
+            emit_json(_run_json(run))
+        else:
+            click.echo(f"submitted {run.id}; follow it with `dockyard runs logs -f {run.id}`")
+        return
+    run.wait_for_completion(show_output=not as_json, raise_on_error=False)
+    doc = _run_json(run)
+    if as_json:
+        emit_json(doc)
+    else:
+        for name, values in doc["metrics"].items():
+            click.echo(f"{name:<20} {_fmt(values[-1])}  ({len(values)} value{'s' if len(values) != 1 else ''})")
+        if doc["status"] != "Completed":
+            click.echo(f"{run.id} {doc['status']}: {doc['reason']}", err=True)
+    if doc["status"] != "Completed":
+        sys.exit(1)
+
+
+def _fmt(value: object) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+@cli.group()
+def runs() -> None:
+    """Submitted runs: list, inspect, follow, cancel."""
+
+
+@runs.command("ls")
+@click.option("--experiment", default=None, help="Only this experiment's runs.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_WORKSPACE
+def runs_ls(experiment: str | None, as_json: bool, workspace_name: str | None) -> None:
+    """List runs, newest first."""
+    ws = _workspace(workspace_name)
+    records = ws._store().list(experiment=experiment)
+    if as_json:
+        emit_json({"runs": [{"id": r.id, "status": r.status, "experiment": r.experiment, "script": r.script,
+                             "exit_code": r.exit_code, "created": r.created} for r in records]})
+        return
+    if not records:
+        click.echo("no runs yet; start one with `dockyard run SCRIPT`")
+    for r in records:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.created))
+        code = "" if r.exit_code is None else f" exit {r.exit_code}"
+        click.echo(f"{r.id:<44} {r.status:<10} {when}  {r.script}{code}")
+
+
+def _find_run(ws, run_id: str):  # type: ignore[no-untyped-def]
+    from ._run import Run
+    from ._workflow import Experiment
+
+    record = ws._store().get(run_id)
+    return Run(Experiment(ws, record.experiment), record.id)
+
+
+@runs.command("show")
+@click.argument("run_id")
+@click.option("--plot", default=None, metavar="FILE", help="Also draw each metric series into a PNG (needs matplotlib).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_WORKSPACE
+def runs_show(run_id: str, plot: str | None, as_json: bool, workspace_name: str | None) -> None:
+    """Show a run: status, times, image, exit code and its metrics (table and sparklines)."""
+    from ._render import sparkline
+
+    run = _find_run(_workspace(workspace_name), run_id)
+    doc = _run_json(run)
+    if as_json:
+        emit_json(doc)
+    else:
+        details = run.get_details()
+        for key in ("runId", "experiment", "status", "target", "script", "image", "exitCode",
+                    "submittedTimeUtc", "startTimeUtc", "endTimeUtc"):
+            click.echo(f"{key:<18} {details.get(key)}")
+        if doc["reason"]:
+            click.echo(f"{'reason':<18} {doc['reason']}")
+        if doc["metrics"]:
+            click.echo("")
+            click.echo(f"{'metric':<20} {'last':>10} {'min':>10} {'max':>10}  series")
+            for name, values in doc["metrics"].items():
+                numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+                if numbers:
+                    click.echo(f"{name:<20} {_fmt(numbers[-1]):>10} {_fmt(min(numbers)):>10} {_fmt(max(numbers)):>10}  {sparkline(numbers)}")
+                else:
+                    click.echo(f"{name:<20} {_fmt(values[-1]):>10}")
+    if plot:
+        from ._render import plot_metrics
+
+        plot_metrics(doc["metrics"], plot, title=run_id)
+        if not as_json:
+            click.echo(f"plot written to {plot}")
+
+
+@runs.command("logs")
+@click.argument("run_id")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new output until the run ends.")
+@_WORKSPACE
+def runs_logs(run_id: str, follow: bool, workspace_name: str | None) -> None:
+    """Print a run's output (stdout and stderr, in order)."""
+    run = _find_run(_workspace(workspace_name), run_id)
+    if follow:
+        run.wait_for_completion(show_output=True, raise_on_error=False)
+        return
+    path = run._log_path()
+    if path.exists():
+        with open(path, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                sys.stdout.buffer.write(chunk)
+        sys.stdout.flush()
+
+
+@runs.command("cancel")
+@click.argument("run_id")
+@_WORKSPACE
+def runs_cancel(run_id: str, workspace_name: str | None) -> None:
+    """Cancel a run (queued: at once; running: its container or process is stopped)."""
+    run = _find_run(_workspace(workspace_name), run_id)
+    run.cancel()
+    click.echo(f"cancel requested for {run_id} (now {run.get_status()})")
+
+
+@cli.group()
+def agent() -> None:
+    """The background agent that starts and follows runs (started automatically on submit)."""
+
+
+@agent.command("start")
+@_WORKSPACE
+def agent_start(workspace_name: str | None) -> None:
+    """Start the agent for the workspace unless it runs."""
+    from ._agent import ensure_agent
+
+    ws = _workspace(workspace_name)
+    status = ensure_agent(ws.directory, images_home=ws.home)
+    if not status["running"]:
+        raise DockyardError("the agent did not start", hint=f"read {status['log']}")
+    click.echo(f"agent running (pid {status['pid']}); log: {status['log']}")
+
+
+@agent.command("stop")
+@_WORKSPACE
+def agent_stop(workspace_name: str | None) -> None:
+    """Stop the agent; running runs go on and the next agent adopts them."""
+    from ._agent import stop_agent
+
+    click.echo("agent stopped" if stop_agent(_workspace(workspace_name).directory) else "no agent was running")
+
+
+@agent.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_WORKSPACE
+def agent_status_command(as_json: bool, workspace_name: str | None) -> None:
+    """Whether the agent runs, its pid and log."""
+    from ._agent import agent_status
+
+    status = agent_status(_workspace(workspace_name).directory)
+    if as_json:
+        emit_json(status)
+    else:
+        click.echo(f"agent {'running (pid ' + str(status['pid']) + ')' if status['running'] else 'not running'}; log: {status['log']}")
 
 
 def _wants(flag: str, argv: list[str]) -> bool:

@@ -7,7 +7,8 @@ a caller needs (``hint`` says what to do next) and an ``exit_code`` the CLI uses
 
     DockyardError                      exit 1 unless a subclass says otherwise
     ├── InputError                     exit 2  bad input or usage: the caller must change something
-    │   └── SpecError                          an environment/run file is invalid (file, line, field)
+    │   ├── SpecError                          an environment/run file is invalid (file, line, field)
+    │   └── SnapshotTooLarge                   a run's source directory is over the snapshot budget
     ├── EnvironmentProblem             exit 3  the machine lacks a part: install or start it
     │   ├── EngineUnavailable                  no Docker Engine answers at DOCKER_HOST
     │   ├── BuildKitUnavailable                the engine answers but its BuildKit does not
@@ -17,7 +18,8 @@ a caller needs (``hint`` says what to do next) and an ``exit_code`` the CLI uses
     │       └── RegistryAuthError              … because the credentials were refused
     └── JobFailed                      exit 1  the work itself failed
         ├── BootstrapError                     making a base image failed (step, log tail)
-        └── BuildError                         an image build failed (step, exit code, log tail, line)
+        ├── BuildError                         an image build failed (step, exit code, log tail, line)
+        └── RunFailed                          a run ended Failed (run id, exit code, log tail)
 
 ``dockyard.cache`` has its own root, ``CacheError``, because it never imports this package; the CLI
 maps both roots. Messages never contain secrets: values that could hold one are scrubbed with
@@ -32,6 +34,7 @@ __all__ = [
     "BootstrapError",
     "BuildError",
     "BuildKitUnavailable",
+    "ComputeTargetException",
     "DockyardError",
     "EngineError",
     "EngineUnavailable",
@@ -40,6 +43,9 @@ __all__ = [
     "JobFailed",
     "RegistryAuthError",
     "RegistryError",
+    "RunFailed",
+    "RunNotFound",
+    "SnapshotTooLarge",
     "SpecError",
     "ToolMissing",
     "scrub",
@@ -90,6 +96,41 @@ class SpecError(InputError):
         self.path = path
         self.line = line
         self.field = field
+
+
+class SnapshotTooLarge(InputError):
+    """A run's source directory holds more than the snapshot budget; nothing was stored.
+
+    Attributes:
+        source: the source directory.
+        total_bytes: what the snapshot would have held.
+        max_bytes: the budget.
+        largest: the biggest files as ``(relative path, bytes)``, largest first.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        source: str,
+        total_bytes: int,
+        max_bytes: int,
+        largest: tuple[tuple[str, int], ...],
+        hint: str = "",
+    ) -> None:
+        super().__init__(message, hint=hint)
+        self.source = source
+        self.total_bytes = total_bytes
+        self.max_bytes = max_bytes
+        self.largest = largest
+
+
+class RunNotFound(InputError):
+    """No run has that id."""
+
+
+class ComputeTargetException(InputError):
+    """A compute target does not exist or cannot be used (Azure ML's name for this error)."""
 
 
 class EnvironmentProblem(DockyardError):
@@ -182,6 +223,16 @@ class BuildError(JobFailed):
         self.log_tail = log_tail
         self.dockerfile_line = dockerfile_line
         self.dockerfile = dockerfile
+
+
+class RunFailed(JobFailed):
+    """A run ended ``Failed``: ``run_id``, ``exit_code_of_run`` (None when it never ran), ``log_tail``."""
+
+    def __init__(self, message: str, *, run_id: str, exit_code_of_run: int | None, log_tail: str = "", hint: str = "") -> None:
+        super().__init__(message, hint=hint or f"see the whole output with `dockyard runs logs {run_id}`")
+        self.run_id = run_id
+        self.exit_code_of_run = exit_code_of_run
+        self.log_tail = log_tail
 
 
 # user:password@ in URLs, and common "password=…"/"token: …" shapes in messages from other tools.

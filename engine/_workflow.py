@@ -1,0 +1,315 @@
+"""Azure ML SDK v1's workflow objects, mapped onto this machine.
+
+``Workspace`` is a folder of runs under the dockyard home (images and snapshots are shared by all
+workspaces), ``Experiment.submit`` snapshots the source directory and queues a run for the agent,
+and a compute target is a name with ``max_nodes`` = how many of its runs may execute at once.
+Porting Azure ML code is replacing ``azureml`` by ``dockyard`` in the imports.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Iterable
+
+from ._environment import Environment
+from ._home import dockyard_home
+from .errors import ComputeTargetException, InputError
+
+__all__ = [
+    "AmlCompute",
+    "ComputeTarget",
+    "ComputeTargetException",
+    "Experiment",
+    "ScriptRunConfig",
+    "Workspace",
+]
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,254}$")
+
+
+def _check_name(kind: str, name: object) -> str:
+    if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
+        raise InputError(
+            f"{kind} name {name!r} is not valid",
+            hint="use letters, digits, '_', '-' or '.', starting with a letter or digit (no '/' or '..')",
+        )
+    return name
+
+
+class Workspace:
+    """A local workspace: a folder of runs under the dockyard home.
+
+    Args:
+        name: the workspace name (Azure's ``workspace_name``).
+        home: the dockyard home (default ``$DOCKYARD_HOME`` or ``~/.local/share/dockyard``).
+        subscription_id, resource_group, **kwargs: Azure-only; accepted and ignored.
+    """
+
+    def __init__(self, name: str = "default", home: str | os.PathLike[str] | None = None,
+                 subscription_id: str | None = None, resource_group: str | None = None, **kwargs: Any) -> None:
+        self.name = _check_name("workspace", name)
+        self.home = Path(home).expanduser() if home is not None else dockyard_home()
+        self.directory = self.home / "workspaces" / self.name
+
+    def __repr__(self) -> str:
+        return f"Workspace.create(name={self.name!r}, home={str(self.home)!r})"
+
+    @classmethod
+    def from_config(cls, path: str | os.PathLike[str] | None = None, _file_name: str | None = None) -> Workspace:
+        """Find ``config.json`` (or ``.dockyard/config.json``, ``.azureml/config.json``) by walking
+        up from ``path`` (default: the current directory), like Azure ML.
+
+        An Azure ML ``config.json`` works as is: ``workspace_name`` names the local workspace and
+        ``subscription_id``/``resource_group`` are ignored. A dockyard config may add ``home``
+        (relative to the file).
+
+        Raises:
+            InputError: no config file found, or it is not valid JSON.
+        """
+        start = Path(path or Path.cwd()).resolve()
+        names = [_file_name] if _file_name else ["config.json"]
+        candidates: list[Path] = []
+        if start.is_file():
+            candidates = [start]
+        else:
+            for folder in (start, *start.parents):
+                for sub in ("", ".dockyard", ".azureml"):
+                    candidates += [folder / sub / n for n in names]
+        for candidate in candidates:
+            if candidate.is_file():
+                try:
+                    data = json.loads(candidate.read_text())
+                except (ValueError, OSError) as exc:
+                    raise InputError(f"{candidate} is not a valid workspace config: {exc}") from exc
+                if not isinstance(data, dict):
+                    raise InputError(f"{candidate} must hold a JSON object")
+                name = data.get("workspace_name") or data.get("name") or "default"
+                home = data.get("home")
+                home_path = (candidate.parent / home) if home else None
+                return cls(name, home=home_path)
+        raise InputError(
+            f"no config.json found in {start} or any folder above it",
+            hint='write {"workspace_name": "my-workspace"} to config.json (an Azure ML config.json works too)',
+        )
+
+    def write_config(self, path: str | os.PathLike[str] = ".", file_name: str = "config.json") -> Path:
+        """Write a config.json naming this workspace (``from_config`` finds it)."""
+        target = Path(path) / file_name
+        target.write_text(json.dumps({"workspace_name": self.name}) + "\n")
+        return target
+
+    @property
+    def compute_targets(self) -> dict[str, ComputeTarget]:
+        """Every compute target of the workspace, by name (``local`` always exists)."""
+        from ._agent import LOCAL_COMPUTE
+
+        store = self._store()
+        found = {c.name: ComputeTarget._from_record(self, c.name) for c in store.computes()}
+        found.setdefault(LOCAL_COMPUTE, ComputeTarget._from_record(self, LOCAL_COMPUTE))
+        return found
+
+    def _store(self) -> Any:
+        from ._runstore import RunStore
+
+        return RunStore(self.directory)
+
+
+class AmlCompute:
+    """Azure ML's cluster configuration, mapped onto this machine: only ``max_nodes`` matters."""
+
+    class _Config:
+        def __init__(self, max_nodes: int, vm_size: str | None) -> None:
+            self.max_nodes = max_nodes
+            self.vm_size = vm_size or ""
+
+    @staticmethod
+    def provisioning_configuration(vm_size: str | None = None, max_nodes: int = 1, min_nodes: int = 0,
+                                   **kwargs: Any) -> AmlCompute._Config:
+        """``max_nodes`` = how many runs on this target may execute at once. ``vm_size`` and the
+        other cloud-only arguments are accepted with one warning (they pick Azure hardware)."""
+        if not isinstance(max_nodes, int) or isinstance(max_nodes, bool) or max_nodes < 1:
+            raise ComputeTargetException(f"max_nodes must be an integer >= 1, got {max_nodes!r}")
+        ignored = [k for k, v in {"vm_size": vm_size, "min_nodes": min_nodes or None, **kwargs}.items() if v]
+        if ignored:
+            warnings.warn(
+                f"dockyard runs on this machine: {', '.join(ignored)} (cloud-only) are ignored; "
+                "max_nodes is how many runs of this target execute at once",
+                stacklevel=2,
+            )
+        return AmlCompute._Config(max_nodes, vm_size)
+
+
+class ComputeTarget:
+    """A named compute target (Azure ML's ``ComputeTarget``).
+
+    Raises:
+        ComputeTargetException: ``ComputeTarget(workspace=ws, name=...)`` of a target that does not exist.
+    """
+
+    def __init__(self, workspace: Workspace, name: str) -> None:
+        from ._agent import LOCAL_COMPUTE
+
+        self.workspace = workspace
+        self.name = _check_name("compute target", name)
+        if name != LOCAL_COMPUTE and workspace._store().compute(name) is None:
+            raise ComputeTargetException(
+                f"compute target {name!r} does not exist in workspace {workspace.name!r}",
+                hint="create it with ComputeTarget.create(ws, name, AmlCompute.provisioning_configuration(max_nodes=N))",
+            )
+
+    @classmethod
+    def _from_record(cls, workspace: Workspace, name: str) -> ComputeTarget:
+        target = cls.__new__(cls)
+        target.workspace, target.name = workspace, name
+        return target
+
+    @staticmethod
+    def create(workspace: Workspace, name: str, provisioning_configuration: AmlCompute._Config) -> ComputeTarget:
+        """Create (or update) a compute target; ready at once (no cloud provisioning)."""
+        _check_name("compute target", name)
+        workspace._store().put_compute(name, provisioning_configuration.max_nodes, provisioning_configuration.vm_size)
+        return ComputeTarget._from_record(workspace, name)
+
+    @property
+    def max_nodes(self) -> int:
+        from ._agent import default_max_nodes
+
+        found = self.workspace._store().compute(self.name)
+        return found.max_nodes if found else default_max_nodes()
+
+    def wait_for_completion(self, show_output: bool = False, **kwargs: Any) -> None:
+        """Provisioning is instant here; prints the state like Azure ML when ``show_output``."""
+        if show_output:
+            print(f"Provisioning operation finished, operation \"Succeeded\" ({self.name}, max_nodes={self.max_nodes})")
+
+    def get_status(self) -> _ComputeStatus:
+        """Current node usage: running runs count as busy nodes."""
+        store = self.workspace._store()
+        running = sum(1 for r in store.list(statuses=("Running",), limit=10_000) if r.compute == self.name)
+        queued = sum(1 for r in store.list(statuses=("Queued",), limit=10_000) if r.compute == self.name)
+        return _ComputeStatus(self.name, self.max_nodes, running, queued)
+
+    def delete(self) -> None:
+        raise ComputeTargetException("deleting compute targets is not supported yet")
+
+    def __repr__(self) -> str:
+        return f"ComputeTarget(name={self.name!r}, max_nodes={self.max_nodes})"
+
+
+class _ComputeStatus:
+    def __init__(self, name: str, max_nodes: int, running: int, queued: int) -> None:
+        self.name, self.max_nodes, self.running, self.queued = name, max_nodes, running, queued
+
+    def serialize(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "provisioningState": "Succeeded",
+            "currentNodeCount": self.running,
+            "targetNodeCount": self.max_nodes,
+            "nodeStateCounts": {"runningNodeCount": self.running, "idleNodeCount": self.max_nodes - self.running},
+            "scaleSettings": {"minNodeCount": 0, "maxNodeCount": self.max_nodes},
+            "queuedRuns": self.queued,
+        }
+
+
+class ScriptRunConfig:
+    """What to run: a script in a source directory, in an environment, on a compute target."""
+
+    def __init__(self, source_directory: str | os.PathLike[str] = ".", script: str | None = None,
+                 arguments: Iterable[object] | None = None, run_config: Any = None, _telemetry_values: Any = None,
+                 compute_target: ComputeTarget | str | None = None, environment: Environment | None = None,
+                 max_run_duration_seconds: int | None = None, **kwargs: Any) -> None:
+        self.source_directory = str(source_directory)
+        self.script = script
+        self.arguments = [str(a) for a in (arguments or [])]
+        self.compute_target = compute_target
+        self.environment = environment
+        self.max_run_duration_seconds = max_run_duration_seconds
+
+    def _validate(self) -> tuple[Path, str]:
+        source = Path(self.source_directory).expanduser()
+        if not source.is_dir():
+            raise InputError(f"source directory {self.source_directory!r} does not exist",
+                             hint="pass the folder that holds your training script")
+        if not self.script:
+            raise InputError("ScriptRunConfig needs a script", hint="e.g. ScriptRunConfig(source_directory='src', script='train.py')")
+        root = source.resolve()
+        script = (root / self.script).resolve()
+        if root != script and root not in script.parents:
+            raise InputError(f"script {self.script!r} is outside the source directory {root}",
+                             hint="put the script inside source_directory and name it relative to it")
+        if not script.is_file():
+            raise InputError(f"script {self.script!r} not found in {root}", hint="check the script name")
+        return root, script.relative_to(root).as_posix()
+
+
+class Experiment:
+    """A named group of runs in a workspace."""
+
+    def __init__(self, workspace: Workspace, name: str, **kwargs: Any) -> None:
+        self.workspace = workspace
+        self.name = _check_name("experiment", name)
+
+    def __repr__(self) -> str:
+        return f"Experiment(name={self.name!r}, workspace={self.workspace.name!r})"
+
+    def submit(self, config: ScriptRunConfig, tags: dict[str, str] | None = None, **kwargs: Any) -> Any:
+        """Snapshot the source, queue the run and return at once (the agent starts it).
+
+        Raises:
+            InputError: missing/outside script, missing source, bad names, unknown compute
+                target, oversized snapshot.
+            RegistryAuthError: the environment's private base registry refused its credentials.
+        """
+        from ._agent import LOCAL_COMPUTE, ensure_agent
+        from ._run import Run
+        from ._runstore import RunRecord, new_run_id
+        from ._snapshot import SnapshotStore
+
+        source, script = config._validate()
+        target = config.compute_target
+        compute = target.name if isinstance(target, ComputeTarget) else (target or LOCAL_COMPUTE)
+        if compute != LOCAL_COMPUTE and self.workspace._store().compute(str(compute)) is None:
+            raise ComputeTargetException(
+                f"unknown compute target {compute!r}",
+                hint="create it with ComputeTarget.create(...) or leave compute_target unset for 'local'",
+            )
+        env = config.environment or Environment("default")
+        env.validate()
+        registry = env.docker.base_image_registry
+        if env.docker.enabled and registry.address and registry._password is not None:
+            # A password set in code lives only in this process: pull the base now, the agent's
+            # build then finds it in the engine. Nothing stores the password.
+            from ._builder import Builder
+
+            builder = Builder(self.workspace.home)
+            try:
+                builder.resolve_base(env)
+            finally:
+                builder.close()
+        snapshot = SnapshotStore(self.workspace.home / "snapshots").take(source)
+        run_id = new_run_id(self.name)
+        run_dir = self.workspace.directory / "runs" / run_id
+        run_dir.mkdir(parents=True, exist_ok=True)
+        store = self.workspace._store()
+        store.insert(
+            RunRecord(
+                id=run_id, experiment=self.name, status="Queued", script=script, arguments=tuple(config.arguments),
+                source_dir=str(source), snapshot=snapshot.id, environment=env.to_dict(), compute=str(compute),
+                docker=bool(env.docker.enabled), image="", gpus=(), exit_code=None, reason="", container_id="",
+                pid=None, created=time.time(), started=None, ended=None, cancel_requested=False,
+                metrics_offset=0, run_dir=str(run_dir),
+            )
+        )
+        ensure_agent(self.workspace.directory, images_home=self.workspace.home)
+        return Run(self, run_id)
+
+    def get_runs(self) -> list[Any]:
+        from ._run import Run
+
+        return [Run(self, r.id) for r in self.workspace._store().list(experiment=self.name)]

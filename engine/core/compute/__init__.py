@@ -1,0 +1,5 @@
+"""``dockyard.core.compute`` (Azure ML's ``azureml.core.compute``): compute targets on this machine."""
+
+from dockyard._workflow import AmlCompute, ComputeTarget
+
+__all__ = ["AmlCompute", "ComputeTarget"]
