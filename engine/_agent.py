@@ -36,7 +36,7 @@ CONTAINER_LIB = "/opt/dockyard/lib"
 CONTAINER_WORK = "/workspace"
 CONTAINER_META = "/dockyard/meta"
 # How long the engine may be unreachable before running container runs are marked Failed.
-ENGINE_GRACE_S = 15.0
+ENGINE_GRACE_S = float(os.environ.get("DOCKYARD_ENGINE_GRACE_S", "15"))
 
 
 def default_max_nodes() -> int:

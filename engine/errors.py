@@ -8,7 +8,9 @@ a caller needs (``hint`` says what to do next) and an ``exit_code`` the CLI uses
     DockyardError                      exit 1 unless a subclass says otherwise
     ├── InputError                     exit 2  bad input or usage: the caller must change something
     │   ├── SpecError                          an environment/run file is invalid (file, line, field)
-    │   └── SnapshotTooLarge                   a run's source directory is over the snapshot budget
+    │   ├── SnapshotTooLarge                   a run's source directory is over the snapshot budget
+    │   ├── RunNotFound                        no run has that id
+    │   └── ComputeTargetException             no such compute target (Azure ML's name)
     ├── EnvironmentProblem             exit 3  the machine lacks a part: install or start it
     │   ├── EngineUnavailable                  no Docker Engine answers at DOCKER_HOST
     │   ├── BuildKitUnavailable                the engine answers but its BuildKit does not

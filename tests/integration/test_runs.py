@@ -1,0 +1,261 @@
+"""Runs end to end against the real engine: submit, follow, metrics, outputs, failures, the agent."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from dockyard import Environment, Experiment, Run, ScriptRunConfig, Workspace
+from dockyard._agent import agent_status, stop_agent
+from dockyard.errors import ComputeTargetException, InputError, RunFailed, RunNotFound
+
+pytestmark = pytest.mark.engine
+
+PYTHON = "dockyard/base:bookworm-python3"
+
+TRAIN = """
+import sys, time, os
+from dockyard import Run
+run = Run.get_context()
+for i in range(3):
+    run.log("loss", 1.0 / (i + 1))
+    print("epoch", i, flush=True)
+run.log("accuracy", 0.75)
+os.makedirs("outputs", exist_ok=True)
+with open("outputs/model.txt", "w") as fh:
+    fh.write("weights")
+print("args", sys.argv[1:])
+"""
+
+
+@pytest.fixture
+def ws(home: Path):
+    workspace = Workspace(f"ws{uuid.uuid4().hex[:6]}", home=home)
+    yield workspace
+    stop_agent(workspace.directory)
+    _remove_run_containers(workspace)
+
+
+def _remove_run_containers(workspace: Workspace) -> None:
+    from dockyard._engine import EngineAddress
+
+    engine = EngineAddress.from_env()
+    query = json.dumps({"label": [f"dockyard.workspace={workspace.directory}"]}).replace(" ", "")
+    reply = engine.request("GET", f"/containers/json?all=1&filters={query}")
+    for c in reply.json() or []:
+        engine.request("DELETE", f"/containers/{c['Id']}?force=1")
+
+
+def python_env() -> Environment:
+    env = Environment("py")
+    env.docker.base_image = PYTHON
+    return env
+
+
+def source(tmp_path: Path, code: str = TRAIN, name: str = "train.py") -> Path:
+    src = tmp_path / "src"
+    src.mkdir(exist_ok=True)
+    (src / name).write_text(code)
+    return src
+
+
+def test_submit_follow_metrics_outputs(ws: Workspace, tmp_path: Path, capsys):
+    src = source(tmp_path)
+    run = Experiment(ws, "exp").submit(ScriptRunConfig(str(src), "train.py", arguments=["--lr", 0.1], environment=python_env()))
+    assert run.get_status() in ("Queued", "Running", "Completed")
+    details = run.wait_for_completion(show_output=True)
+    out = capsys.readouterr().out
+    assert "epoch 2" in out and "args ['--lr', '0.1']" in out and "Status: Completed" in out
+    assert details["status"] == "Completed" and details["exitCode"] == 0
+    assert run.get_metrics() == {"loss": [1.0, 0.5, 1.0 / 3], "accuracy": 0.75}
+    assert "outputs/model.txt" in run.get_file_names()
+    target = run.download_file("outputs/model.txt", tmp_path / "model.txt")
+    assert Path(target).read_text() == "weights"
+    assert agent_status(ws.directory)["running"]
+
+
+def test_failed_script_is_failed_with_exit_code_and_tail(ws: Workspace, tmp_path: Path):
+    src = source(tmp_path, "import sys\nprint('about to fail')\nsys.exit(3)\n", "bad.py")
+    run = Experiment(ws, "exp").submit(ScriptRunConfig(str(src), "bad.py", environment=python_env()))
+    with pytest.raises(RunFailed) as info:
+        run.wait_for_completion()
+    assert info.value.exit_code_of_run == 3 and "about to fail" in info.value.log_tail
+    details = run.get_details()
+    assert details["status"] == "Failed" and details["error"]["exitCode"] == 3
+    assert "about to fail" in details["error"]["logTail"]
+
+
+def test_bad_inputs(ws: Workspace, tmp_path: Path):
+    src = source(tmp_path)
+    exp = Experiment(ws, "exp")
+    with pytest.raises(InputError, match="not found"):
+        exp.submit(ScriptRunConfig(str(src), "missing.py"))
+    with pytest.raises(InputError, match="outside the source directory"):
+        exp.submit(ScriptRunConfig(str(src), "../elsewhere.py"))
+    with pytest.raises(ComputeTargetException):
+        exp.submit(ScriptRunConfig(str(src), "train.py", compute_target="nope"))
+    with pytest.raises(InputError, match="not valid"):
+        Experiment(ws, "a/b")
+    with pytest.raises(RunNotFound):
+        ws._store().get("no-such-run")
+    assert ws._store().list() == [], "a rejected submit must leave no run row"
+
+
+def test_cancel_a_running_run(ws: Workspace, tmp_path: Path):
+    src = source(tmp_path, "import time\nprint('sleeping', flush=True)\ntime.sleep(120)\n", "sleep.py")
+    run = Experiment(ws, "exp").submit(ScriptRunConfig(str(src), "sleep.py", environment=python_env()))
+    deadline = time.monotonic() + 60
+    while run.get_status() != "Running" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    run.cancel()
+    details = run.wait_for_completion(raise_on_error=False)
+    assert details["status"] == "Canceled"
+
+
+def test_compute_target_max_nodes_limits_concurrency(ws: Workspace, tmp_path: Path):
+    from dockyard.core.compute import AmlCompute, ComputeTarget
+
+    with pytest.warns(UserWarning, match="vm_size"):
+        config = AmlCompute.provisioning_configuration(vm_size="STANDARD_NC6", max_nodes=1)
+    target = ComputeTarget.create(ws, "one-at-a-time", config)
+    src = source(tmp_path, "import time\ntime.sleep(2)\n", "nap.py")
+    exp = Experiment(ws, "exp")
+    runs = [exp.submit(ScriptRunConfig(str(src), "nap.py", compute_target=target, environment=python_env())) for _ in range(2)]
+    seen_both_running = False
+    while not all(r.get_status() in ("Completed", "Failed") for r in runs):
+        statuses = [r.get_status() for r in runs]
+        seen_both_running = seen_both_running or statuses.count("Running") == 2
+        assert target.get_status().serialize()["currentNodeCount"] <= 1
+        time.sleep(0.05)
+    assert not seen_both_running
+    assert [r.get_status() for r in runs] == ["Completed", "Completed"]
+
+
+def test_local_process_run(ws: Workspace, tmp_path: Path):
+    src = source(tmp_path)
+    env = Environment("local")
+    env.docker.enabled = False
+    env.python.interpreter_path = sys.executable
+    run = Experiment(ws, "exp").submit(ScriptRunConfig(str(src), "train.py", environment=env))
+    details = run.wait_for_completion()
+    assert details["status"] == "Completed"
+    assert run.get_metrics()["accuracy"] == 0.75
+
+
+def test_ten_megabytes_of_output_are_kept_whole(ws: Workspace, tmp_path: Path):
+    code = "import sys\nline = 'x' * 99 + '\\n'\nfor _ in range(100_000):\n    sys.stdout.write(line)\nprint('END')\n"
+    src = source(tmp_path, code, "loud.py")
+    run = Experiment(ws, "exp").submit(ScriptRunConfig(str(src), "loud.py", environment=python_env()))
+    run.wait_for_completion()
+    log = Path(run._record().run_dir) / "meta" / "std.log"
+    assert log.stat().st_size == 100_000 * 100 + 4
+    assert log.read_text().endswith("END\n")
+
+
+def test_agent_kill_9_during_a_run_loses_nothing(ws: Workspace, tmp_path: Path):
+    src = source(tmp_path, "import time\nfrom dockyard import Run\nr = Run.get_context()\nfor i in range(8):\n    r.log('step', i)\n    time.sleep(0.5)\n", "steps.py")
+    run = Experiment(ws, "exp").submit(ScriptRunConfig(str(src), "steps.py", environment=python_env()))
+    deadline = time.monotonic() + 60
+    while run.get_status() != "Running" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    pid = agent_status(ws.directory)["pid"]
+    os.kill(pid, signal.SIGKILL)
+    time.sleep(1)
+    assert not agent_status(ws.directory)["running"], "the lock must die with the agent"
+    out = subprocess.run([sys.executable, "-m", "dockyard", "runs", "ls", "--workspace", ws.name, "--json"],
+                         capture_output=True, text=True, env={**os.environ, "DOCKYARD_HOME": str(ws.home)}, timeout=60)
+    assert json.loads(out.stdout)["runs"][0]["status"] == "Running"
+    # A new agent adopts the container and records the true end.
+    subprocess.run([sys.executable, "-m", "dockyard", "agent", "start", "--workspace", ws.name], check=True,
+                   env={**os.environ, "DOCKYARD_HOME": str(ws.home)}, capture_output=True, timeout=60)
+    details = run.wait_for_completion()
+    assert details["status"] == "Completed"
+    assert run.get_metrics()["step"] == list(range(8)), "metrics logged while no agent ran were lost"
+
+
+def test_two_agents_never_run_at_once(ws: Workspace):
+    from dockyard._agent import Agent, ensure_agent
+
+    first = ensure_agent(ws.directory, images_home=ws.home)
+    assert first["running"]
+    assert Agent(ws.directory, home=ws.home).serve() == 1  # the second one refuses and returns
+
+
+def test_engine_down_mid_run_fails_the_run_and_the_agent_keeps_serving(home: Path, tmp_path: Path, monkeypatch):
+    relay_path = tmp_path / "engine.sock"
+    relay = _Relay(str(relay_path), "/var/run/docker.sock")
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{relay_path}")
+    monkeypatch.setenv("DOCKYARD_ENGINE_GRACE_S", "1")
+    ws = Workspace(f"ws{uuid.uuid4().hex[:6]}", home=home)
+    try:
+        src = source(tmp_path, "import time\ntime.sleep(60)\n", "long.py")
+        run = Experiment(ws, "exp").submit(ScriptRunConfig(str(src), "long.py", environment=python_env()))
+        deadline = time.monotonic() + 60
+        while run.get_status() != "Running" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        relay.close()  # the engine "goes away" for this agent
+        details = run.wait_for_completion(raise_on_error=False)
+        assert details["status"] == "Failed" and "unreachable" in details["error"]["message"]
+        assert agent_status(ws.directory)["running"], "the agent must keep serving"
+    finally:
+        relay.close()
+        monkeypatch.setenv("DOCKER_HOST", "unix:///var/run/docker.sock")
+        stop_agent(ws.directory)
+        _remove_run_containers(ws)
+
+
+class _Relay:
+    """A unix-socket relay to the real engine that the test can cut."""
+
+    def __init__(self, path: str, target: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(path)
+        self.sock.listen(16)
+        self.target = target
+        self.closed = False
+        self.conns: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.closed:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            up = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            up.connect(self.target)
+            self.conns += [conn, up]
+            for a, b in ((conn, up), (up, conn)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(a: socket.socket, b: socket.socket) -> None:
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            try:
+                b.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.closed = True
+        self.sock.close()
+        for c in self.conns:
+            try:
+                c.close()
+            except OSError:
+                pass
