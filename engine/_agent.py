@@ -77,6 +77,11 @@ def ensure_agent(home: Path, *, images_home: Path | None = None, wait: float = 1
     """Start the agent for the workspace folder ``home`` unless one runs; return its status."""
     status = agent_status(home)
     if status["running"]:
+        if status["pid"]:
+            try:
+                os.kill(status["pid"], signal.SIGUSR1)  # "there is work": no waiting for the next poll
+            except ProcessLookupError:
+                pass
         return status
     log = open(Path(home) / "agent.log", "ab")
     try:
@@ -135,6 +140,7 @@ class Agent:
         self._children: dict[str, subprocess.Popen[bytes]] = {}
         self._engine_down_since: float | None = None
         self._stop = threading.Event()
+        self._wake = threading.Event()  # set by SIGUSR1 (a submit) or by a run that just ended
         self._log_lock = threading.Lock()
 
     def log(self, message: str) -> None:
@@ -153,14 +159,17 @@ class Agent:
             return 1
         (self.workspace_dir / "agent.pid").write_text(str(os.getpid()))
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: self._stop.set())
+            signal.signal(sig, lambda *_: (self._stop.set(), self._wake.set()))
+        signal.signal(signal.SIGUSR1, lambda *_: self._wake.set())
         self.log(f"agent {os.getpid()} serving {self.workspace_dir}")
         while not self._stop.is_set():
             try:
                 self.step()
             except Exception as exc:  # noqa: BLE001 - the agent keeps serving whatever one pass hit
                 self.log(f"pass failed: {type(exc).__name__}: {exc}")
-            self._stop.wait(self.poll)
+            # Polling is the fallback; submits (SIGUSR1) and container exits wake the loop at once.
+            self._wake.wait(self.poll)
+            self._wake.clear()
         self.log("agent stopping; running runs keep running and will be adopted")
         return 0
 
@@ -271,9 +280,15 @@ class Agent:
                 ],
             },
         }
-        self._remove_stale_containers(record.id)
-        reply = self.engine.request("POST", f"/containers/create?name=dockyard-{record.id}", body=json.dumps(body).encode(),
-                                    headers={"Content-Type": "application/json"}, timeout=60)
+        if record.container_id:  # an earlier launch got this far before the agent died
+            self.engine.request("DELETE", f"/containers/{record.container_id}?force=1")
+        create = f"/containers/create?name=dockyard-{record.id}"
+        payload = json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"}
+        reply = self.engine.request("POST", create, body=payload, headers=headers, timeout=60)
+        if reply.status == 409:  # created, then the agent died before recording it
+            self.engine.request("DELETE", f"/containers/dockyard-{record.id}?force=1")
+            reply = self.engine.request("POST", create, body=payload, headers=headers, timeout=60)
         if reply.status != 201:
             raise EngineUnavailable(self.engine.url, f"creating the container answered HTTP {reply.status}: {reply.body[:300]!r}")
         container_id = reply.json()["Id"]
@@ -283,14 +298,15 @@ class Agent:
             raise EngineUnavailable(self.engine.url, f"starting the container answered HTTP {started.status}: {started.body[:300]!r}")
         self.store.transition(record.id, "Running", started=time.time())
         self.log(f"{record.id} running in container {container_id[:12]} ({built.image})")
+        threading.Thread(target=self._await_container, args=(container_id,), daemon=True).start()
 
-    def _remove_stale_containers(self, run_id: str) -> None:
-        query = json.dumps({"label": [f"dockyard.run={run_id}"]})
-        from urllib.parse import quote
-
-        reply = self.engine.request("GET", f"/containers/json?all=1&filters={quote(query)}")
-        for c in (reply.json() or []) if reply.status == 200 else []:
-            self.engine.request("DELETE", f"/containers/{c['Id']}?force=1")
+    def _await_container(self, container_id: str) -> None:
+        """Block on the engine's wait endpoint so the loop notices the exit at once."""
+        try:
+            self.engine.request("POST", f"/containers/{container_id}/wait", timeout=None)
+        except DockyardError:
+            pass  # the loop's own check decides what happened
+        self._wake.set()
 
     def _start_process(self, record: RunRecord, env: Any, variables: dict[str, str], work: Path, meta: Path) -> None:
         runtime_env = {**os.environ, **variables, "DOCKYARD_METRICS_FILE": str(meta / "metrics.jsonl")}
@@ -305,6 +321,7 @@ class Agent:
             start_new_session=True,
         )
         self._children[record.id] = proc
+        threading.Thread(target=lambda: (proc.wait(), self._wake.set()), daemon=True).start()
         self.store.update(record.id, pid=proc.pid, image="(local process)")
         self.store.transition(record.id, "Running", started=time.time())
         self.log(f"{record.id} running as local process {proc.pid}")
