@@ -24,13 +24,16 @@ pytestmark = pytest.mark.engine
 IMAGE = "dockyard/base:bookworm-python3"
 # resolve(): the venv's strict editable install is a tree of symlinks into engine/.
 ENGINE_DIR = Path(dockyard.__file__).resolve().parent
-ALLOWED = {"dockyard", "dockyard._runcontext"}
+ALLOWED = {"dockyard", "dockyard._runcontext", "dockyard._run", "dockyard.core", "dockyard.core.run"}
 
 TRAIN = r'''
 import json, sys
 startup = sorted(sys.modules)
-from dockyard._runcontext import get_context
-run = get_context()
+from dockyard import Run
+from dockyard.core import Run as CoreRun
+from dockyard.core.run import Run as CoreRunModule
+assert Run is CoreRun is CoreRunModule
+run = Run.get_context()
 run.log("accuracy", 0.9)
 run.log("loss", 0.5, step=1)
 run.log("loss", float("nan"), step=2)

@@ -24,7 +24,8 @@ from dockyard import _runcontext as rc
 from dockyard._runcontext import OfflineRun, SubmittedRun, fold_records, read_metric_lines, read_metrics, read_tags
 
 ENGINE_DIR = Path(dockyard.__file__).resolve().parent
-IN_RUN_MODULES = ["__init__.py", "_runcontext.py"]  # everything `import dockyard._runcontext` loads
+# Everything `from dockyard import Run` / `from dockyard.core import Run` loads inside a container.
+IN_RUN_MODULES = ["__init__.py", "_runcontext.py", "_run.py", "core/__init__.py", "core/run.py"]
 
 
 # --- Python 3.8, standard library only ----------------------------------------------------------
