@@ -259,3 +259,62 @@ class _Relay:
                 c.close()
             except OSError:
                 pass
+
+
+def test_oversized_snapshot_is_refused_before_anything_is_queued(ws: Workspace, tmp_path: Path, monkeypatch):
+    src = source(tmp_path)
+    (src / "big.bin").write_bytes(b"\0" * (2 * 1024 * 1024))
+    monkeypatch.setenv("DOCKYARD_SNAPSHOT_MAX_MB", "1")
+    with pytest.raises(InputError) as info:
+        Experiment(ws, "exp").submit(ScriptRunConfig(str(src), "train.py", environment=python_env()))
+    assert "big.bin" in str(info.value) and ".amlignore" in info.value.hint
+    assert ws._store().list() == []
+
+
+def test_environment_variables_reach_the_script_and_source_edits_do_not_rebuild(ws: Workspace, tmp_path: Path):
+    src = source(tmp_path, "import os\nprint('GREETING=' + os.environ['GREETING'])\n", "env.py")
+    env = python_env()
+    env.environment_variables = {"GREETING": "hello-from-env"}
+    exp = Experiment(ws, "exp")
+    first = exp.submit(ScriptRunConfig(str(src), "env.py", environment=env))
+    first.wait_for_completion()
+    assert "GREETING=hello-from-env" in Path(first._record().run_dir, "meta", "std.log").read_text()
+    (src / "env.py").write_text("import os\nprint('edited ' + os.environ['GREETING'])\n")
+    second = exp.submit(ScriptRunConfig(str(src), "env.py", environment=env))
+    second.wait_for_completion()
+    assert second._record().image == first._record().image, "a source edit must not change the image"
+    assert "edited hello-from-env" in Path(second._record().run_dir, "meta", "std.log").read_text()
+
+
+def test_cli_run_show_logs_and_ctrl_c_detaches(ws: Workspace, tmp_path: Path):
+    src = source(tmp_path)
+    (tmp_path / "env.yml").write_text(f"name: py\ndocker:\n  base_image: {PYTHON}\n")
+    env = {**os.environ, "DOCKYARD_HOME": str(ws.home)}
+    cli = [sys.executable, "-m", "dockyard"]
+    done = subprocess.run([*cli, "run", "train.py", "--source", str(src), "--env", str(tmp_path / "env.yml"),
+                           "--workspace", ws.name, "--json", "--", "--x", "1"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(done.stdout)
+    assert doc["status"] == "Completed" and doc["exit_code"] == 0 and doc["metrics"]["accuracy"] == [0.75]
+    assert set(doc) >= {"id", "status", "exit_code", "image", "gpus", "metrics"}
+    shown = subprocess.run([*cli, "runs", "show", doc["id"], "--workspace", ws.name], capture_output=True, text=True, env=env, timeout=60)
+    assert "Completed" in shown.stdout and "loss" in shown.stdout and "█" in shown.stdout
+    logs = subprocess.run([*cli, "runs", "logs", doc["id"], "--workspace", ws.name], capture_output=True, text=True, env=env, timeout=60)
+    assert "args ['--x', '1']" in logs.stdout
+    missing = subprocess.run([*cli, "runs", "show", "nope", "--workspace", ws.name], capture_output=True, text=True, env=env, timeout=60)
+    assert missing.returncode == 2 and "no run with id" in missing.stderr
+
+    # Ctrl-C while following: the CLI detaches, the run goes on.
+    sleeper = source(tmp_path, "import time\nprint('started', flush=True)\ntime.sleep(3)\nprint('finished', flush=True)\n", "slow.py")
+    follow = subprocess.Popen([*cli, "run", "slow.py", "--source", str(sleeper), "--env", str(tmp_path / "env.yml"),
+                               "--workspace", ws.name], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 60
+    while not any(r.status == "Running" and r.script == "slow.py" for r in ws._store().list()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    follow.send_signal(signal.SIGINT)
+    out, _ = follow.communicate(timeout=60)
+    assert "detached" in out
+    (record,) = [r for r in ws._store().list() if r.script == "slow.py"]
+    run = Run(Experiment(ws, record.experiment), record.id)
+    assert run.wait_for_completion()["status"] == "Completed"
