@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from ._engine import EngineAddress
+from ._leases import LeaseConflict, LeaseStore
 from ._runstore import RunRecord, RunStore
-from .errors import DockyardError, EngineUnavailable
+from .errors import DockyardError, EngineUnavailable, EnvironmentProblem
 
 __all__ = ["Agent", "LOCAL_COMPUTE", "agent_status", "default_max_nodes", "ensure_agent", "stop_agent"]
 
@@ -134,6 +135,9 @@ class Agent:
         self.workspace_dir = Path(workspace_dir)  # runs, their folders, the agent lock
         self.home = Path(home) if home is not None else dockyard_home()  # images and snapshots, shared
         self.store = RunStore(self.workspace_dir)
+        self.leases = LeaseStore(self.home)  # machine-wide: shared with other workspaces' agents
+        self.holder = str(self.workspace_dir)
+        self._gpus: Any = None  # (inventory, topology), read once per agent
         self.engine = engine or EngineAddress.from_env()
         self.poll = poll
         self._preparing: dict[str, threading.Thread] = {}
@@ -176,10 +180,29 @@ class Agent:
     # -- one pass ---------------------------------------------------------------------------------
 
     def step(self) -> None:
-        """Follow running runs, honour cancels, then start queued runs that fit."""
+        """Follow running runs, honour cancels, reclaim orphaned GPU leases, start what fits."""
         for record in self.store.list(statuses=("Running",), limit=10_000):
             self._follow(record)
+        self.leases.reclaim(self.holder, self._holds_gpus)
         self._start_queued()
+
+    def _holds_gpus(self, run_id: str) -> bool:
+        """A lease stays while its run is launching or running; ended or vanished runs lose it."""
+        if run_id in self._preparing and self._preparing[run_id].is_alive():
+            return True
+        try:
+            return self.store.get(run_id).status == "Running"
+        except DockyardError:
+            return False
+
+    def _gpu_state(self) -> Any:
+        if self._gpus is None:
+            from ._gpu import inventory
+            from ._sched import Topology
+
+            found = inventory()
+            self._gpus = (found, Topology.from_dict(found.topology_dict()) if found.gpus else None)
+        return self._gpus
 
     def _capacity(self, compute: str) -> int:
         if compute == LOCAL_COMPUTE:
@@ -196,6 +219,7 @@ class Agent:
         for run_id, thread in list(self._preparing.items()):
             if not thread.is_alive():
                 del self._preparing[run_id]
+        waiting_gpu: list[RunRecord] = []
         for record in self.store.queued():
             if record.id in self._preparing:
                 busy[record.compute] = busy.get(record.compute, 0) + 1
@@ -204,27 +228,73 @@ class Agent:
                 self.store.transition(record.id, "Canceled", ended=time.time(), reason="canceled before it started")
                 continue
             if busy.get(record.compute, 0) >= self._capacity(record.compute):
+                self._set_reason(record, f"compute target {record.compute} is full ({self._capacity(record.compute)} at once)")
+                continue
+            if record.gpu_count:
+                waiting_gpu.append(record)
                 continue
             busy[record.compute] = busy.get(record.compute, 0) + 1
-            thread = threading.Thread(target=self._launch, args=(record,), name=f"launch-{record.id}", daemon=True)
-            self._preparing[record.id] = thread
-            thread.start()
+            self._spawn(record, ())
+        if waiting_gpu:
+            self._start_gpu_runs(waiting_gpu, running)
+
+    def _spawn(self, record: RunRecord, gpus: tuple[str, ...]) -> None:
+        thread = threading.Thread(target=self._launch, args=(record, gpus), name=f"launch-{record.id}", daemon=True)
+        self._preparing[record.id] = thread
+        thread.start()
+
+    def _set_reason(self, record: RunRecord, reason: str) -> None:
+        if record.reason != reason:
+            self.store.update(record.id, reason=reason)
+
+    def _start_gpu_runs(self, waiting: list[RunRecord], running: list[RunRecord]) -> None:
+        """Ask the placement policy which waiting GPU runs start now, on which GPUs."""
+        from ._sched import Active, Waiting, plan
+        from ._workflow import _gpu_request_of
+
+        found, topology = self._gpu_state()
+        if topology is None:
+            for record in waiting:
+                self._set_reason(record, f"needs {record.gpu_count} GPU(s); this machine has none")
+            return
+        held = self.leases.held()
+        free = frozenset(g.uuid for g in found.gpus) - set(held)
+        active = []
+        for r in running:
+            if r.gpus:
+                limit = r.gpu_request.get("time_limit_s")
+                active.append(Active(r.id, tuple(r.gpus), (r.started or r.created) + limit if limit else None))
+        queue = [Waiting(r.id, _gpu_request_of(r.gpu_request), r.created) for r in waiting]
+        decision = plan(time.time(), topology, free, queue, active)
+        by_id = {r.id: r for r in waiting}
+        for run_id, gpus in decision.starts:
+            try:
+                self.leases.grant(run_id, gpus, self.holder)
+            except LeaseConflict:
+                continue  # another workspace's agent took one first: next pass re-plans
+            self.store.update(run_id, gpus=list(gpus))
+            self._spawn(by_id[run_id], tuple(gpus))
+        for run_id, reason in decision.reasons.items():
+            if run_id in by_id:
+                self._set_reason(by_id[run_id], reason)
 
     # -- launching --------------------------------------------------------------------------------
 
-    def _launch(self, record: RunRecord) -> None:
+    def _launch(self, record: RunRecord, gpus: tuple[str, ...] = ()) -> None:
         try:
-            self._prepare_and_start(record)
+            self._prepare_and_start(record, gpus)
         except DockyardError as exc:
+            self.leases.release(record.id)
             tail = getattr(exc, "log_tail", "")
             reason = f"{exc}" + (f"\n{tail}" if tail else "")
             self.store.transition(record.id, "Failed", ended=time.time(), reason=reason)
             self.log(f"{record.id} failed to start: {exc}")
         except Exception as exc:  # noqa: BLE001 - a bug must fail one run, not the agent
+            self.leases.release(record.id)
             self.store.transition(record.id, "Failed", ended=time.time(), reason=f"internal error: {type(exc).__name__}: {exc}")
             self.log(f"{record.id} failed to start (internal): {exc!r}")
 
-    def _prepare_and_start(self, record: RunRecord) -> None:
+    def _prepare_and_start(self, record: RunRecord, gpus: tuple[str, ...]) -> None:
         from ._builder import Builder
         from ._environment import Environment
         from ._snapshot import SnapshotStore
@@ -243,9 +313,15 @@ class Agent:
             "DOCKYARD_EXPERIMENT": record.experiment,
             "PYTHONUNBUFFERED": "1",
         }
+        virtual = self._gpu_state()[0].virtual if gpus else False
         if not record.docker:
+            # Local processes are isolated by CUDA alone; "" hides every GPU from a CPU-only run.
+            variables.update({"CUDA_VISIBLE_DEVICES": ",".join(gpus), "CUDA_DEVICE_ORDER": "PCI_BUS_ID"})
             self._start_process(record, env, variables, work, meta)
             return
+        # Containers: NVIDIA's runtime reads NVIDIA_VISIBLE_DEVICES; "void" gives a CPU-only run none.
+        variables.update({"NVIDIA_VISIBLE_DEVICES": ",".join(gpus) if gpus else "void",
+                          "CUDA_DEVICE_ORDER": "PCI_BUS_ID"})
         builder = Builder(self.home, engine=self.engine)
         try:
             built = builder.ensure_image(env, progress=lambda line: self.log(f"{record.id}: {line}"))
@@ -280,6 +356,11 @@ class Agent:
                 ],
             },
         }
+        if gpus and not virtual:
+            # By UUID, never `count`: dockerd's count means "the first N GPUs", whoever uses them.
+            body["HostConfig"]["DeviceRequests"] = [  # type: ignore[index]
+                {"Driver": "nvidia", "DeviceIDs": list(gpus), "Capabilities": [["gpu"]]}
+            ]
         if record.container_id:  # an earlier launch got this far before the agent died
             self.engine.request("DELETE", f"/containers/{record.container_id}?force=1")
         create = f"/containers/create?name=dockyard-{record.id}"
@@ -295,7 +376,14 @@ class Agent:
         self.store.update(record.id, container_id=container_id, image=built.image)  # before start: adoptable
         started = self.engine.request("POST", f"/containers/{container_id}/start", timeout=60)
         if started.status not in (204, 304):
-            raise EngineUnavailable(self.engine.url, f"starting the container answered HTTP {started.status}: {started.body[:300]!r}")
+            self.engine.request("DELETE", f"/containers/{container_id}?force=1")  # leave nothing behind
+            message = started.body[:300].decode(errors="replace")
+            if "nvidia" in message.lower():
+                raise EnvironmentProblem(
+                    f"the engine cannot give GPUs to containers: {message.strip()}",
+                    hint="install the NVIDIA Container Toolkit (nvidia-container-toolkit) and restart dockerd",
+                )
+            raise EngineUnavailable(self.engine.url, f"starting the container answered HTTP {started.status}: {message}")
         self.store.transition(record.id, "Running", started=time.time())
         self.log(f"{record.id} running in container {container_id[:12]} ({built.image})")
         threading.Thread(target=self._await_container, args=(container_id,), daemon=True).start()
@@ -358,6 +446,7 @@ class Agent:
                 reason = f"the script exited with code {exit_code}"
         if self.store.transition(record.id, status, ended=time.time(), exit_code=exit_code, reason=reason):
             self.log(f"{record.id} {status} (exit code {exit_code})")
+        self.leases.release(record.id)
 
     def _follow_container(self, record: RunRecord) -> None:
         if not record.container_id:

@@ -61,7 +61,8 @@ CREATE TABLE IF NOT EXISTS runs (
     ended REAL,
     cancel_requested INTEGER NOT NULL DEFAULT 0,
     metrics_offset INTEGER NOT NULL DEFAULT 0,
-    run_dir TEXT NOT NULL
+    run_dir TEXT NOT NULL,
+    gpu_request TEXT NOT NULL DEFAULT '{}'   -- JSON: count, min_memory_mib, name_filter, priority, time_limit_s
 );
 CREATE INDEX IF NOT EXISTS runs_status ON runs(status, created);
 CREATE TABLE IF NOT EXISTS metrics (
@@ -84,7 +85,7 @@ CREATE TABLE IF NOT EXISTS computes (
 _COLUMNS = (
     "id, experiment, status, script, arguments, source_dir, snapshot, environment, compute, docker, "
     "image, gpus, exit_code, reason, container_id, pid, created, started, ended, cancel_requested, "
-    "metrics_offset, run_dir"
+    "metrics_offset, run_dir, gpu_request"
 )
 
 
@@ -114,6 +115,7 @@ class RunRecord:
     cancel_requested: bool
     metrics_offset: int
     run_dir: str
+    gpu_request: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_row(cls, row: tuple[Any, ...]) -> RunRecord:
@@ -123,7 +125,12 @@ class RunRecord:
         values[9] = bool(values[9])
         values[11] = tuple(json.loads(values[11]))
         values[19] = bool(values[19])
+        values[22] = json.loads(values[22] or "{}")
         return cls(*values)
+
+    @property
+    def gpu_count(self) -> int:
+        return int(self.gpu_request.get("count", 0))
 
     @property
     def final(self) -> bool:
@@ -161,6 +168,9 @@ class RunStore:
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=NORMAL")
                 conn.executescript(_SCHEMA)
+                columns = {row[1] for row in conn.execute("PRAGMA table_info(runs)")}
+                if "gpu_request" not in columns:  # a store from before GPU requests
+                    conn.execute("ALTER TABLE runs ADD COLUMN gpu_request TEXT NOT NULL DEFAULT '{}'")
             except (sqlite3.Error, OSError) as exc:
                 raise EnvironmentProblem(
                     f"cannot open the run store {self.path}: {exc}",
@@ -203,7 +213,7 @@ class RunStore:
             record.source_dir, record.snapshot, json.dumps(record.environment), record.compute,
             int(record.docker), record.image, json.dumps(list(record.gpus)), record.exit_code, record.reason,
             record.container_id, record.pid, record.created, record.started, record.ended,
-            int(record.cancel_requested), record.metrics_offset, record.run_dir,
+            int(record.cancel_requested), record.metrics_offset, record.run_dir, json.dumps(record.gpu_request),
         )
         with self._tx() as conn:
             conn.execute(f"INSERT INTO runs ({_COLUMNS}) VALUES ({', '.join('?' * len(values))})", values)

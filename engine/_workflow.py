@@ -223,8 +223,15 @@ class ScriptRunConfig:
     def __init__(self, source_directory: str | os.PathLike[str] = ".", script: str | None = None,
                  arguments: Iterable[object] | None = None, run_config: Any = None, _telemetry_values: Any = None,
                  compute_target: ComputeTarget | str | None = None, environment: Environment | None = None,
-                 max_run_duration_seconds: int | None = None, **kwargs: Any) -> None:
+                 max_run_duration_seconds: int | None = None, *, gpus: int = 0, gpu_memory_mib: int = 0,
+                 gpu_name: str | None = None, priority: int = 0, **kwargs: Any) -> None:
         self.source_directory = str(source_directory)
+        # dockyard's own: GPUs wanted (0 = CPU only), their minimum memory and name, queue priority.
+        # max_run_duration_seconds (Azure's) is the time limit the scheduler backfills with.
+        self.gpus = gpus
+        self.gpu_memory_mib = gpu_memory_mib
+        self.gpu_name = gpu_name
+        self.priority = priority
         self.script = script
         self.arguments = [str(a) for a in (arguments or [])]
         self.compute_target = compute_target
@@ -246,6 +253,38 @@ class ScriptRunConfig:
         if not script.is_file():
             raise InputError(f"script {self.script!r} not found in {root}", hint="check the script name")
         return root, script.relative_to(root).as_posix()
+
+    def _gpu_request(self) -> dict[str, Any]:
+        for name, value in (("gpus", self.gpus), ("gpu_memory_mib", self.gpu_memory_mib), ("priority", self.priority)):
+            if not isinstance(value, int) or isinstance(value, bool) or (name != "priority" and value < 0):
+                raise InputError(f"{name} must be a non-negative integer, got {value!r}")
+        limit = self.max_run_duration_seconds
+        if limit is not None and (not isinstance(limit, (int, float)) or limit <= 0):
+            raise InputError(f"max_run_duration_seconds must be a positive number, got {limit!r}")
+        return {"count": self.gpus, "min_memory_mib": self.gpu_memory_mib, "name_filter": self.gpu_name,
+                "priority": self.priority, "time_limit_s": limit}
+
+
+def _check_gpu_request_fits(request: dict[str, Any]) -> None:
+    """Reject at submit a GPU request this machine can never serve, saying why."""
+    from ._gpu import inventory
+    from ._sched import Topology
+
+    found = inventory()
+    if not found.gpus:
+        raise InputError(f"the run asks for {request['count']} GPU(s) but this machine has none ({found.reason})",
+                         hint="run with gpus=0, or declare virtual GPUs for development (DOCKYARD_GPUS=N)")
+    reason = _gpu_request_of(request).fits_ever(Topology.from_dict(found.topology_dict()))
+    if reason:
+        raise InputError(f"the run can never start here: {reason}", hint="ask for fewer GPUs or relax the filters")
+
+
+def _gpu_request_of(request: dict[str, Any]) -> Any:
+    from ._sched import GpuRequest
+
+    return GpuRequest(count=int(request.get("count", 0)), min_memory_mib=int(request.get("min_memory_mib") or 0),
+                      name_filter=request.get("name_filter"), priority=int(request.get("priority") or 0),
+                      time_limit_s=request.get("time_limit_s"))
 
 
 class Experiment:
@@ -281,6 +320,9 @@ class Experiment:
             )
         env = config.environment or Environment("default")
         env.validate()
+        gpu_request = config._gpu_request()
+        if gpu_request["count"]:
+            _check_gpu_request_fits(gpu_request)
         registry = env.docker.base_image_registry
         if env.docker.enabled and registry.address and registry._password is not None:
             # A password set in code lives only in this process: pull the base now, the agent's
@@ -303,7 +345,7 @@ class Experiment:
                 source_dir=str(source), snapshot=snapshot.id, environment=env.to_dict(), compute=str(compute),
                 docker=bool(env.docker.enabled), image="", gpus=(), exit_code=None, reason="", container_id="",
                 pid=None, created=time.time(), started=None, ended=None, cancel_requested=False,
-                metrics_offset=0, run_dir=str(run_dir),
+                metrics_offset=0, run_dir=str(run_dir), gpu_request=gpu_request,
             )
         )
         ensure_agent(self.workspace.directory, images_home=self.workspace.home)

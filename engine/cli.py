@@ -354,11 +354,18 @@ def _run_json(run) -> dict:  # type: ignore[no-untyped-def]
 @click.option("--env", "env_file", default=None, help="Environment file (default: the default python base image).")
 @click.option("--compute", default=None, help="Compute target (default: local).")
 @click.option("--experiment", default="default", show_default=True, help="Experiment name.")
+@click.option("--gpus", type=click.IntRange(min=0), default=0, show_default=True, help="GPUs the run needs (0 = CPU only).")
+@click.option("--gpu-memory", "gpu_memory", type=click.IntRange(min=0), default=0, help="Minimum memory per GPU, MiB.")
+@click.option("--gpu-name", default=None, help="Only GPUs whose name contains this (e.g. H100).")
+@click.option("--priority", type=int, default=0, show_default=True, help="Higher starts first.")
+@click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Seconds the run may take; lets shorter runs use GPUs reserved for a later start.")
 @click.option("--detach", is_flag=True, help="Submit and return at once.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (waits for the end unless --detach).")
 @_WORKSPACE
 def run_command(script: str, args: tuple[str, ...], source: str, env_file: str | None, compute: str | None,
-                experiment: str, detach: bool, as_json: bool, workspace_name: str | None) -> None:
+                experiment: str, gpus: int, gpu_memory: int, gpu_name: str | None, priority: int,
+                time_limit: float | None, detach: bool, as_json: bool, workspace_name: str | None) -> None:
     """Run SCRIPT (in --source) in its environment's image and follow its output. Arguments after
     `--` go to the script."""
     from ._environment import Environment
@@ -367,7 +374,8 @@ def run_command(script: str, args: tuple[str, ...], source: str, env_file: str |
     ws = _workspace(workspace_name)
     env = Environment.load(env_file) if env_file else None
     config = ScriptRunConfig(source_directory=source, script=script, arguments=list(args),
-                             compute_target=compute, environment=env)
+                             compute_target=compute, environment=env, max_run_duration_seconds=time_limit,
+                             gpus=gpus, gpu_memory_mib=gpu_memory, gpu_name=gpu_name, priority=priority)
     run = Experiment(ws, experiment).submit(config)
     if detach:
         if as_json:
@@ -488,6 +496,41 @@ def runs_cancel(run_id: str, workspace_name: str | None) -> None:
     run = _find_run(_workspace(workspace_name), run_id)
     run.cancel()
     click.echo(f"cancel requested for {run_id} (now {run.get_status()})")
+
+
+@cli.command("gpus")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_WORKSPACE
+def gpus_command(as_json: bool, workspace_name: str | None) -> None:
+    """The machine's GPUs (or declared virtual ones), who holds each, and the runs waiting for them."""
+    from ._gpu import inventory
+    from ._leases import LeaseStore
+
+    ws = _workspace(workspace_name)
+    found = inventory()
+    leases = LeaseStore(ws.home)
+    try:
+        held = leases.held()
+    finally:
+        leases.close()
+    queue = [r for r in ws._store().queued() if r.gpu_count]
+    doc = {
+        "gpus": [{"index": g.index, "uuid": g.uuid, "name": g.name, "memory_mib": g.memory_mib,
+                  "virtual": g.virtual, "holder": held.get(g.uuid)} for g in found.gpus],
+        "queue": [{"run": r.id, "gpus": r.gpu_count, "reason": r.reason or "waiting for the agent"} for r in queue],
+    }
+    if as_json:
+        emit_json(doc)
+        return
+    if not found.gpus:
+        click.echo(f"no GPUs: {found.reason}")
+        click.echo("(for development, declare virtual ones: DOCKYARD_GPUS=4 dockyard gpus)")
+    for g in doc["gpus"]:
+        tag = " (virtual)" if g["virtual"] else ""
+        holder = g["holder"] or "free"
+        click.echo(f"{g['index']:>2}  {g['uuid']:<42} {g['name']}{tag}  {g['memory_mib']} MiB  {holder}")
+    for q in doc["queue"]:
+        click.echo(f"waiting: {q['run']} needs {q['gpus']} GPU(s): {q['reason']}")
 
 
 @cli.group()

@@ -1,0 +1,147 @@
+"""GPU leases: which run holds which GPU, granted and released transactionally across processes.
+
+One SQLite file per dockyard home (``gpus.db``, WAL), shared by every workspace's agent, so a GPU
+is never leased twice on this machine. Every grant, release and reclaim is also appended to an
+audit table, from which a test (or a person) can prove that no GPU was ever held by two runs.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .errors import EnvironmentProblem
+
+__all__ = ["Lease", "LeaseConflict", "LeaseStore"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS leases (
+    gpu TEXT PRIMARY KEY,           -- GPU UUID (never an index)
+    run_id TEXT NOT NULL,
+    holder TEXT NOT NULL,           -- the agent/workspace that granted it
+    granted REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS leases_run ON leases(run_id);
+CREATE TABLE IF NOT EXISTS audit (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    t REAL NOT NULL,
+    event TEXT NOT NULL,            -- grant | release | reclaim
+    gpu TEXT NOT NULL,
+    run_id TEXT NOT NULL,
+    holder TEXT NOT NULL
+);
+"""
+
+
+class LeaseConflict(Exception):
+    """Internal: a GPU asked for is already leased (the caller re-plans; never shown to users)."""
+
+
+@dataclass(frozen=True)
+class Lease:
+    gpu: str
+    run_id: str
+    holder: str
+    granted: float
+
+
+class LeaseStore:
+    """The machine's GPU leases under a dockyard home."""
+
+    def __init__(self, home: Path) -> None:
+        self.path = Path(home) / "gpus.db"
+        self._conn: sqlite3.Connection | None = None
+        self._pid = 0
+
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None or self._pid != os.getpid():
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                conn = sqlite3.connect(self.path, timeout=10, isolation_level=None, check_same_thread=False)
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=NORMAL")
+                conn.executescript(_SCHEMA)
+            except (sqlite3.Error, OSError) as exc:
+                raise EnvironmentProblem(f"cannot open the GPU lease store {self.path}: {exc}") from exc
+            self._conn, self._pid = conn, os.getpid()
+        return self._conn
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        conn = self._db()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise EnvironmentProblem(f"the GPU lease store {self.path} failed: {exc}") from exc
+
+    def close(self) -> None:
+        if self._conn is not None and self._pid == os.getpid():
+            self._conn.close()
+        self._conn = None
+
+    def leases(self) -> list[Lease]:
+        try:
+            rows = self._db().execute("SELECT gpu, run_id, holder, granted FROM leases ORDER BY gpu").fetchall()
+        except sqlite3.Error as exc:
+            raise EnvironmentProblem(f"the GPU lease store {self.path} failed: {exc}") from exc
+        return [Lease(*r) for r in rows]
+
+    def held(self) -> dict[str, str]:
+        """GPU UUID -> the run holding it."""
+        return {lease.gpu: lease.run_id for lease in self.leases()}
+
+    def grant(self, run_id: str, gpus: Iterable[str], holder: str) -> None:
+        """Lease every GPU in ``gpus`` to ``run_id``, or none of them.
+
+        Raises:
+            LeaseConflict: one of them is leased already (another agent got there first).
+        """
+        wanted = list(gpus)
+        if not wanted:
+            return
+        now = time.time()
+        with self._tx() as conn:
+            marks = ", ".join("?" * len(wanted))
+            taken = conn.execute(f"SELECT gpu, run_id FROM leases WHERE gpu IN ({marks})", wanted).fetchall()
+            if taken:
+                raise LeaseConflict(f"already leased: {taken}")
+            for gpu in wanted:
+                conn.execute("INSERT INTO leases (gpu, run_id, holder, granted) VALUES (?, ?, ?, ?)", (gpu, run_id, holder, now))
+                conn.execute("INSERT INTO audit (t, event, gpu, run_id, holder) VALUES (?, 'grant', ?, ?, ?)", (now, gpu, run_id, holder))
+
+    def release(self, run_id: str, *, event: str = "release") -> list[str]:
+        """Release every GPU ``run_id`` holds; returns them (idempotent)."""
+        now = time.time()
+        with self._tx() as conn:
+            rows = conn.execute("SELECT gpu, holder FROM leases WHERE run_id = ?", (run_id,)).fetchall()
+            conn.execute("DELETE FROM leases WHERE run_id = ?", (run_id,))
+            for gpu, holder in rows:
+                conn.execute("INSERT INTO audit (t, event, gpu, run_id, holder) VALUES (?, ?, ?, ?, ?)", (now, event, gpu, run_id, holder))
+        return [gpu for gpu, _ in rows]
+
+    def reclaim(self, holder: str, still_holding: Callable[[str], bool]) -> list[str]:
+        """Release this holder's leases whose run no longer holds them (it ended, or crashed)."""
+        freed: list[str] = []
+        for run_id in sorted({lease.run_id for lease in self.leases() if lease.holder == holder}):
+            if not still_holding(run_id):
+                freed += self.release(run_id, event="reclaim")
+        return freed
+
+    def audit(self) -> list[tuple[float, str, str, str]]:
+        """(t, event, gpu, run_id) in order."""
+        try:
+            return [tuple(r) for r in self._db().execute("SELECT t, event, gpu, run_id FROM audit ORDER BY seq")]  # type: ignore[misc]
+        except sqlite3.Error as exc:
+            raise EnvironmentProblem(f"the GPU lease store {self.path} failed: {exc}") from exc
