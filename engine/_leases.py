@@ -7,16 +7,13 @@ audit table, from which a test (or a person) can prove that no GPU was ever held
 
 from __future__ import annotations
 
-import os
-import sqlite3
 import time
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .errors import EnvironmentProblem
+from ._sqlite import SqliteFile
 
 __all__ = ["Lease", "LeaseConflict", "LeaseStore"]
 
@@ -51,52 +48,17 @@ class Lease:
     granted: float
 
 
-class LeaseStore:
-    """The machine's GPU leases under a dockyard home."""
+class LeaseStore(SqliteFile):
+    """The machine's GPU leases under a dockyard home (``<home>/gpus.db``)."""
+
+    schema = _SCHEMA
+    what = "GPU lease store"
 
     def __init__(self, home: Path) -> None:
-        self.path = Path(home) / "gpus.db"
-        self._conn: sqlite3.Connection | None = None
-        self._pid = 0
-
-    def _db(self) -> sqlite3.Connection:
-        if self._conn is None or self._pid != os.getpid():
-            try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                conn = sqlite3.connect(self.path, timeout=10, isolation_level=None, check_same_thread=False)
-                conn.execute("PRAGMA journal_mode=WAL")
-                conn.execute("PRAGMA synchronous=NORMAL")
-                conn.executescript(_SCHEMA)
-            except (sqlite3.Error, OSError) as exc:
-                raise EnvironmentProblem(f"cannot open the GPU lease store {self.path}: {exc}") from exc
-            self._conn, self._pid = conn, os.getpid()
-        return self._conn
-
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        conn = self._db()
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            raise EnvironmentProblem(f"the GPU lease store {self.path} failed: {exc}") from exc
-
-    def close(self) -> None:
-        if self._conn is not None and self._pid == os.getpid():
-            self._conn.close()
-        self._conn = None
+        super().__init__(Path(home) / "gpus.db")
 
     def leases(self) -> list[Lease]:
-        try:
-            rows = self._db().execute("SELECT gpu, run_id, holder, granted FROM leases ORDER BY gpu").fetchall()
-        except sqlite3.Error as exc:
-            raise EnvironmentProblem(f"the GPU lease store {self.path} failed: {exc}") from exc
-        return [Lease(*r) for r in rows]
+        return [Lease(*r) for r in self._read("SELECT gpu, run_id, holder, granted FROM leases ORDER BY gpu")]
 
     def held(self) -> dict[str, str]:
         """GPU UUID -> the run holding it."""
@@ -141,7 +103,4 @@ class LeaseStore:
 
     def audit(self) -> list[tuple[float, str, str, str]]:
         """(t, event, gpu, run_id) in order."""
-        try:
-            return [tuple(r) for r in self._db().execute("SELECT t, event, gpu, run_id FROM audit ORDER BY seq")]  # type: ignore[misc]
-        except sqlite3.Error as exc:
-            raise EnvironmentProblem(f"the GPU lease store {self.path} failed: {exc}") from exc
+        return [tuple(r) for r in self._read("SELECT t, event, gpu, run_id FROM audit ORDER BY seq")]  # type: ignore[misc]

@@ -9,17 +9,15 @@ Canceled too).
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import EnvironmentProblem, RunNotFound
+from ._sqlite import SqliteFile
+from .errors import RunNotFound
 
 __all__ = [
     "FINAL",
@@ -150,59 +148,21 @@ def new_run_id(experiment: str) -> str:
     return f"{experiment}_{int(time.time())}_{uuid.uuid4().hex[:8]}"
 
 
-class RunStore:
-    """The runs database under a dockyard home (``<home>/runs.db``)."""
+class RunStore(SqliteFile):
+    """The runs database of a workspace folder (``<folder>/runs.db``)."""
+
+    schema = _SCHEMA
+    what = "run store"
 
     def __init__(self, home: Path) -> None:
+        super().__init__(Path(home) / "runs.db")
         self.home = Path(home)
-        self.path = self.home / "runs.db"
         self.runs_dir = self.home / "runs"
-        self._conn: sqlite3.Connection | None = None
-        self._pid = 0
 
-    def _db(self) -> sqlite3.Connection:
-        if self._conn is None or self._pid != os.getpid():
-            try:
-                self.home.mkdir(parents=True, exist_ok=True)
-                conn = sqlite3.connect(self.path, timeout=10, isolation_level=None, check_same_thread=False)
-                conn.execute("PRAGMA journal_mode=WAL")
-                conn.execute("PRAGMA synchronous=NORMAL")
-                conn.executescript(_SCHEMA)
-                columns = {row[1] for row in conn.execute("PRAGMA table_info(runs)")}
-                if "gpu_request" not in columns:  # a store from before GPU requests
-                    conn.execute("ALTER TABLE runs ADD COLUMN gpu_request TEXT NOT NULL DEFAULT '{}'")
-            except (sqlite3.Error, OSError) as exc:
-                raise EnvironmentProblem(
-                    f"cannot open the run store {self.path}: {exc}",
-                    hint="check that DOCKYARD_HOME is writable and the file is not damaged",
-                ) from exc
-            self._conn, self._pid = conn, os.getpid()
-        return self._conn
-
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        conn = self._db()
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            raise EnvironmentProblem(f"the run store {self.path} failed: {exc}") from exc
-
-    def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        try:
-            return self._db().execute(sql, args).fetchall()
-        except sqlite3.Error as exc:
-            raise EnvironmentProblem(f"the run store {self.path} failed: {exc}") from exc
-
-    def close(self) -> None:
-        if self._conn is not None and self._pid == os.getpid():
-            self._conn.close()
-        self._conn = None
+    def _upgrade(self, conn: sqlite3.Connection) -> None:
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(runs)")}
+        if "gpu_request" not in columns:  # a store from before GPU requests
+            conn.execute("ALTER TABLE runs ADD COLUMN gpu_request TEXT NOT NULL DEFAULT '{}'")
 
     # -- runs -------------------------------------------------------------------------------------
 

@@ -283,32 +283,29 @@ def cache_gc(keep_bytes: str | None, keep_days: float | None, dry_run: bool, as_
                f"{report.kept} left ({report.remaining_bytes / 1e6:.1f} MB)")
 
 
-@cache.command("pin")
-@click.argument("key")
-def cache_pin(key: str) -> None:
-    """Keep the image of KEY through every GC."""
+def _set_pin(key: str, pinned: bool) -> None:
     index = _open_cache()
     try:
-        found = index.pin(key)
+        found = index.pin(key) if pinned else index.unpin(key)
     finally:
         index.close()
     if not found:
         raise click.UsageError(f"no cached image with key {key}; see `dockyard cache ls`")
-    click.echo(f"pinned {key}")
+    click.echo(f"{'pinned' if pinned else 'unpinned'} {key}")
+
+
+@cache.command("pin")
+@click.argument("key")
+def cache_pin(key: str) -> None:
+    """Keep the image of KEY through every GC."""
+    _set_pin(key, True)
 
 
 @cache.command("unpin")
 @click.argument("key")
 def cache_unpin(key: str) -> None:
     """Let GC remove the image of KEY again."""
-    index = _open_cache()
-    try:
-        found = index.unpin(key)
-    finally:
-        index.close()
-    if not found:
-        raise click.UsageError(f"no cached image with key {key}; see `dockyard cache ls`")
-    click.echo(f"unpinned {key}")
+    _set_pin(key, False)
 
 
 # -- runs -------------------------------------------------------------------------------------------

@@ -1,0 +1,74 @@
+"""One small base for the engine's SQLite files (runs, GPU leases): WAL, explicit transactions,
+``sqlite3.Error`` translated in one place, one connection per process (fork-safe)."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from .errors import EnvironmentProblem
+
+__all__ = ["SqliteFile"]
+
+
+class SqliteFile:
+    """A SQLite file with a schema script (``CREATE … IF NOT EXISTS``) and an optional upgrade step."""
+
+    schema: str = ""
+    what: str = "database"
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._conn: sqlite3.Connection | None = None
+        self._pid = 0
+
+    def _upgrade(self, conn: sqlite3.Connection) -> None:
+        """Bring an older file up to date (after ``schema`` ran); nothing by default."""
+
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None or self._pid != os.getpid():  # a forked child opens its own
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                conn = sqlite3.connect(self.path, timeout=10, isolation_level=None, check_same_thread=False)
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=NORMAL")  # WAL: never corrupt, no fsync per commit
+                conn.executescript(self.schema)
+                self._upgrade(conn)
+            except (sqlite3.Error, OSError) as exc:
+                raise self._error(f"cannot open the {self.what} {self.path}: {exc}") from exc
+            self._conn, self._pid = conn, os.getpid()
+        return self._conn
+
+    def _error(self, message: str) -> EnvironmentProblem:
+        return EnvironmentProblem(message, hint="check that DOCKYARD_HOME is writable and the file is not damaged")
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """``BEGIN IMMEDIATE`` … ``COMMIT``: all or nothing, writers never deadlock."""
+        conn = self._db()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise self._error(f"the {self.what} {self.path} failed: {exc}") from exc
+
+    def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        try:
+            return self._db().execute(sql, args).fetchall()
+        except sqlite3.Error as exc:
+            raise self._error(f"the {self.what} {self.path} failed: {exc}") from exc
+
+    def close(self) -> None:
+        if self._conn is not None and self._pid == os.getpid():
+            self._conn.close()
+        self._conn = None
+
