@@ -272,7 +272,11 @@ class Agent:
                 self.leases.grant(run_id, gpus, self.holder)
             except LeaseConflict:
                 continue  # another workspace's agent took one first: next pass re-plans
-            self.store.update(run_id, gpus=list(gpus))
+            try:
+                self.store.update(run_id, gpus=list(gpus))
+            except DockyardError:
+                self.leases.release(run_id)  # never a lease without its run knowing
+                raise
             self._spawn(by_id[run_id], tuple(gpus))
         for run_id, reason in decision.reasons.items():
             if run_id in by_id:

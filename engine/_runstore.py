@@ -221,8 +221,9 @@ class RunStore(SqliteFile):
         if not fields:
             return
         sets = ", ".join(f"{k} = ?" for k in fields)
+        values = [json.dumps(list(v)) if k == "gpus" else v for k, v in fields.items()]
         with self._tx() as conn:
-            conn.execute(f"UPDATE runs SET {sets} WHERE id = ?", (*fields.values(), run_id))
+            conn.execute(f"UPDATE runs SET {sets} WHERE id = ?", (*values, run_id))
 
     def request_cancel(self, run_id: str) -> RunRecord:
         """Ask the agent to cancel; a queued run is canceled at once. Raises: RunNotFound."""

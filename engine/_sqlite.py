@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,6 +26,9 @@ class SqliteFile:
         self.path = Path(path)
         self._conn: sqlite3.Connection | None = None
         self._pid = 0
+        # One connection per process, shared by the agent's threads: a transaction is not
+        # re-entrant across threads, so each holds this lock for its whole statement or transaction.
+        self._lock = threading.RLock()
 
     def _upgrade(self, conn: sqlite3.Connection) -> None:
         """Bring an older file up to date (after ``schema`` ran); nothing by default."""
@@ -49,21 +53,23 @@ class SqliteFile:
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         """``BEGIN IMMEDIATE`` … ``COMMIT``: all or nothing, writers never deadlock."""
-        conn = self._db()
-        try:
-            conn.execute("BEGIN IMMEDIATE")
+        with self._lock:
+            conn = self._db()
             try:
-                yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            raise self._error(f"the {self.what} {self.path} failed: {exc}") from exc
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield conn
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise self._error(f"the {self.what} {self.path} failed: {exc}") from exc
 
     def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         try:
-            return self._db().execute(sql, args).fetchall()
+            with self._lock:
+                return self._db().execute(sql, args).fetchall()
         except sqlite3.Error as exc:
             raise self._error(f"the {self.what} {self.path} failed: {exc}") from exc
 
