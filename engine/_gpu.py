@@ -104,8 +104,11 @@ def _virtual(environ: Mapping[str, str]) -> GpuDiscovery | None:
             with open(topo_file) as fh:
                 data = json.load(fh)
             gpus = tuple(
+                # "virtual": false describes real GPUs (a hand-written topology for a machine whose
+                # NVML lacks link data): those get a device request, not just environment variables.
                 Gpu(int(g.get("index", i)), str(g["uuid"]), str(g.get("name", "virtual GPU")),
-                    int(g.get("memory_mib", 81920)), str(g.get("pci_bus_id", "")), True, g.get("numa_node"))
+                    int(g.get("memory_mib", 81920)), str(g.get("pci_bus_id", "")), bool(g.get("virtual", True)),
+                    g.get("numa_node"))
                 for i, g in enumerate(data["gpus"])
             )
             links = tuple((str(l["a"]), str(l["b"]), int(l.get("nvlinks", 0)), int(l.get("level", 0)))
@@ -113,7 +116,8 @@ def _virtual(environ: Mapping[str, str]) -> GpuDiscovery | None:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise InputError(f"DOCKYARD_GPU_TOPOLOGY={topo_file}: not a readable topology file ({exc})",
                              hint='write {"gpus": [{"uuid": ..., "index": 0, "memory_mib": ...}], "links": [...]}') from exc
-        return GpuDiscovery(gpus, reason="" if gpus else "the topology file lists no GPUs", links=links, virtual=True)
+        return GpuDiscovery(gpus, reason="" if gpus else "the topology file lists no GPUs", links=links,
+                            virtual=all(g.virtual for g in gpus))
     count = environ.get("DOCKYARD_GPUS")
     if count is None or count == "":
         return None

@@ -132,3 +132,50 @@ def test_agent_killed_in_the_middle(setup):
     # A run whose process was adopted finishes Completed (its exit code is in its folder).
     assert failed == {}
     audit_is_clean(ws.home)
+
+
+ENV_PRINT = "import os\nprint('NVIDIA_VISIBLE_DEVICES=' + os.environ.get('NVIDIA_VISIBLE_DEVICES', '<unset>'))\n"
+
+
+def test_containers_get_their_gpus_by_uuid_and_cpu_runs_get_void(setup):
+    from dockyard import Environment, Experiment, ScriptRunConfig
+
+    ws, src, _env = setup
+    (src / "show.py").write_text(ENV_PRINT)
+    env = Environment("py")
+    env.docker.base_image = "dockyard/base:bookworm-python3"
+    exp = Experiment(ws, "iso")
+    two = exp.submit(ScriptRunConfig(str(src), "show.py", environment=env, gpus=2))
+    none = exp.submit(ScriptRunConfig(str(src), "show.py", environment=env))
+    for run in (two, none):
+        assert run.wait_for_completion()["status"] == "Completed"
+    log = lambda run: (Path(run._record().run_dir) / "meta" / "std.log").read_text()  # noqa: E731
+    granted = list(two._record().gpus)
+    assert len(granted) == 2 and f"NVIDIA_VISIBLE_DEVICES={','.join(granted)}" in log(two)
+    assert "NVIDIA_VISIBLE_DEVICES=void" in log(none)
+    audit_is_clean(ws.home)
+
+
+def test_real_gpus_without_the_nvidia_toolkit_fail_clearly_and_leave_nothing(setup, tmp_path: Path, monkeypatch):
+    """An engine without the NVIDIA runtime refuses the device request: one clear reason, no container."""
+    from dockyard import Environment, Experiment, ScriptRunConfig
+    from dockyard._engine import EngineAddress
+
+    ws, src, _env = setup
+    topology = tmp_path / "topology.json"
+    topology.write_text(json.dumps({"gpus": [{"uuid": "GPU-00000000-0000-0000-0000-000000000001", "index": 0,
+                                              "name": "NVIDIA test", "memory_mib": 81920, "virtual": False}]}))
+    monkeypatch.delenv("DOCKYARD_GPUS")
+    monkeypatch.setenv("DOCKYARD_GPU_TOPOLOGY", str(topology))
+    stop_agent(ws.directory)  # the next submit starts an agent that sees this topology
+    (src / "show.py").write_text(ENV_PRINT)
+    env = Environment("py")
+    env.docker.base_image = "dockyard/base:bookworm-python3"
+    run = Experiment(ws, "iso").submit(ScriptRunConfig(str(src), "show.py", environment=env, gpus=1))
+    details = run.wait_for_completion(raise_on_error=False)
+    assert details["status"] == "Failed"
+    assert "NVIDIA Container Toolkit" in details["error"]["message"] or "nvidia" in details["error"]["message"].lower()
+    engine = EngineAddress.from_env()
+    leftover = engine.request("GET", "/containers/json?all=1").json()
+    assert not [c for c in leftover if (c.get("Labels") or {}).get("dockyard.run") == run.id]
+    audit_is_clean(ws.home)
