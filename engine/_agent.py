@@ -381,7 +381,10 @@ class Agent:
         started = self.engine.request("POST", f"/containers/{container_id}/start", timeout=60)
         if started.status not in (204, 304):
             self.engine.request("DELETE", f"/containers/{container_id}?force=1")  # leave nothing behind
-            message = started.body[:300].decode(errors="replace")
+            try:
+                message = str(started.json().get("message", ""))
+            except ValueError:
+                message = started.body[:300].decode(errors="replace")
             if "nvidia" in message.lower():
                 raise EnvironmentProblem(
                     f"the engine cannot give GPUs to containers: {message.strip()}",
