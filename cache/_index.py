@@ -618,6 +618,16 @@ class ImageCache:
             "remember a key in",
         )
 
+    def remembered_key(self, source: str) -> str | None:
+        """The key :meth:`remember_key` last recorded for ``source``, if any (a read)."""
+        try:
+            row = self._conn().execute("SELECT key FROM memos WHERE source = ?", (source,)).fetchone()
+        except sqlite3.OperationalError:
+            return None  # an index from before memos
+        except sqlite3.Error as exc:
+            raise _db.translate(exc, self._path_str, "read a memo in") from exc
+        return str(row[0]) if row else None
+
     # -- single flight -----------------------------------------------------------------------
 
     def _try_lease(

@@ -117,6 +117,34 @@ def env_key(file: str, explain: bool, as_json: bool) -> None:
         click.echo(f"schema {key.schema}; parts:")
         for name, digest, summary in describe_parts(environment, key):
             click.echo(f"  {name:<13} {digest}  {summary}")
+        changed = _changed_since_last_build(file, key)
+        if changed is not None:
+            click.echo(f"since the last build of this file: {changed}")
+
+
+def _changed_since_last_build(file: str, key: object) -> str | None:
+    """Which parts differ from the image last built from this same file (None: never built)."""
+    from dockyard.cache import ImageCache
+
+    from ._explain import field_of_part
+    from ._home import index_path
+
+    if not index_path().exists():
+        return None
+    index = ImageCache(index_path())
+    try:
+        old_key = index.remembered_key(os.path.abspath(file))
+        entry = index.lookup(old_key) if old_key else None
+    finally:
+        index.close()
+    if entry is None:
+        return None
+    # `env key` does not resolve the base image (it works offline), so its digest part is not compared.
+    differs = [name for name, digest in key.parts.items()  # type: ignore[attr-defined]
+               if name != "base_digest" and entry.parts.get(name) not in (None, digest)]
+    if not differs:
+        return f"no part changed (image {entry.image})"
+    return "changed " + ", ".join(f"{name} ({field_of_part(name)})" for name in differs) + f"; was {entry.key}"
 
 
 @env.command("diff")

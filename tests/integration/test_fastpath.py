@@ -83,3 +83,16 @@ def test_a_moved_base_tag_is_noticed_after_the_ttl(home: Path, tmp_path: Path, e
     after = build(home, spec, DOCKYARD_RESOLVE_TTL="0")
     engine_resources.track_image(after["image"])
     assert after["key"] != first["key"] and after["source"] == "built"
+
+
+def test_explain_names_what_changed_since_the_last_build(home: Path, tmp_path: Path, engine_resources):
+    spec = write_spec(tmp_path, uuid.uuid4().hex)
+    built = build(home, spec)
+    engine_resources.track_image(built["image"])
+    env = {**os.environ, "DOCKYARD_HOME": str(home)}
+    explain = lambda: subprocess.run([sys.executable, "-m", "dockyard", "env", "key", str(spec), "--explain"],  # noqa: E731
+                                     capture_output=True, text=True, env=env, timeout=60).stdout
+    assert "no part changed" in explain()
+    spec.write_text(spec.read_text().replace("RUN_ID: ", "RUN_ID: changed-"))
+    out = explain()
+    assert "changed build_args (docker.build_args)" in out and built["key"] in out
