@@ -1,0 +1,607 @@
+#!/usr/bin/env python3
+"""Replay a GPU cluster trace through dockyard's scheduler and two baselines, side by side.
+
+    python benchmarks/scheduler_sim.py --trace FILE [--gpus 8] [--nodes 1] [--load 0.9]
+                                       [--limit N] [--time-limit-factor 1.0] [--json]
+
+The trace is an Alibaba openb pod list (``/work/shared/traces``): a run arrives at
+``creation_time`` and lasts ``deletion_time - scheduled_time``; rows without ``scheduled_time`` or
+with a non-positive duration are skipped; ``num_gpu`` counts whole GPUs (a sharing pod,
+``gpu_milli < 1000``, takes one whole GPU). CPU-only rows (``num_gpu = 0``) need no GPU slot: they
+start on arrival and are left out of every metric. A pod list without the time columns (the
+``multigpu20`` variant) takes its times from ``openb_pod_list_default.csv`` beside it, by pod
+name; its extra pods, absent there, get a duration drawn from the timed runs with the same GPU
+count and an arrival drawn from the timed runs' arrivals (both seeded by the pod name).
+
+``--limit N`` keeps the N earliest usable rows. Arrival times are scaled by one factor so the
+offered load, sum(gpus x duration) / (GPUs x arrival span), is ``--load`` of capacity.
+
+The clock is simulated and event driven (arrivals and completions; a decision after each
+instant's events). Policies, all over the same arrivals and nodes (``--nodes`` machines of
+``--gpus`` GPUs each: ``Topology.dgx(g)`` when g is a multiple of 4, else ``Topology.uniform(g, 1)``;
+a run's GPUs are on one node):
+
+* ``dockyard``    the real ``dockyard._sched.plan`` (priority/FIFO order, placement scoring,
+                  EASY backfill against the head's reservation); every run's time limit is its
+                  true duration x ``--time-limit-factor``. With several nodes, each round offers
+                  the queue to the nodes where the head fits (best ``placement_score`` first), then
+                  to the others by the head's reservation there (earliest first); a run that got a
+                  reservation on one node is not offered to the next, so each node protects its
+                  own head.
+* ``fifo``        strict FIFO first-fit: the oldest run starts when a node has enough free GPUs,
+                  on the lowest indices; nothing passes it.
+* ``skip_ahead``  first-fit with skip-ahead (Ray / task-spooler style): every waiting run that
+                  fits starts, in submit order, on the lowest indices of the first node that fits.
+
+Metrics per policy (runs = GPU runs): makespan (first arrival to last completion), utilisation
+(busy GPU-seconds / (GPUs x makespan)), wait (start - arrival: mean, p50, p95, max), mean wait of
+runs of >= 4 GPUs, ``fragmentation`` (mean over decision points and nodes with >= 2 free GPUs of
+1 - NVLinks among the free GPUs / NVLinks of the best-connected group of that size on an idle
+node: 0 = what is free is as well grouped as possible), ``idle_waiting`` (GPU-seconds left idle
+while some run waited, / GPUs x makespan), ``link_quality`` (mean NVLinks of a 2..n-1 GPU run's
+placement / the best possible for its size). dockyard's decision latency is timed around every
+``plan`` call (p50/p95, microseconds; also over the calls with at most 100 runs waiting, since
+``plan`` reads the whole queue), around every 25th first read of ``Plan.reasons`` (made lazily),
+and around ``place`` alone on the states of the replay, with an empty cache (cold) and again (warm).
+
+Every start is checked as it happens: its GPUs must be free on its node and not given twice;
+a violation stops the replay with an AssertionError. Benchmarks print; they never assert timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import heapq
+import json
+import math
+import platform
+import random
+import statistics
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from itertools import combinations
+from pathlib import Path
+from typing import Any
+
+from dockyard._sched import Active, GpuRequest, Topology, Waiting, place, placement_score, plan
+
+POLICIES = ("dockyard", "fifo", "skip_ahead")
+SHORT_QUEUE = 100  # plan latency is also shown for decisions with at most this many runs waiting
+
+
+@dataclass
+class Job:
+    name: str
+    arrival: float
+    gpus: int
+    duration: float
+    start: float | None = None
+    node: int | None = None
+    placed: tuple[str, ...] = ()
+
+
+@dataclass
+class Trace:
+    jobs: list[Job]
+    cpu_only: int
+    skipped: int
+    synthesized: int
+    scale: float
+    offered_load: float
+    span: float
+
+
+# --------------------------------------------------------------------------------------------
+# trace
+
+
+def _read_rows(path: Path) -> tuple[list[dict[str, str]], list[str]]:
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        return list(reader), list(reader.fieldnames or [])
+
+
+def load_trace(path: Path, *, limit: int | None, node_gpus: int, gpus_total: int, load: float) -> Trace:
+    rows, columns = _read_rows(path)
+    synthesized = 0
+    if "creation_time" not in columns:
+        timing_path = path.with_name("openb_pod_list_default.csv")
+        if not timing_path.exists():
+            raise SystemExit(f"{path} has no time columns and {timing_path} (to take them from) is missing")
+        timed, _ = _read_rows(timing_path)
+        by_name = {r["name"]: r for r in timed}
+        arrivals = sorted(int(r["creation_time"]) for r in timed if r.get("scheduled_time"))
+        durations: dict[int, list[int]] = {}
+        for r in timed:
+            if r.get("scheduled_time") and int(r["deletion_time"]) > int(r["scheduled_time"]):
+                durations.setdefault(int(r["num_gpu"]), []).append(int(r["deletion_time"]) - int(r["scheduled_time"]))
+        merged = []
+        for r in rows:
+            t = by_name.get(r["name"])
+            if t is not None:
+                merged.append({**r, **{k: t[k] for k in ("creation_time", "deletion_time", "scheduled_time")}})
+                continue
+            rng = random.Random(r["name"])
+            pool = durations.get(int(r["num_gpu"])) or [d for ds in durations.values() for d in ds]
+            arrival = rng.choice(arrivals)
+            merged.append({**r, "creation_time": str(arrival), "scheduled_time": str(arrival),
+                           "deletion_time": str(arrival + rng.choice(pool))})
+            synthesized += 1
+        rows = merged
+    jobs: list[Job] = []
+    skipped = 0
+    for r in rows:
+        if not r.get("scheduled_time"):
+            skipped += 1
+            continue
+        duration = float(r["deletion_time"]) - float(r["scheduled_time"])
+        if duration <= 0:
+            skipped += 1
+            continue
+        jobs.append(Job(r["name"], float(r["creation_time"]), int(r["num_gpu"]), duration))
+    jobs.sort(key=lambda j: (j.arrival, j.name))
+    if limit is not None:
+        jobs = jobs[:limit]
+    cpu_only = sum(1 for j in jobs if j.gpus == 0)
+    jobs = [j for j in jobs if j.gpus > 0]
+    if not jobs:
+        raise SystemExit("no GPU runs in the trace slice")
+    too_big = [j for j in jobs if j.gpus > node_gpus]
+    if too_big:
+        raise SystemExit(f"{len(too_big)} runs need more GPUs than a node has (e.g. {too_big[0].name})")
+    work = sum(j.gpus * j.duration for j in jobs)
+    t0 = jobs[0].arrival
+    span = jobs[-1].arrival - t0
+    # One factor on arrival offsets: work / (GPUs x scaled span) = load.
+    target_span = work / (gpus_total * load)
+    scale = target_span / span if span > 0 else 1.0
+    for j in jobs:
+        j.arrival = (j.arrival - t0) * scale
+    span = jobs[-1].arrival - jobs[0].arrival
+    offered = work / (gpus_total * span) if span > 0 else math.inf
+    return Trace(jobs, cpu_only, skipped, synthesized, scale, offered, span)
+
+
+# --------------------------------------------------------------------------------------------
+# cluster and policies
+
+
+def node_topology(gpus: int) -> Topology:
+    return Topology.dgx(gpus) if gpus % 4 == 0 else Topology.uniform(gpus, 1)
+
+
+class Cluster:
+    def __init__(self, topologies: list[Topology]) -> None:
+        self.topologies = topologies
+        self.free: list[frozenset[str]] = [frozenset(t.uuids) for t in topologies]
+        self.checked = 0
+
+    def take(self, node: int, gpus: tuple[str, ...], job: Job) -> None:
+        free = self.free[node]
+        # The invariant the whole scheduler promises: never oversubscribe.
+        if len(set(gpus)) != len(gpus) or not free.issuperset(gpus) or len(gpus) != job.gpus:
+            raise AssertionError(f"oversubscription: {job.name} given {gpus} on node {node}; free {sorted(free)}")
+        self.free[node] = free.difference(gpus)
+        self.checked += 1
+
+    def give_back(self, node: int, gpus: tuple[str, ...]) -> None:
+        if self.free[node].intersection(gpus):
+            raise AssertionError(f"GPUs {gpus} released twice on node {node}")
+        self.free[node] = self.free[node].union(gpus)
+
+
+class Policy:
+    name = ""
+
+    def submit(self, job: Job) -> None:
+        raise NotImplementedError
+
+    def finish(self, job: Job) -> None:
+        pass
+
+    def decide(self, now: float, cluster: Cluster) -> list[tuple[Job, int, tuple[str, ...]]]:
+        raise NotImplementedError
+
+    def waiting(self) -> int:
+        raise NotImplementedError
+
+
+def lowest_indices(topology: Topology, free: frozenset[str], count: int) -> tuple[str, ...]:
+    return tuple(u for u in topology.uuids if u in free)[:count]
+
+
+class Fifo(Policy):
+    name = "fifo"
+
+    def __init__(self) -> None:
+        self.queue: deque[Job] = deque()
+
+    def submit(self, job: Job) -> None:
+        self.queue.append(job)
+
+    def waiting(self) -> int:
+        return len(self.queue)
+
+    def decide(self, now, cluster):
+        out = []
+        while self.queue:
+            job = self.queue[0]
+            for node, free in enumerate(cluster.free):
+                if len(free) >= job.gpus:
+                    gpus = lowest_indices(cluster.topologies[node], free, job.gpus)
+                    cluster.take(node, gpus, job)
+                    out.append((job, node, gpus))
+                    self.queue.popleft()
+                    break
+            else:
+                break
+        return out
+
+
+class SkipAhead(Policy):
+    """Every waiting run that fits starts, in submit order. Runs are bucketed by GPU count so a
+    decision looks at one run per size instead of the whole queue (the same choices as a scan)."""
+
+    name = "skip_ahead"
+
+    def __init__(self) -> None:
+        self.buckets: dict[int, deque[Job]] = {}
+        self.n = 0
+
+    def submit(self, job: Job) -> None:
+        self.buckets.setdefault(job.gpus, deque()).append(job)
+        self.n += 1
+
+    def waiting(self) -> int:
+        return self.n
+
+    def decide(self, now, cluster):
+        out = []
+        while self.n:
+            room = max(len(f) for f in cluster.free)
+            heads = [(q[0].arrival, q[0].name, size) for size, q in self.buckets.items() if q and size <= room]
+            if not heads:
+                break
+            _, _, size = min(heads)
+            job = self.buckets[size].popleft()
+            self.n -= 1
+            node = next(i for i, f in enumerate(cluster.free) if len(f) >= job.gpus)
+            gpus = lowest_indices(cluster.topologies[node], cluster.free[node], job.gpus)
+            cluster.take(node, gpus, job)
+            out.append((job, node, gpus))
+        return out
+
+
+class Dockyard(Policy):
+    name = "dockyard"
+
+    def __init__(self, nodes: int, time_limit_factor: float) -> None:
+        self.factor = time_limit_factor
+        self.queue: dict[str, Waiting] = {}
+        self.jobs: dict[str, Job] = {}
+        self.running: list[dict[str, Active]] = [{} for _ in range(nodes)]
+        self.plan_us: list[float] = []
+        self.plan_queue: list[int] = []  # queue length at each plan call
+        self.reasons_us: list[float] = []
+        self.states: list[tuple[int, frozenset[str], GpuRequest]] = []
+
+    def submit(self, job: Job) -> None:
+        request = GpuRequest(job.gpus, time_limit_s=job.duration * self.factor)
+        self.queue[job.name] = Waiting(job.name, request, job.arrival)
+        self.jobs[job.name] = job
+
+    def finish(self, job: Job) -> None:
+        del self.running[job.node][job.name]
+
+    def waiting(self) -> int:
+        return len(self.queue)
+
+    def _node_order(self, now: float, cluster: Cluster) -> list[int]:
+        """Nodes where the head of the queue fits, best placement score first, then the others
+        by the head's reservation there, earliest first (each asked with a queue of one)."""
+        n = len(cluster.free)
+        if n == 1 or not self.queue:
+            return list(range(n))
+        head = min(self.queue.values(), key=lambda w: (-w.request.priority, w.submitted, w.run_id))
+        ranked = []
+        for i, topo in enumerate(cluster.topologies):
+            alone = plan(now, topo, cluster.free[i], [head], list(self.running[i].values()))
+            if alone.starts:
+                score = placement_score(topo, cluster.free[i], alone.starts[0][1])
+                ranked.append((0, tuple(-x for x in score), i))
+            else:
+                at = alone.reservation.at if alone.reservation and alone.reservation.at is not None else math.inf
+                ranked.append((1, (at,), i))
+        return [i for *_, i in sorted(ranked)]
+
+    def decide(self, now, cluster):
+        out = []
+        while self.queue:
+            started = 0
+            # One reservation per run: a run blocked on the node where it would start first is
+            # not offered to the other nodes, so they protect their own head, not the same one.
+            reserved: set[str] = set()
+            for node in self._node_order(now, cluster):
+                topo = cluster.topologies[node]
+                queue = [w for w in self.queue.values() if w.run_id not in reserved]
+                running = list(self.running[node].values())
+                t0 = time.perf_counter()
+                decision = plan(now, topo, cluster.free[node], queue, running)
+                self.plan_us.append((time.perf_counter() - t0) * 1e6)
+                self.plan_queue.append(len(queue))
+                if len(self.states) < 4000 and queue:
+                    self.states.append((node, cluster.free[node], queue[0].request))
+                if len(self.plan_us) % 25 == 1:
+                    # Sampled: the reasons are made on first access (for `dockyard gpus`), so
+                    # they are timed apart from the decision, and checked: one per run not started.
+                    t0 = time.perf_counter()
+                    reasons = decision.reasons
+                    self.reasons_us.append((time.perf_counter() - t0) * 1e6)
+                    started_ids = {run_id for run_id, _ in decision.starts}
+                    if set(reasons) != {w.run_id for w in queue} - started_ids:
+                        raise AssertionError("plan did not explain every queued run it left waiting")
+                for run_id, gpus in decision.starts:
+                    job = self.jobs.pop(run_id)
+                    waiting = self.queue.pop(run_id)
+                    cluster.take(node, gpus, job)
+                    limit = waiting.request.time_limit_s
+                    self.running[node][run_id] = Active(run_id, gpus, now + limit if limit is not None else None)
+                    out.append((job, node, gpus))
+                    started += 1
+                if decision.reservation is not None:
+                    reserved.add(decision.reservation.run_id)
+                if not self.queue:
+                    break
+            # Several nodes: a start can change the head, so offer the queue again.
+            if not started or len(cluster.free) == 1:
+                break
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# simulation
+
+
+def _links(topology: Topology, gpus) -> int:
+    return sum(topology.links[(a, b)] for a, b in combinations(sorted(gpus), 2))
+
+
+@dataclass
+class Result:
+    name: str
+    waits: list[float] = field(default_factory=list)
+    waits_ge4: list[float] = field(default_factory=list)
+    makespan: float = 0.0
+    utilisation: float = 0.0
+    fragmentation: float = 0.0
+    idle_waiting: float = 0.0
+    link_quality: float = 1.0
+    link_quality_n: int = 0
+    decisions: int = 0
+    checked: int = 0
+
+
+def simulate(jobs: list[Job], topologies: list[Topology], policy: Policy) -> Result:
+    jobs = [Job(j.name, j.arrival, j.gpus, j.duration) for j in jobs]
+    cluster = Cluster(topologies)
+    total = sum(len(t.uuids) for t in topologies)
+    best_links = []
+    for topo in topologies:
+        everything = frozenset(topo.uuids)
+        best_links.append({m: _links(topo, place(topo, everything, GpuRequest(m))) for m in range(len(topo.uuids) + 1)})
+    link_memo: dict[tuple[int, frozenset[str]], int] = {}
+    events: list[tuple[float, int, int, Job]] = []
+    for seq, job in enumerate(jobs):
+        events.append((job.arrival, 1, seq, job))  # at one instant, completions (0) before arrivals (1)
+    heapq.heapify(events)
+    seq = len(jobs)
+    frag_sum = 0.0
+    frag_n = 0
+    idle_waiting = 0.0
+    last = jobs[0].arrival
+    quality: list[float] = []
+    decisions = 0
+    end = 0.0
+    while events:
+        now = events[0][0]
+        if policy.waiting():
+            idle_waiting += sum(len(f) for f in cluster.free) * (now - last)
+        last = now
+        while events and events[0][0] == now:
+            _, kind, _, job = heapq.heappop(events)
+            if kind == 0:
+                cluster.give_back(job.node, job.placed)
+                policy.finish(job)
+            else:
+                policy.submit(job)
+        decisions += 1
+        for job, node, gpus in policy.decide(now, cluster):
+            job.start, job.node, job.placed = now, node, gpus
+            done = now + job.duration
+            end = max(end, done)
+            seq += 1
+            heapq.heappush(events, (done, 0, seq, job))
+            n = len(topologies[node].uuids)
+            if 2 <= job.gpus < n and best_links[node][job.gpus]:
+                quality.append(_links(topologies[node], gpus) / best_links[node][job.gpus])
+        for node, free in enumerate(cluster.free):
+            if len(free) >= 2 and best_links[node][len(free)]:
+                key = (node, free)
+                have = link_memo.get(key)
+                if have is None:
+                    have = link_memo[key] = _links(topologies[node], free)
+                frag_sum += 1 - have / best_links[node][len(free)]
+                frag_n += 1
+    if policy.waiting():
+        raise AssertionError(f"{policy.name}: {policy.waiting()} runs never started")
+    result = Result(policy.name)
+    first = jobs[0].arrival
+    result.makespan = end - first
+    result.utilisation = sum(j.gpus * j.duration for j in jobs) / (total * result.makespan)
+    result.waits = [j.start - j.arrival for j in jobs]
+    result.waits_ge4 = [j.start - j.arrival for j in jobs if j.gpus >= 4]
+    result.fragmentation = frag_sum / frag_n if frag_n else 0.0
+    result.idle_waiting = idle_waiting / (total * result.makespan)
+    result.link_quality = statistics.fmean(quality) if quality else 1.0
+    result.link_quality_n = len(quality)
+    result.decisions = decisions
+    result.checked = cluster.checked
+    return result
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    values = sorted(values)
+    return values[min(len(values) - 1, int(len(values) * q))]
+
+
+def place_latency(dock: Dockyard, topologies: list[Topology]) -> tuple[list[float], list[float]]:
+    cold, warm = [], []
+    for node, free, request in dock.states:
+        topo = topologies[node]
+        topo._t.places.clear()  # the decision cache: clearing it times a first-seen state
+        t0 = time.perf_counter()
+        place(topo, free, request)
+        cold.append((time.perf_counter() - t0) * 1e6)
+        t0 = time.perf_counter()
+        place(topo, free, request)
+        warm.append((time.perf_counter() - t0) * 1e6)
+    return cold, warm
+
+
+# --------------------------------------------------------------------------------------------
+# report
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    total = args.gpus * args.nodes
+    trace = load_trace(Path(args.trace), limit=args.limit, node_gpus=args.gpus, gpus_total=total, load=args.load)
+    results: dict[str, Result] = {}
+    seconds: dict[str, float] = {}
+    dock = Dockyard(args.nodes, args.time_limit_factor)
+    for policy in (dock, Fifo(), SkipAhead()):
+        topologies = [node_topology(args.gpus) for _ in range(args.nodes)]
+        t0 = time.perf_counter()
+        results[policy.name] = simulate(trace.jobs, topologies, policy)
+        seconds[policy.name] = time.perf_counter() - t0
+    cold, warm = place_latency(dock, [node_topology(args.gpus) for _ in range(args.nodes)])
+
+    rows: list[dict[str, Any]] = []
+
+    def row(name: str, unit: str, p50: float, p95: float, n: int) -> None:
+        rows.append({"name": name, "unit": unit, "p50": round(p50, 4), "p95": round(p95, 4), "n": n})
+
+    for name in POLICIES:
+        r = results[name]
+        n = len(r.waits)
+        row(f"{name}:makespan", "s", r.makespan, r.makespan, n)
+        row(f"{name}:utilisation", "ratio", r.utilisation, r.utilisation, n)
+        row(f"{name}:wait", "s", _pct(r.waits, 0.5), _pct(r.waits, 0.95), n)
+        row(f"{name}:wait_mean", "s", statistics.fmean(r.waits), statistics.fmean(r.waits), n)
+        ge4 = statistics.fmean(r.waits_ge4) if r.waits_ge4 else 0.0
+        row(f"{name}:wait_ge4", "s", _pct(r.waits_ge4, 0.5), _pct(r.waits_ge4, 0.95), len(r.waits_ge4))
+        row(f"{name}:wait_ge4_mean", "s", ge4, ge4, len(r.waits_ge4))
+        row(f"{name}:wait_max", "s", max(r.waits), max(r.waits), n)
+        row(f"{name}:fragmentation", "ratio", r.fragmentation, r.fragmentation, r.decisions)
+        row(f"{name}:idle_waiting", "ratio", r.idle_waiting, r.idle_waiting, n)
+        row(f"{name}:link_quality", "ratio", r.link_quality, r.link_quality, r.link_quality_n)
+    row("dockyard:plan_latency", "us", _pct(dock.plan_us, 0.5), _pct(dock.plan_us, 0.95), len(dock.plan_us))
+    short = [us for us, q in zip(dock.plan_us, dock.plan_queue) if q <= SHORT_QUEUE]
+    row(f"dockyard:plan_latency_queue_le{SHORT_QUEUE}", "us", _pct(short, 0.5), _pct(short, 0.95), len(short))
+    row("dockyard:queue_length", "runs", _pct(dock.plan_queue, 0.5), _pct(dock.plan_queue, 0.95), len(dock.plan_queue))
+    row("dockyard:reasons_latency", "us", _pct(dock.reasons_us, 0.5), _pct(dock.reasons_us, 0.95), len(dock.reasons_us))
+    row("dockyard:place_cold_latency", "us", _pct(cold, 0.5), _pct(cold, 0.95), len(cold))
+    row("dockyard:place_latency", "us", _pct(warm, 0.5), _pct(warm, 0.95), len(warm))
+
+    def mean(name: str, metric: str) -> float:
+        return next(r["p50"] for r in rows if r["name"] == f"{name}:{metric}")
+
+    ratios: dict[str, float] = {}
+    for base in ("skip_ahead", "fifo"):
+        for metric in ("wait_ge4_mean", "wait_mean", "wait_max", "makespan"):
+            a, b = mean(base, metric), mean("dockyard", metric)
+            if b > 0:
+                ratios[f"{base}:{metric}/dockyard:{metric}"] = round(a / b, 4)
+        a, b = mean("dockyard", "utilisation"), mean(base, "utilisation")
+        ratios[f"dockyard:utilisation/{base}:utilisation"] = round(a / b, 4)
+
+    d = results["dockyard"]
+    ge4_d, ge4_s = mean("dockyard", "wait_ge4_mean"), mean("skip_ahead", "wait_ge4_mean")
+    util_ok = all(d.utilisation >= results[b].utilisation - 1e-9 for b in ("fifo", "skip_ahead"))
+    ge4_ok = bool(d.waits_ge4) and ge4_d <= 0.7 * ge4_s
+    longest = max(j.duration for j in trace.jobs)
+    bounded = max(d.waits) <= max(results["skip_ahead"].waits)
+    p95_plan = _pct(dock.plan_us, 0.95)
+    goals = {
+        "utilisation >= both baselines": util_ok,
+        ">= 30% lower mean wait of >=4-GPU runs than skip_ahead": ge4_ok,
+        "every run started and max wait <= skip_ahead's": bounded,
+        "place p95 <= 100 us (cold and warm)": max(_pct(cold, 0.95), _pct(warm, 0.95)) <= 100,
+        "plan p50 <= 100 us": _pct(dock.plan_us, 0.5) <= 100,
+        "plan p95 <= 100 us": p95_plan <= 100,
+        f"plan p95 <= 100 us with <= {SHORT_QUEUE} runs waiting": _pct(short, 0.95) <= 100,
+    }
+    notes = (
+        f"trace {Path(args.trace).name}: {len(trace.jobs)} GPU runs ({trace.cpu_only} CPU-only left out, "
+        f"{trace.skipped} rows without a run skipped, {trace.synthesized} extra pods given drawn times); "
+        f"{args.nodes} node(s) x {args.gpus} GPUs ({node_topology(args.gpus)!r}); arrivals scaled x{trace.scale:.4g} "
+        f"to offered load {trace.offered_load:.3f} of capacity over {trace.span:.0f}s; longest run {longest:.0f}s; "
+        f"dockyard time limits = duration x {args.time_limit_factor}; "
+        f"{sum(r.checked for r in results.values())} starts checked against oversubscription, none found; "
+        f"replay seconds " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()) + "; "
+        f"goals: " + "; ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in goals.items()) + "; "
+        f"{platform.python_implementation()} {platform.python_version()} on {platform.machine()}"
+    )
+    return {"benchmark": "scheduler_sim", "results": rows, "ratios": ratios, "notes": notes,
+            "_results": results, "_goals": goals}
+
+
+def print_table(doc: dict[str, Any]) -> None:
+    metrics = [
+        ("makespan", "s", "p50"), ("utilisation", "", "p50"), ("wait_mean", "s", "p50"), ("wait", "s p95", "p95"),
+        ("wait_ge4_mean", "s", "p50"), ("wait_max", "s", "p50"), ("fragmentation", "", "p50"),
+        ("idle_waiting", "", "p50"), ("link_quality", "", "p50"),
+    ]
+    by = {r["name"]: r for r in doc["results"]}
+    print(f"{'metric':<22}" + "".join(f"{p:>16}" for p in POLICIES))
+    for metric, unit, col in metrics:
+        label = f"{metric} ({unit})" if unit else metric
+        print(f"{label:<22}" + "".join(f"{by[f'{p}:{metric}'][col]:>16.4g}" for p in POLICIES))
+    for name in ("plan_latency", f"plan_latency_queue_le{SHORT_QUEUE}", "reasons_latency", "place_cold_latency",
+                 "place_latency", "queue_length"):
+        r = by[f"dockyard:{name}"]
+        print(f"dockyard {name}: p50 {r['p50']:.1f} {r['unit']}, p95 {r['p95']:.1f} {r['unit']} over {r['n']} calls")
+    for k, v in doc["ratios"].items():
+        print(f"{k} = {v}")
+    print(doc["notes"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--trace", required=True, help="an openb pod-list CSV")
+    parser.add_argument("--gpus", type=int, default=8, help="GPUs per node")
+    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--load", type=float, default=0.9, help="offered load as a fraction of capacity")
+    parser.add_argument("--limit", type=int, default=None, help="keep the N earliest usable rows")
+    parser.add_argument("--time-limit-factor", type=float, default=1.0,
+                        help="dockyard's time limit = true duration x this (>= 1: an over-estimate)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    if args.gpus < 1 or args.nodes < 1 or args.load <= 0 or args.time_limit_factor < 1:
+        parser.error("--gpus, --nodes and --load must be positive, --time-limit-factor >= 1")
+    doc = run(args)
+    public = {k: v for k, v in doc.items() if not k.startswith("_")}
+    if args.json:
+        json.dump(public, sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        print_table(public)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

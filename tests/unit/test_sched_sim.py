@@ -1,0 +1,126 @@
+"""benchmarks/scheduler_sim.py replays traces through the real plan/place and checks every start."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "benchmarks" / "scheduler_sim.py"
+TRACES = Path("/work/shared/traces")
+POLICIES = ("dockyard", "fifo", "skip_ahead")
+COLUMNS = ("name,cpu_milli,memory_mib,num_gpu,gpu_milli,gpu_spec,qos,pod_phase,"
+           "creation_time,deletion_time,scheduled_time")
+
+
+def _sim():
+    spec = importlib.util.spec_from_file_location("scheduler_sim", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["scheduler_sim"] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def _write_trace(path: Path, n: int = 400, seed: int = 7) -> Path:
+    """A small pod list in the openb format: mostly 1-GPU runs, some 2/4/8, CPU-only and unscheduled rows."""
+    rng = random.Random(seed)
+    lines = [COLUMNS]
+    t = 0
+    for i in range(n):
+        t += rng.randint(0, 600)
+        gpus = rng.choices([0, 1, 2, 4, 8], weights=[10, 70, 8, 6, 6])[0]
+        milli = rng.choice([460, 1000]) if gpus == 1 else 1000 if gpus else 0
+        duration = int(rng.expovariate(1 / 3000)) + 1
+        scheduled = "" if i % 50 == 3 else str(t + rng.randint(0, 5))
+        end = (int(scheduled) if scheduled else t) + duration
+        lines.append(f"pod-{i:04d},4000,8192,{gpus},{milli},,LS,Running,{t},{end},{scheduled}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _check_doc(doc: dict) -> dict[str, dict]:
+    assert set(doc) == {"benchmark", "results", "ratios", "notes"}
+    assert doc["benchmark"] == "scheduler_sim"
+    by = {}
+    for row in doc["results"]:
+        assert set(row) == {"name", "unit", "p50", "p95", "n"}
+        assert isinstance(row["p50"], float | int) and isinstance(row["n"], int)
+        by[row["name"]] = row
+    for policy in POLICIES:
+        for metric in ("makespan", "utilisation", "wait", "wait_mean", "wait_ge4_mean", "wait_max", "fragmentation"):
+            assert f"{policy}:{metric}" in by
+        assert 0 < by[f"{policy}:utilisation"]["p50"] <= 1
+        assert 0 <= by[f"{policy}:fragmentation"]["p50"] <= 1
+        assert by[f"{policy}:wait"]["p50"] <= by[f"{policy}:wait"]["p95"] <= by[f"{policy}:wait_max"]["p50"]
+    assert by["dockyard:plan_latency"]["n"] > 0 and by["dockyard:plan_latency"]["p50"] > 0
+    assert "skip_ahead:wait_ge4_mean/dockyard:wait_ge4_mean" in doc["ratios"]
+    assert all(isinstance(v, float | int) and v > 0 for v in doc["ratios"].values())
+    assert "offered load 0.900" in doc["notes"]
+    assert "checked against oversubscription, none found" in doc["notes"]
+    return by
+
+
+def test_replay_of_a_small_trace_prints_one_json_object(tmp_path: Path):
+    trace = _write_trace(tmp_path / "pods.csv")
+    out = subprocess.run(
+        [sys.executable, str(SCRIPT), "--trace", str(trace), "--limit", "300", "--json"],
+        capture_output=True, text=True, check=True, timeout=120,
+    ).stdout
+    by = _check_doc(json.loads(out))  # exactly one object: json.loads refuses trailing text
+    n = by["dockyard:wait"]["n"]
+    assert 0 < n <= 300 and all(by[f"{p}:wait"]["n"] == n for p in POLICIES)
+
+
+@pytest.mark.parametrize("name", ["openb_pod_list_default.csv", "openb_pod_list_multigpu20.csv"])
+def test_replay_of_the_shared_traces(name: str):
+    trace = TRACES / name
+    if not trace.exists():
+        pytest.skip(f"{trace} is not on this machine")
+    for nodes in ("1", "2"):
+        out = subprocess.run(
+            [sys.executable, str(SCRIPT), "--trace", str(trace), "--limit", "300", "--nodes", nodes, "--json"],
+            capture_output=True, text=True, check=True, timeout=120,
+        ).stdout
+        _check_doc(json.loads(out))
+
+
+def test_the_replay_catches_a_policy_that_oversubscribes(tmp_path: Path):
+    sim = _sim()
+    trace = sim.load_trace(_write_trace(tmp_path / "pods.csv"), limit=100, node_gpus=8, gpus_total=8, load=0.9)
+
+    class Greedy(sim.SkipAhead):
+        """Hands out GPU 0 every time, busy or not."""
+
+        def decide(self, now, cluster):
+            out = []
+            while self.n:
+                size = min(s for s, q in self.buckets.items() if q)
+                job = self.buckets[size].popleft()
+                self.n -= 1
+                chosen = cluster.topologies[0].uuids[:size]
+                cluster.take(0, chosen, job)
+                out.append((job, 0, chosen))
+            return out
+
+    with pytest.raises(AssertionError, match="oversubscription"):
+        sim.simulate(trace.jobs, [sim.node_topology(8)], Greedy())
+    result = sim.simulate(trace.jobs, [sim.node_topology(8)], sim.Dockyard(1, 1.0))
+    assert result.checked == len(trace.jobs)
+
+
+def test_load_scaling_and_row_filtering(tmp_path: Path):
+    sim = _sim()
+    path = _write_trace(tmp_path / "pods.csv", n=200)
+    for load in (0.5, 0.9):
+        trace = sim.load_trace(path, limit=None, node_gpus=8, gpus_total=16, load=load)
+        work = sum(j.gpus * j.duration for j in trace.jobs)
+        assert work / (16 * trace.span) == pytest.approx(load)
+        assert trace.jobs[0].arrival == 0 and all(j.gpus > 0 for j in trace.jobs)
+    assert trace.skipped == 4  # rows 3, 53, 103, 153 were never scheduled
+    assert trace.cpu_only + len(trace.jobs) + trace.skipped == 200
