@@ -324,9 +324,10 @@ class Experiment:
         if gpu_request["count"]:
             _check_gpu_request_fits(gpu_request)
         registry = env.docker.base_image_registry
-        if env.docker.enabled and registry.address and registry._password is not None:
-            # A password set in code lives only in this process: pull the base now, the agent's
-            # build then finds it in the engine. Nothing stores the password.
+        if env.docker.enabled and registry.address and registry.password is not None:
+            # The password (set in code, or in this process's environment) is not available to an
+            # agent started earlier: pull the base now; the agent's build then finds it in the
+            # engine. Nothing stores the password.
             from ._builder import Builder
 
             builder = Builder(self.workspace.home)
