@@ -112,6 +112,7 @@ class Run:
 
         offset = 0
         out = sys.stdout
+        self.experiment.workspace._revive_agent()  # a killed agent must not leave us waiting forever
         try:
             if show_output:
                 out.write("RunId: {}\n".format(self.id))

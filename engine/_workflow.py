@@ -118,6 +118,15 @@ class Workspace:
 
         return RunStore(self.directory)
 
+    def _revive_agent(self) -> None:
+        """Restart the agent if runs are unfinished and no agent follows them (it was killed)."""
+        from ._agent import agent_status, ensure_agent
+
+        if not (self.directory / "runs.db").exists() or agent_status(self.directory)["running"]:
+            return
+        if self._store().list(statuses=("Queued", "Running"), limit=1):
+            ensure_agent(self.directory, images_home=self.home)
+
 
 class AmlCompute:
     """Azure ML's cluster configuration, mapped onto this machine: only ``max_nodes`` matters."""

@@ -437,6 +437,7 @@ def runs() -> None:
 def runs_ls(experiment: str | None, as_json: bool, workspace_name: str | None) -> None:
     """List runs, newest first."""
     ws = _workspace(workspace_name)
+    ws._revive_agent()  # runs left unfinished by a killed agent get followed again
     records = ws._store().list(experiment=experiment)
     if as_json:
         emit_json({"runs": [{"id": r.id, "status": r.status, "experiment": r.experiment, "script": r.script,
@@ -454,6 +455,7 @@ def _find_run(ws, run_id: str):  # type: ignore[no-untyped-def]
     from ._run import Run
     from ._workflow import Experiment
 
+    ws._revive_agent()
     record = ws._store().get(run_id)
     return Run(Experiment(ws, record.experiment), record.id)
 

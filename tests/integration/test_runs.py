@@ -175,9 +175,14 @@ def test_agent_kill_9_during_a_run_loses_nothing(ws: Workspace, tmp_path: Path):
     out = subprocess.run([sys.executable, "-m", "dockyard", "runs", "ls", "--workspace", ws.name, "--json"],
                          capture_output=True, text=True, env={**os.environ, "DOCKYARD_HOME": str(ws.home)}, timeout=60)
     assert json.loads(out.stdout)["runs"][0]["status"] == "Running"
-    # A new agent adopts the container and records the true end.
-    subprocess.run([sys.executable, "-m", "dockyard", "agent", "start", "--workspace", ws.name], check=True,
-                   env={**os.environ, "DOCKYARD_HOME": str(ws.home)}, capture_output=True, timeout=60)
+    # That `runs ls` restarted an agent, which adopts the container and records the true end.
+    assert agent_status(ws.directory)["running"]
+    deadline = time.monotonic() + 60
+    while json.loads(subprocess.run(
+        [sys.executable, "-m", "dockyard", "runs", "ls", "--workspace", ws.name, "--json"], capture_output=True,
+        text=True, env={**os.environ, "DOCKYARD_HOME": str(ws.home)}, timeout=60).stdout)["runs"][0]["status"] == "Running":
+        assert time.monotonic() < deadline, "the run never reached its true end"
+        time.sleep(0.5)
     details = run.wait_for_completion()
     assert details["status"] == "Completed"
     assert run.get_metrics()["step"] == list(range(8)), "metrics logged while no agent ran were lost"
