@@ -28,7 +28,10 @@ Queue policy (:func:`plan`)
     ahead of it (backfill) only if it fits now and has a time limit, and either ends before the
     reservation or stays off the reserved GPUs. A run without a time limit, or any run while the
     head's start time is unknown (a run it waits for has no time limit), is never backfilled,
-    except onto GPUs the head can never use (filtered out by its memory or name). Backfill
+    except onto GPUs the head can never use (filtered out by its memory or name). The runs that
+    would end before the reservation share the GPUs free until then widest first (queue order
+    among runs of one width): a many-GPU run rarely finds such a gap, a 1-GPU run fills any hole,
+    so this cuts the wait of multi-GPU runs and leaves fewer GPUs idle before the head. Backfill
     therefore never moves the head's reservation later: with time limits enforced, the head's
     wait is bounded by the longest time limit among the runs it waits for, and every run becomes
     the head in turn (starvation-free within a priority; a stream of higher-priority runs may
@@ -732,8 +735,16 @@ def _reserve(
     return Reservation(head.run_id, None, ())
 
 
+# The backfill scan stops early once the gap before the reservation is spoken for, on up to
+# this many free GPUs (the check costs one step per free GPU).
+_SATURATE_MAX = 64
+
 _ORDER = attrgetter("_order")
 _RUN_ID = attrgetter("run_id")
+
+
+def _widest(entry: tuple[Waiting, int]) -> tuple[int, int]:
+    return (-entry[0].request.count, entry[1])
 
 
 def plan(
@@ -816,6 +827,8 @@ def plan(
         # GPUs the head can never use (any run).
         pools = (avail, avail - res_gpus, avail & head_never)
         failed: set[tuple] = set()  # (request shape, pool) that did not fit: same answer until a start
+        gap: list[tuple[Waiting, int]] = []  # runs that end before the reservation, queue position
+        gap_seen: dict[tuple, int] = {}  # per request shape; more than fit in what is free is pointless
         while i < n and avail:
             w = order[i]
             i += 1
@@ -827,7 +840,23 @@ def plan(
                 continue
             limit = req.time_limit_s
             if limit is not None and res_at is not None:
-                pool = 0 if now + limit <= res_at else 1
+                if now + limit <= res_at:
+                    # Ends before the reservation: may use any free GPU; placed after the scan.
+                    room = len(avail) // req.count if req.count else n
+                    seen = gap_seen.get(fk, 0)
+                    if seen >= room:
+                        notes.append((w, _SHORT, avail))
+                        continue
+                    gap_seen[fk] = seen + 1
+                    gap.append((w, i - 1))
+                    if fk[0] == 0 and fk[1] is None and len(avail) <= _SATURATE_MAX and not pools[1] and not pools[2]:
+                        # Stop once no later run can start: for every width c, as many runs
+                        # that may use any GPU as fit in what is free (c x that leaves < c).
+                        have = len(avail)
+                        if all(gap_seen.get((0, None, c), 0) >= have // c for c in range(1, have + 1)):
+                            break
+                    continue
+                pool = 1
             else:
                 pool = 2
             key = (fk, pool)
@@ -843,6 +872,26 @@ def plan(
             avail = avail.difference(gpus)
             pools = (avail, avail - res_gpus, avail & head_never)
             failed.clear()
+        if gap:
+            # The gap before the reservation goes to the widest runs first (queue order among
+            # equals): a many-GPU run rarely finds room otherwise, a 1-GPU run fills any hole.
+            gap.sort(key=_widest)
+            gap_failed: set[tuple] = set()
+            gap_starts: list[tuple[int, tuple[str, tuple[str, ...]]]] = []
+            for w, pos in gap:
+                req = w.request
+                fk = req._fkey  # type: ignore[attr-defined]
+                gpus = None if fk in gap_failed or req.count > len(avail) else _place(t, avail, req)
+                if gpus is None:
+                    gap_failed.add(fk)
+                    notes.append((w, _SHORT, avail))
+                    continue
+                gap_starts.append((pos, (w.run_id, gpus)))
+                avail = avail.difference(gpus)
+            if gap_starts:  # report every start in queue order
+                ranked = {run_id: k for k, (run_id, _) in enumerate(starts)}
+                pos_of = {w.run_id: k for k, w in enumerate(order[:i]) if w.run_id in ranked}
+                starts = [s for _, s in sorted([*((pos_of[r], (r, g)) for r, g in starts), *gap_starts])]
     tail = order[i:]
 
     def explain() -> dict[str, str]:

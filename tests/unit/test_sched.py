@@ -362,6 +362,25 @@ def test_backfill_may_use_gpus_the_head_will_not_need():
     assert plan(0.0, DGX, frozenset(U[6:]), queue, running).starts == ()
 
 
+def test_the_gap_before_the_reservation_goes_to_the_widest_runs_first():
+    # 6 GPUs busy until t=100, an 8-GPU head: 2 GPUs free until then. A 1-GPU run submitted
+    # first would leave the 2-GPU run no room; the 2-GPU run gets the gap, the 1-GPU run waits.
+    running = [Active("busy", tuple(U[:6]), 100.0)]
+    queue = [
+        Waiting("big", req(8, limit=1000), 0.0),
+        Waiting("narrow", req(1, limit=50), 1.0),
+        Waiting("wide", req(2, limit=50), 2.0),
+    ]
+    p = plan(0.0, DGX, frozenset(U[6:]), queue, running)
+    assert started(p) == {"wide": [6, 7]}
+    assert p.reservation == Reservation("big", 100.0, tuple(U))
+    assert set(p.reasons) == {"big", "narrow"}
+    # With room for both, both start, reported in queue order.
+    p = plan(0.0, DGX, frozenset(U[5:]), queue, [Active("busy", tuple(U[:5]), 100.0)])
+    assert [r for r, _ in p.starts] == ["narrow", "wide"]
+    assert sorted(g for _, gs in p.starts for g in gs) == sorted(U[5:])
+
+
 def test_no_backfill_when_the_head_start_time_is_unknown():
     # The running run has no time limit: nobody can say when the 8-GPU run starts.
     running = [Active("forever", tuple(U[:6]), None)]
