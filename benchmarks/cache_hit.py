@@ -176,7 +176,7 @@ def engine_suite(n: int, workdir: Path) -> list[Result]:
     """dockyard's hits next to BuildKit's and docker's cached builds of the same Dockerfile."""
     try:
         from dockyard import Environment
-        from dockyard._base import base_image_ref, bootstrap, host_suite
+        from dockyard._base import bootstrap
         from dockyard._buildkit import BuildKitClient, SolveSpec
         from dockyard._builder import Builder
         from dockyard._dockerfile import render

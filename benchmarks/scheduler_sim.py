@@ -553,7 +553,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         f"dockyard time limits = duration x {args.time_limit_factor}; "
         f"{sum(r.checked for r in results.values())} starts checked against oversubscription, none found; "
         f"replay seconds " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()) + "; "
-        f"goals: " + "; ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in goals.items()) + "; "
+        "goals: " + "; ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in goals.items()) + "; "
         f"{platform.python_implementation()} {platform.python_version()} on {platform.machine()}"
     )
     return {"benchmark": "scheduler_sim", "results": rows, "ratios": ratios, "notes": notes,

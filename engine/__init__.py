@@ -32,6 +32,8 @@ __all__ = sorted([*_EXPORTS, "__version__"])
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._environment import DEFAULT_BASE_IMAGE, ContainerRegistry, DockerSection, Environment, PythonSection
+    from ._run import Run
+    from ._workflow import ComputeTarget, Experiment, ScriptRunConfig, Workspace
     from .errors import DockyardError
 
 

@@ -205,11 +205,10 @@ class Agent:
         return self._gpus
 
     def _capacity(self, compute: str) -> int:
-        if compute == LOCAL_COMPUTE:
-            found = self.store.compute(compute)
-            return found.max_nodes if found else default_max_nodes()
         found = self.store.compute(compute)
-        return found.max_nodes if found else 0
+        if found is not None:
+            return found.max_nodes
+        return default_max_nodes() if compute == LOCAL_COMPUTE else 0
 
     def _start_queued(self) -> None:
         running = self.store.list(statuses=("Running",), limit=10_000)

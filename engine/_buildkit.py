@@ -10,7 +10,6 @@ private unix socket and bridges every connection grpcio opens to a fresh ``/grpc
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import os

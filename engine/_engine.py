@@ -173,6 +173,10 @@ class EngineAddress:
         finally:
             conn.close()
 
+    def http_connection(self, timeout: float | None = 10.0) -> http.client.HTTPConnection:
+        """An ``http.client`` connection to the engine, for replies read as they stream (pulls)."""
+        return _SocketHTTPConnection(self, timeout)
+
     def ping(self, timeout: float = 3.0) -> str:
         """``GET /_ping``; returns the API version header.
 

@@ -32,12 +32,12 @@ import difflib
 import json
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError, SpecError
+from .errors import SpecError
 
 __all__ = [
     "DEFAULT_BASE_IMAGE",

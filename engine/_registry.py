@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-from ._engine import API_VERSION, EngineAddress, _SocketHTTPConnection
+from ._engine import API_VERSION, EngineAddress
 from .errors import EngineError, EngineUnavailable, InputError, RegistryAuthError, RegistryError, scrub
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -401,7 +401,7 @@ def _stream(
         EngineUnavailable: the engine cannot be reached or hung up.
         RegistryError: the engine went silent for ``timeout`` seconds.
     """
-    conn = _SocketHTTPConnection(engine, timeout)
+    conn = engine.http_connection(timeout)
 
     def io(call: Callable[[], _T]) -> _T:
         # Only socket/HTTP work is translated: an error raised by ``progress`` (say a

@@ -55,7 +55,7 @@ import time
 
 TYPE_CHECKING = False  # not `from typing import ...`: keep the in-run import path minimal
 if TYPE_CHECKING:  # pragma: no cover
-    from typing import Any, BinaryIO, Iterable, Mapping
+    from typing import Iterable, Mapping
 
 __all__ = [
     "ENV_EXPERIMENT",
