@@ -66,7 +66,7 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any
 
-from dockyard._sched import Active, GpuRequest, Topology, Waiting, place, placement_score, plan
+from dockyard._sched import Active, GpuRequest, RunQueue, Topology, Waiting, place, placement_score, plan
 
 POLICIES = ("dockyard", "fifo", "skip_ahead")
 SHORT_QUEUE = 100  # plan latency is also shown for decisions with at most this many runs waiting
@@ -280,8 +280,11 @@ class Dockyard(Policy):
 
     def __init__(self, nodes: int, time_limit_factor: float) -> None:
         self.factor = time_limit_factor
-        self.queue: dict[str, Waiting] = {}
+        # The agent's queue as a simulation keeps it: a RunQueue updated as runs come and go, so
+        # a decision reads only the runs it may start (a list would be sorted on every call).
+        self.queue = RunQueue()
         self.jobs: dict[str, Job] = {}
+        self.update_us: list[float] = []  # RunQueue.add / remove, timed apart from plan
         self.running: list[dict[str, Active]] = [{} for _ in range(nodes)]
         self.plan_us: list[float] = []
         self.plan_queue: list[int] = []  # queue length at each plan call
@@ -290,7 +293,10 @@ class Dockyard(Policy):
 
     def submit(self, job: Job) -> None:
         request = GpuRequest(job.gpus, time_limit_s=job.duration * self.factor)
-        self.queue[job.name] = Waiting(job.name, request, job.arrival)
+        waiting = Waiting(job.name, request, job.arrival)
+        t0 = time.perf_counter()
+        self.queue.add(waiting)
+        self.update_us.append((time.perf_counter() - t0) * 1e6)
         self.jobs[job.name] = job
 
     def finish(self, job: Job) -> None:
@@ -303,9 +309,9 @@ class Dockyard(Policy):
         """Nodes where the head of the queue fits, best placement score first, then the others
         by the head's reservation there, earliest first (each asked with a queue of one)."""
         n = len(cluster.free)
-        if n == 1 or not self.queue:
+        if n == 1 or not len(self.queue):
             return list(range(n))
-        head = min(self.queue.values(), key=lambda w: (-w.request.priority, w.submitted, w.run_id))
+        head = self.queue.first()
         ranked = []
         for i, topo in enumerate(cluster.topologies):
             alone = plan(now, topo, cluster.free[i], [head], list(self.running[i].values()))
@@ -319,21 +325,21 @@ class Dockyard(Policy):
 
     def decide(self, now, cluster):
         out = []
-        while self.queue:
+        while len(self.queue):
             started = 0
             # One reservation per run: a run blocked on the node where it would start first is
             # not offered to the other nodes, so they protect their own head, not the same one.
-            reserved: set[str] = set()
+            reserved: list[Waiting] = []
+            queue = self.queue
             for node in self._node_order(now, cluster):
                 topo = cluster.topologies[node]
-                queue = [w for w in self.queue.values() if w.run_id not in reserved]
                 running = list(self.running[node].values())
                 t0 = time.perf_counter()
                 decision = plan(now, topo, cluster.free[node], queue, running)
                 self.plan_us.append((time.perf_counter() - t0) * 1e6)
                 self.plan_queue.append(len(queue))
-                if len(self.states) < 4000 and queue:
-                    self.states.append((node, cluster.free[node], queue[0].request))
+                if len(self.states) < 4000 and len(queue):
+                    self.states.append((node, cluster.free[node], queue.first().request))
                 if len(self.plan_us) % 25 == 1:
                     # Sampled: the reasons are made on first access (for `dockyard gpus`), so
                     # they are timed apart from the decision, and checked: one per run not started.
@@ -345,16 +351,21 @@ class Dockyard(Policy):
                         raise AssertionError("plan did not explain every queued run it left waiting")
                 for run_id, gpus in decision.starts:
                     job = self.jobs.pop(run_id)
-                    waiting = self.queue.pop(run_id)
+                    t0 = time.perf_counter()
+                    waiting = queue.remove(run_id)
+                    self.update_us.append((time.perf_counter() - t0) * 1e6)
                     cluster.take(node, gpus, job)
                     limit = waiting.request.time_limit_s
                     self.running[node][run_id] = Active(run_id, gpus, now + limit if limit is not None else None)
                     out.append((job, node, gpus))
                     started += 1
-                if decision.reservation is not None:
-                    reserved.add(decision.reservation.run_id)
-                if not self.queue:
+                if decision.reservation is not None and len(cluster.free) > 1:
+                    # Offered to the next node without it (put back after the round).
+                    reserved.append(queue.remove(decision.reservation.run_id))
+                if not len(queue):
                     break
+            for waiting in reserved:
+                queue.add(waiting)
             # Several nodes: a start can change the head, so offer the queue again.
             if not started or len(cluster.free) == 1:
                 break
@@ -513,6 +524,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     short = [us for us, q in zip(dock.plan_us, dock.plan_queue) if q <= SHORT_QUEUE]
     row(f"dockyard:plan_latency_queue_le{SHORT_QUEUE}", "us", _pct(short, 0.5), _pct(short, 0.95), len(short))
     row("dockyard:queue_length", "runs", _pct(dock.plan_queue, 0.5), _pct(dock.plan_queue, 0.95), len(dock.plan_queue))
+    row("dockyard:queue_update_latency", "us", _pct(dock.update_us, 0.5), _pct(dock.update_us, 0.95), len(dock.update_us))
     row("dockyard:reasons_latency", "us", _pct(dock.reasons_us, 0.5), _pct(dock.reasons_us, 0.95), len(dock.reasons_us))
     row("dockyard:place_cold_latency", "us", _pct(cold, 0.5), _pct(cold, 0.95), len(cold))
     row("dockyard:place_latency", "us", _pct(warm, 0.5), _pct(warm, 0.95), len(warm))
@@ -571,7 +583,8 @@ def print_table(doc: dict[str, Any]) -> None:
     for metric, unit, col in metrics:
         label = f"{metric} ({unit})" if unit else metric
         print(f"{label:<22}" + "".join(f"{by[f'{p}:{metric}'][col]:>16.4g}" for p in POLICIES))
-    for name in ("plan_latency", f"plan_latency_queue_le{SHORT_QUEUE}", "reasons_latency", "place_cold_latency",
+    for name in ("plan_latency", f"plan_latency_queue_le{SHORT_QUEUE}", "queue_update_latency", "reasons_latency",
+                 "place_cold_latency",
                  "place_latency", "queue_length"):
         r = by[f"dockyard:{name}"]
         print(f"dockyard {name}: p50 {r['p50']:.1f} {r['unit']}, p95 {r['p95']:.1f} {r['unit']} over {r['n']} calls")

@@ -36,16 +36,27 @@ Queue policy (:func:`plan`)
     wait is bounded by the longest time limit among the runs it waits for, and every run becomes
     the head in turn (starvation-free within a priority; a stream of higher-priority runs may
     still overtake a lower-priority one, by design).
+
+Cost (:class:`RunQueue`)
+    The queue is kept in buckets, one per request shape (GPU count, memory, name filter, with or
+    without a time limit), each in queue order and cut into blocks of 64 that know their lowest
+    and highest time limit. Every run of a bucket places alike, so a decision reads only the front
+    of each bucket (phase 1) and, per bucket, the first run whose time limit falls in the range
+    that may start (phase 2): about (buckets x (n/64 + 64)) steps however long the queue is, and
+    GPU sets are bit masks throughout. A caller that plans often keeps a RunQueue and adds and
+    removes runs as they come and go; a list is turned into one per call (O(n log n)).
 """
 
 from __future__ import annotations
 
+import heapq
 import math
-from collections.abc import Mapping, Sequence
+from bisect import bisect_left, insort
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from itertools import combinations
-from operator import attrgetter
+from itertools import chain, combinations
+from operator import attrgetter, itemgetter
 from types import MappingProxyType
 
 from .errors import InputError
@@ -56,6 +67,7 @@ __all__ = [
     "GpuSlot",
     "Plan",
     "Reservation",
+    "RunQueue",
     "Topology",
     "Waiting",
     "place",
@@ -138,7 +150,7 @@ class _Tables:
         self.tabulated = n <= _TABULATE_MAX
         if self.tabulated:
             self._tabulate(n)
-        self.places: dict[tuple, tuple[str, ...] | None] = {}
+        self.places: dict[tuple[int, int, int], int | None] = {}  # (free, eligible, count) -> chosen
         self.eligible: dict[tuple, int] = {}
         self.never: dict[tuple, str | None] = {}
 
@@ -565,32 +577,40 @@ def _greedy(t: _Tables, free: int, elig: int, count: int) -> int:
     return sum(1 << i for i in chosen)
 
 
-def _place(t: _Tables, free: frozenset[str], request: GpuRequest) -> tuple[str, ...] | None:
+def _pick(t: _Tables, fmask: int, request: GpuRequest) -> int | None:
+    """The GPUs :func:`place` chooses, as a bit mask (0 for a request of none), or None."""
     elig = request._eligible_mask(t)
-    key = (free, elig, request.count)
+    count = request.count
+    key = (fmask, elig, count)
     hit = t.places.get(key, _MISS)
     if hit is not _MISS:
         return hit  # type: ignore[return-value]
-    fmask = _free_mask(t, free)
     usable = fmask & elig
-    count = request.count
     n_usable = usable.bit_count()
+    result: int | None
     if n_usable < count:
         result = None
     elif count == 0:
-        result = ()
+        result = 0
+    elif n_usable == count:
+        result = usable
+    elif n_usable <= _EXHAUSTIVE_MAX:
+        result = _exhaustive(t, fmask, usable, count)
     else:
-        if n_usable == count:
-            chosen = usable
-        elif n_usable <= _EXHAUSTIVE_MAX:
-            chosen = _exhaustive(t, fmask, usable, count)
-        else:
-            chosen = _greedy(t, fmask, usable, count)
-        result = tuple(t.uuids[i] for i in _positions(chosen))
+        result = _greedy(t, fmask, usable, count)
     if len(t.places) >= _CACHE_MAX:
         t.places.clear()
     t.places[key] = result
     return result
+
+
+def _uuids(t: _Tables, mask: int) -> tuple[str, ...]:
+    return tuple(t.uuids[i] for i in _positions(mask))
+
+
+def _place(t: _Tables, free: frozenset[str], request: GpuRequest) -> tuple[str, ...] | None:
+    chosen = _pick(t, _free_mask(t, free), request)
+    return None if chosen is None else _uuids(t, chosen)
 
 
 def place(topology: Topology, free: frozenset[str], request: GpuRequest) -> tuple[str, ...] | None:
@@ -687,10 +707,6 @@ class Reservation:
     gpus: tuple[str, ...] = ()
 
 
-# Why a queued run did not start; the text is made only when someone reads Plan.reasons.
-_NEVER, _HEAD, _SHORT, _RESERVED, _NO_LIMIT, _UNKNOWN = range(6)
-
-
 @dataclass(frozen=True)
 class Plan:
     """What to do now.
@@ -713,45 +729,175 @@ class Plan:
 
 
 def _reserve(
-    now: float, t: _Tables, avail: frozenset[str], head: Waiting,
-    releases: list[tuple[float | None, tuple[str, ...]]],
-) -> Reservation:
+    now: float, t: _Tables, avail: int, head: Waiting, releases: list[tuple[float | None, int]],
+) -> tuple[Reservation, int]:
+    """The head's reservation and its GPUs as a mask: the earliest release time (a running
+    run's expected end) at which enough of the GPUs it may use are free."""
     request = head.request
     elig = request._eligible_mask(t)
-    known = sorted((max(end, now), gpus) for end, gpus in releases if end is not None)
-    have = set(avail)
     count = request.count
+    known = sorted((max(end, now), m) for end, m in releases if end is not None)
+    have = avail
     n = len(known)
     k = 0
     while k < n:
         at = known[k][0]
         while k < n and known[k][0] == at:  # everything released at the same moment
-            have.update(known[k][1])
+            have |= known[k][1]
             k += 1
-        if sum(1 for u in have if t.bit[u] & elig) >= count:
-            gpus = _place(t, frozenset(have), request)
-            if gpus is not None:
-                return Reservation(head.run_id, at, gpus)
-    return Reservation(head.run_id, None, ())
+        if (have & elig).bit_count() >= count:
+            chosen = _pick(t, have, request)
+            if chosen is not None:
+                return Reservation(head.run_id, at, _uuids(t, chosen)), chosen
+    return Reservation(head.run_id, None, ()), 0
 
-
-# The backfill scan stops early once the gap before the reservation is spoken for, on up to
-# this many free GPUs (the check costs one step per free GPU).
-_SATURATE_MAX = 64
 
 _ORDER = attrgetter("_order")
-_RUN_ID = attrgetter("run_id")
+_INF = math.inf
+# Runs per block of a RunQueue bucket: a query skips a whole block by its min/max time limit, so
+# finding the first run of a bucket within a time-limit range costs about n/64 + 64 steps.
+_BLOCK = 64
 
 
-def _widest(entry: tuple[Waiting, int]) -> tuple[int, int]:
-    return (-entry[0].request.count, entry[1])
+class _Bucket:
+    """The waiting runs of one request shape (count, memory, name filter; with or without a time
+    limit), in queue order, cut into blocks that remember their lowest and highest time limit."""
+
+    __slots__ = ("request", "limited", "blocks", "lows", "highs", "lasts", "size")
+
+    def __init__(self, request: GpuRequest, limited: bool) -> None:
+        self.request = request  # placement depends only on the shape: any member stands for all
+        self.limited = limited
+        self.blocks: list[list[tuple]] = []  # entries (order, limit, Waiting), sorted
+        self.lows: list[float] = []
+        self.highs: list[float] = []
+        self.lasts: list[tuple] = []  # order key of each block's last entry, for bisect
+        self.size = 0
+
+    def _refresh(self, k: int) -> None:
+        block = self.blocks[k]
+        limits = [e[1] for e in block]
+        self.lows[k] = min(limits)
+        self.highs[k] = max(limits)
+        self.lasts[k] = block[-1][0]
+
+    def add(self, entry: tuple) -> None:
+        self.size += 1
+        if not self.blocks:
+            self.blocks.append([entry])
+            self.lows.append(entry[1])
+            self.highs.append(entry[1])
+            self.lasts.append(entry[0])
+            return
+        k = min(bisect_left(self.lasts, entry[0]), len(self.blocks) - 1)
+        block = self.blocks[k]
+        insort(block, entry)
+        if len(block) > 2 * _BLOCK:
+            self.blocks[k + 1:k + 1] = [block[_BLOCK:]]
+            del block[_BLOCK:]
+            self.lows.insert(k + 1, 0.0)
+            self.highs.insert(k + 1, 0.0)
+            self.lasts.insert(k + 1, ())
+            self._refresh(k + 1)
+        self._refresh(k)
+
+    def remove(self, entry: tuple) -> None:
+        k = bisect_left(self.lasts, entry[0])
+        block = self.blocks[k]
+        del block[bisect_left(block, entry)]
+        self.size -= 1
+        if block:
+            self._refresh(k)
+        else:
+            del self.blocks[k], self.lows[k], self.highs[k], self.lasts[k]
+
+    def within(self, low: float, high: float) -> Iterator[tuple]:
+        """Entries whose time limit is in ``(low, high]``, in queue order (lazily)."""
+        for k, block in enumerate(self.blocks):
+            if self.highs[k] <= low or self.lows[k] > high:
+                continue
+            for entry in block:
+                if low < entry[1] <= high:
+                    yield entry
+
+    def __iter__(self) -> Iterator[tuple]:
+        for block in self.blocks:
+            yield from block
+
+
+class RunQueue:
+    """The waiting runs, kept in queue order (priority, then submit time, then run id) and indexed
+    by request shape and time limit, so :func:`plan` reads only the runs it may start.
+
+    Passing a list to :func:`plan` builds one per call; a caller that plans often over a long
+    queue (a simulation, a busy agent) keeps one and adds and removes runs as they come and go
+    (O(log n + 64) each). A :class:`Plan` made from a queue must have its ``reasons`` read before
+    the queue changes.
+
+    Raises:
+        InputError: adding a run id that is queued already, removing one that is not.
+    """
+
+    __slots__ = ("_entries", "_buckets", "_version")
+
+    def __init__(self, runs: Iterable[Waiting] = ()) -> None:
+        self._entries: dict[str, tuple[tuple, _Bucket]] = {}
+        self._buckets: dict[tuple, _Bucket] = {}
+        self._version = 0
+        for w in sorted(runs, key=_ORDER):
+            self.add(w)
+
+    def add(self, run: Waiting) -> None:
+        """Queue ``run``."""
+        if not isinstance(run, Waiting):
+            raise InputError(f"a RunQueue holds Waiting runs, got {type(run).__name__}")
+        if run.run_id in self._entries:
+            raise InputError(f"a run id appears twice in the queue: {run.run_id}")
+        req = run.request
+        limit = req.time_limit_s
+        key = (req._fkey, limit is not None)  # type: ignore[attr-defined]
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = self._buckets[key] = _Bucket(req, limit is not None)
+        entry = (run._order, _INF if limit is None else float(limit), run)  # type: ignore[attr-defined]
+        bucket.add(entry)
+        self._entries[run.run_id] = (entry, bucket)
+        self._version += 1
+
+    def remove(self, run_id: str) -> Waiting:
+        """Take run ``run_id`` out of the queue and return it."""
+        found = self._entries.pop(run_id, None)
+        if found is None:
+            raise InputError(f"run {run_id!r} is not in the queue")
+        entry, bucket = found
+        bucket.remove(entry)
+        if not bucket.size:
+            del self._buckets[(bucket.request._fkey, bucket.limited)]  # type: ignore[attr-defined]
+        self._version += 1
+        return entry[2]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, run_id: object) -> bool:
+        return run_id in self._entries
+
+    def __iter__(self) -> Iterator[Waiting]:
+        """The runs in queue order."""
+        # Each bucket is sorted already: the sort merges runs of sorted entries, in C.
+        return (entry[2] for entry in sorted(chain.from_iterable(self._buckets.values())))
+
+    def first(self) -> Waiting | None:
+        """The run at the front of the queue, or None when it is empty."""
+        fronts = [b.blocks[0][0] for b in self._buckets.values()]
+        return min(fronts)[2] if fronts else None
 
 
 def plan(
     now: float,
     topology: Topology,
     free: frozenset[str],
-    queue: Sequence[Waiting],
+    queue: Sequence[Waiting] | RunQueue,
     running: Sequence[Active],
 ) -> Plan:
     """Decide which queued runs start now and on which GPUs (see the module docstring).
@@ -761,7 +907,7 @@ def plan(
         topology: the machine.
         free: UUIDs of the GPUs nobody holds; a GPU held by a run in ``running`` is never
             started on even if listed here.
-        queue: the runs waiting, in any order.
+        queue: the runs waiting, in any order, or a :class:`RunQueue` (left unchanged).
         running: the runs holding GPUs.
 
     Returns:
@@ -774,130 +920,149 @@ def plan(
     if not _finite(now):
         raise InputError(f"now must be a finite number, got {now!r}")
     t: _Tables = topology._t  # type: ignore[attr-defined]
-    busy: set[str] = set()
-    releases: list[tuple[float | None, tuple[str, ...]]] = []
+    bit = t.bit
+    busy = 0
+    releases: list[tuple[float | None, int]] = []  # (expected end, GPUs as a mask)
     for a in running:
+        held = 0
         for u in a.gpus:
-            if u in busy:
-                raise InputError(f"GPU {u} is held by two running runs", hint="the lease table is inconsistent")
-            if u not in t.bit:
+            b = bit.get(u)
+            if b is None:
                 raise InputError(f"running run {a.run_id} holds GPU {u!r}, which is not in this topology")
-            busy.add(u)
-        releases.append((a.expected_end, a.gpus))
-    avail = free if isinstance(free, frozenset) else frozenset(free)
-    if busy and not busy.isdisjoint(avail):
-        avail = avail - busy
-    order = sorted(queue, key=_ORDER)
-    if len(set(map(_RUN_ID, order))) != len(order):
-        raise InputError("a run id appears twice in the queue")
+            held |= b
+        if held & busy:
+            u = _uuids(t, held & busy)[0]
+            raise InputError(f"GPU {u} is held by two running runs", hint="the lease table is inconsistent")
+        busy |= held
+        releases.append((a.expected_end, held))
+    # A busy GPU listed as free is still busy.
+    avail = _free_mask(t, free if isinstance(free, frozenset) else frozenset(free)) & ~busy
+    rq = queue if isinstance(queue, RunQueue) else RunQueue(queue)
+    version = rq._version
+    # Runs of a shape that can never fit this machine are skipped (and explained) wholesale.
+    buckets = [b for b in rq._buckets.values() if b.request._never(t) is None]
 
-    starts: list[tuple[str, tuple[str, ...]]] = []
-    notes: list[tuple[Waiting, int, frozenset[str]]] = []  # (run, why, what was free then)
-    never_cache = t.never
+    starts: list[tuple[tuple, str, int]] = []  # (queue order, run id, GPUs as a mask)
+    taken: set[str] = set()
     head: Waiting | None = None
+    head_avail = avail
     res: Reservation | None = None
-    n = len(order)
-    i = 0
-    # Phase 1: start runs in order until one does not fit; that one is the head.
-    while i < n:
-        w = order[i]
-        i += 1
-        req = w.request
-        fk = req._fkey  # type: ignore[attr-defined]
-        never = never_cache[fk] if fk in never_cache else req._never(t)
-        if never is not None:
-            notes.append((w, _NEVER, avail))
-            continue
-        gpus = _place(t, avail, req)
-        if gpus is None:
+    # Phase 1: start runs in queue order until one does not fit; that one is the head. Only the
+    # front of each shape's bucket can be next, so this merges the fronts.
+    fronts = []
+    for n, b in enumerate(buckets):
+        it = iter(b)
+        fronts.append((next(it), n, it))
+    heapq.heapify(fronts)
+    while fronts:
+        entry, n, it = fronts[0]
+        w = entry[2]
+        chosen = _pick(t, avail, w.request)
+        if chosen is None:
             head = w
             break
-        starts.append((w.run_id, gpus))
-        avail = avail.difference(gpus)
-        releases.append((now + req.time_limit_s if req.time_limit_s is not None else None, gpus))
+        starts.append((entry[0], w.run_id, chosen))
+        taken.add(w.run_id)
+        avail &= ~chosen
+        limit = w.request.time_limit_s
+        releases.append((now + limit if limit is not None else None, chosen))
+        following = next(it, None)
+        if following is None:
+            heapq.heappop(fronts)
+        else:
+            heapq.heapreplace(fronts, (following, n, it))
     if head is not None:
-        res = _reserve(now, t, avail, head, releases)
-        notes.append((head, _HEAD, avail))
-        head_elig = head.request._eligible_mask(t)
-        head_never = frozenset(u for u in t.uuids if not t.bit[u] & head_elig)
+        head_avail = avail
+        taken.add(head.run_id)
+        res, res_mask = _reserve(now, t, avail, head, releases)
+        head_never = ~head.request._eligible_mask(t)
         res_at = res.at
-        res_gpus = frozenset(res.gpus)
-        # Phase 2: backfill. Three pools a candidate may draw from: everything free (it ends
-        # before the reservation), everything but the reserved GPUs (it has a time limit), the
-        # GPUs the head can never use (any run).
-        pools = (avail, avail - res_gpus, avail & head_never)
-        failed: set[tuple] = set()  # (request shape, pool) that did not fit: same answer until a start
-        gap: list[tuple[Waiting, int]] = []  # runs that end before the reservation, queue position
-        gap_seen: dict[tuple, int] = {}  # per request shape; more than fit in what is free is pointless
-        while i < n and avail:
-            w = order[i]
-            i += 1
-            req = w.request
-            fk = req._fkey  # type: ignore[attr-defined]
-            never = never_cache[fk] if fk in never_cache else req._never(t)
-            if never is not None:
-                notes.append((w, _NEVER, avail))
-                continue
-            limit = req.time_limit_s
-            if limit is not None and res_at is not None:
-                if now + limit <= res_at:
-                    # Ends before the reservation: may use any free GPU; placed after the scan.
-                    room = len(avail) // req.count if req.count else n
-                    seen = gap_seen.get(fk, 0)
-                    if seen >= room:
-                        notes.append((w, _SHORT, avail))
-                        continue
-                    gap_seen[fk] = seen + 1
-                    gap.append((w, i - 1))
-                    if fk[0] == 0 and fk[1] is None and len(avail) <= _SATURATE_MAX and not pools[1] and not pools[2]:
-                        # Stop once no later run can start: for every width c, as many runs
-                        # that may use any GPU as fit in what is free (c x that leaves < c).
-                        have = len(avail)
-                        if all(gap_seen.get((0, None, c), 0) >= have // c for c in range(1, have + 1)):
-                            break
-                    continue
-                pool = 1
+        # Phase 2: backfill. A run with a time limit that ends by the reservation may use any
+        # free GPU (the gap, filled last, widest first); a run with a longer time limit, the
+        # GPUs the head was not promised; a run without one (or any run while the head's start
+        # is unknown), only the GPUs the head can never use. Within a bucket every run has the
+        # same shape, so only the first run of each bucket in its class can be next, and it is
+        # looked up only when its shape fits.
+        gap_until = res_at - now if res_at is not None else None
+        classes = []
+        for b in buckets:
+            if gap_until is not None and b.limited:
+                classes.append((b, 1, b.within(gap_until, _INF)))
             else:
-                pool = 2
-            key = (fk, pool)
-            if key in failed or req.count > len(pools[pool]):
-                notes.append((w, _SHORT, avail))
-                continue
-            gpus = _place(t, pools[pool], req)
-            if gpus is None:
-                failed.add(key)
-                notes.append((w, _SHORT, avail))
-                continue
-            starts.append((w.run_id, gpus))
-            avail = avail.difference(gpus)
-            pools = (avail, avail - res_gpus, avail & head_never)
-            failed.clear()
-        if gap:
+                classes.append((b, 2, b.within(-_INF, _INF)))
+        candidates: dict[int, tuple | None] = {}
+        while avail:
+            pools = (avail, avail & ~res_mask, avail & head_never)
+            best = None
+            for k, (b, pool, gen) in enumerate(classes):
+                req = b.request
+                if req.count > pools[pool].bit_count():
+                    continue
+                entry = candidates[k] if k in candidates else candidates.setdefault(k, _next_untaken(gen, taken))
+                if entry is None or (best is not None and entry[0] > best[0][0]):
+                    continue
+                chosen = _pick(t, pools[pool], req)
+                if chosen is not None:
+                    best = (entry, k, chosen)
+            if best is None:
+                break
+            entry, k, chosen = best
+            starts.append((entry[0], entry[2].run_id, chosen))
+            taken.add(entry[2].run_id)
+            avail &= ~chosen
+            candidates[k] = _next_untaken(classes[k][2], taken)
+        if gap_until is not None and avail:
             # The gap before the reservation goes to the widest runs first (queue order among
             # equals): a many-GPU run rarely finds room otherwise, a 1-GPU run fills any hole.
-            gap.sort(key=_widest)
-            gap_failed: set[tuple] = set()
-            gap_starts: list[tuple[int, tuple[str, tuple[str, ...]]]] = []
-            for w, pos in gap:
-                req = w.request
-                fk = req._fkey  # type: ignore[attr-defined]
-                gpus = None if fk in gap_failed or req.count > len(avail) else _place(t, avail, req)
-                if gpus is None:
-                    gap_failed.add(fk)
-                    notes.append((w, _SHORT, avail))
+            have = avail.bit_count()
+            gap: list[tuple[int, tuple, GpuRequest, Waiting]] = []
+            for b in buckets:
+                count = b.request.count
+                if not b.limited or count > have:
                     continue
-                gap_starts.append((pos, (w.run_id, gpus)))
-                avail = avail.difference(gpus)
-            if gap_starts:  # report every start in queue order
-                ranked = {run_id: k for k, (run_id, _) in enumerate(starts)}
-                pos_of = {w.run_id: k for k, w in enumerate(order[:i]) if w.run_id in ranked}
-                starts = [s for _, s in sorted([*((pos_of[r], (r, g)) for r, g in starts), *gap_starts])]
-    tail = order[i:]
+                room = have // count if count else len(rq)
+                for entry in b.within(-_INF, gap_until):
+                    if room <= 0:
+                        break
+                    # now + limit, as the reservation was computed: never a rounding past it.
+                    if entry[2].run_id not in taken and now + entry[1] <= res_at:
+                        gap.append((-count, entry[0], b.request, entry[2]))
+                        room -= 1
+            gap.sort(key=_GAP_ORDER)
+            failed: set[tuple] = set()
+            for _, order, req, w in gap:
+                fk = req._fkey  # type: ignore[attr-defined]
+                if fk in failed or req.count > avail.bit_count():
+                    continue
+                chosen = _pick(t, avail, req)
+                if chosen is None:
+                    failed.add(fk)
+                    continue
+                starts.append((order, w.run_id, chosen))
+                taken.add(w.run_id)
+                avail &= ~chosen
+    starts.sort(key=_FIRST)  # report every start in queue order
 
     def explain() -> dict[str, str]:
-        return _explain(now, t, head, res, notes, tail)
+        if rq._version != version:
+            raise InputError("the run queue changed after this plan was made",
+                             hint="read Plan.reasons before adding or removing runs")
+        started = {run_id for _, run_id, _ in starts}
+        waiting = (w for w in rq if w.run_id not in started)
+        return _explain(now, t, head, res, frozenset(_uuids(t, head_avail)), frozenset(_uuids(t, avail)), waiting)
 
-    return Plan(tuple(starts), res, explain)
+    return Plan(tuple((run_id, _uuids(t, chosen)) for _, run_id, chosen in starts), res, explain)
+
+
+_FIRST = itemgetter(0)
+_GAP_ORDER = itemgetter(0, 1)
+
+
+def _next_untaken(entries: Iterator[tuple], taken: set[str]) -> tuple | None:
+    for entry in entries:
+        if entry[2].run_id not in taken:
+            return entry
+    return None
 
 
 def _after(now: float, at: float) -> str:
@@ -906,26 +1071,30 @@ def _after(now: float, at: float) -> str:
 
 def _explain(
     now: float, t: _Tables, head: Waiting | None, res: Reservation | None,
-    notes: list[tuple[Waiting, int, frozenset[str]]], tail: Sequence[Waiting],
+    head_avail: frozenset[str], avail: frozenset[str], waiting: Iterable[Waiting],
 ) -> dict[str, str]:
     said: dict[tuple, str] = {}
-    empty: frozenset[str] = frozenset()
     out: dict[str, str] = {}
-    for w, why, avail in [*notes, *((w, _SHORT, empty) for w in tail)]:
+    for w in waiting:
         req = w.request
         never = req._never(t)
         if never is not None:
             out[w.run_id] = f"can never start on this machine: {never}"
             continue
-        if why == _HEAD:
-            have = (req._eligible_mask(t) & _free_mask(t, avail)).bit_count()
+        if w is head:
+            have = (req._eligible_mask(t) & _free_mask(t, head_avail)).bit_count()
             if res.at is not None:  # type: ignore[union-attr]
                 when = f"reserved {_plural(req.count)} from {_after(now, res.at)}"  # type: ignore[union-attr]
             else:
                 when = "start time unknown: a run it waits for has no time limit"
             out[w.run_id] = f"needs {_plural(req.count)}{req._qualifiers()}; {have} free; {when}"
             continue
-        out[w.run_id] = _behind_reason(now, t, w, head, res, avail, said)  # type: ignore[arg-type]
+        limit = req.time_limit_s
+        in_gap = res.at is not None and limit is not None and now + limit <= res.at  # type: ignore[union-attr]
+        # A run that would end before the reservation competed for what was left at the end (the
+        # gap); any other run behind the head, for what was free when the head was found.
+        seen = avail if in_gap else head_avail
+        out[w.run_id] = _behind_reason(now, t, w, head, res, seen, said)  # type: ignore[arg-type]
     return out
 
 

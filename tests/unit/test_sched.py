@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from itertools import combinations
 
 import pytest
@@ -16,6 +17,7 @@ from dockyard._sched import (
     GpuSlot,
     Plan,
     Reservation,
+    RunQueue,
     Topology,
     Waiting,
     place,
@@ -55,7 +57,7 @@ def hetero() -> Topology:
 
 def test_public_surface_is_pinned():
     assert sorted(_sched.__all__) == [
-        "Active", "GpuRequest", "GpuSlot", "Plan", "Reservation", "Topology", "Waiting",
+        "Active", "GpuRequest", "GpuSlot", "Plan", "Reservation", "RunQueue", "Topology", "Waiting",
         "place", "placement_score", "plan",
     ]
 
@@ -518,9 +520,16 @@ def test_plan_never_oversubscribes_and_explains_every_waiting_run(state):
         for run_id, chosen in p.starts:
             if run_id in after_head and set(chosen) & set(p.reservation.gpus):
                 assert now + by_id[run_id].request.time_limit_s <= p.reservation.at
-    # Deterministic, whatever order the queue comes in.
+    # Deterministic, whatever order the queue comes in, and the same from a kept RunQueue.
     again = plan(now, topology, free, list(reversed(queue)), list(reversed(running)))
     assert again.starts == p.starts and again.reservation == p.reservation and again.reasons == p.reasons
+    kept = RunQueue()
+    for w in queue:
+        kept.add(w)
+    from_queue = plan(now, topology, free, kept, running)
+    assert from_queue.starts == p.starts and from_queue.reservation == p.reservation
+    assert from_queue.reasons == p.reasons
+    assert len(kept) == len(queue), "plan must leave a RunQueue unchanged"
 
 
 @settings(max_examples=300, deadline=None)
@@ -593,3 +602,77 @@ def test_an_8_gpu_run_at_the_head_starts_under_a_stream_of_1_gpu_runs():
     assert _replay(_dockyard) == 80.0
     # Skip-ahead (Ray / task-spooler style) starves it under the same stream: the test can fail.
     assert _replay(_skip_ahead) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# RunQueue: the incremental queue plan reads
+
+
+def _order(w: Waiting) -> tuple:
+    return (-w.request.priority, w.submitted, w.run_id)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 400), st.integers(0, 2**32 - 1))
+def test_run_queue_keeps_queue_order_through_adds_and_removes(n, seed):
+    # Enough runs of a few shapes to fill several blocks, so splits and empty blocks happen.
+    rng = random.Random(seed)
+    rq = RunQueue()
+    live: dict[str, Waiting] = {}
+    for i in range(n):
+        request = req(rng.choice([1, 1, 1, 2, 8]), limit=rng.choice([None, 10.0, 50.0, 900.0]),
+                      priority=rng.randint(0, 1))
+        w = Waiting(f"r{i}", request, rng.choice([rng.uniform(0, 1000), 5.0]))
+        rq.add(w)
+        live[w.run_id] = w
+        if rng.randrange(4) == 0:
+            gone = rng.choice(sorted(live))
+            assert rq.remove(gone) is live.pop(gone)
+    expected = sorted(live.values(), key=_order)
+    assert list(rq) == expected
+    assert len(rq) == len(expected)
+    assert rq.first() == (expected[0] if expected else None)
+    assert all(run_id in rq for run_id in live) and "nobody" not in rq
+    # Each bucket answers "runs whose time limit is in (low, high]" in queue order.
+    for bucket in rq._buckets.values():
+        members = list(bucket)
+        assert members == sorted(members)
+        for low, high in [(-1.0, 10.0), (10.0, 900.0), (50.0, float("inf")), (-float("inf"), float("inf"))]:
+            assert list(bucket.within(low, high)) == [e for e in members if low < e[1] <= high]
+
+
+def test_run_queue_refuses_duplicates_and_unknown_runs():
+    rq = RunQueue([Waiting("a", req(1), 0.0)])
+    with pytest.raises(InputError, match="twice"):
+        rq.add(Waiting("a", req(2), 5.0))
+    with pytest.raises(InputError, match="not in the queue"):
+        rq.remove("b")
+    with pytest.raises(InputError, match="Waiting"):
+        rq.add("a run")  # type: ignore[arg-type]
+    assert [w.run_id for w in rq] == ["a"]
+
+
+def test_reasons_of_a_plan_made_from_a_run_queue_must_be_read_before_it_changes():
+    rq = RunQueue([Waiting("big", req(8, limit=10), 0.0), Waiting("small", req(1, limit=10), 1.0)])
+    running = [Active("busy", tuple(U[:6]), 100.0)]
+    p = plan(0.0, DGX, frozenset(U[6:]), rq, running)
+    assert [r for r, _ in p.starts] == ["small"]
+    rq.remove("small")
+    with pytest.raises(InputError, match="changed after this plan"):
+        p.reasons
+    fresh = plan(0.0, DGX, frozenset(U[7:]), rq, running)
+    assert set(fresh.reasons) == {"big"}
+
+
+def test_plan_over_a_long_queue_reads_only_what_it_may_start():
+    # 5,000 runs waiting behind an 8-GPU head: the decision is the same as over a short queue
+    # holding the runs that matter (the head, and the first short and long run of each shape).
+    running = [Active("busy", tuple(U[:6]), 100.0)]
+    long_queue = [Waiting("big", req(8, limit=10), 0.0)]
+    long_queue += [Waiting(f"long{i:04}", req(1, limit=500), 1.0 + i) for i in range(5000)]
+    long_queue += [Waiting("short", req(2, limit=50), 9000.0)]
+    rq = RunQueue(long_queue)
+    assert max(len(b.blocks) for b in rq._buckets.values()) > 10  # the 1-GPU runs span many blocks
+    p = plan(0.0, DGX, frozenset(U[6:]), rq, running)
+    assert started(p) == {"short": [6, 7]}
+    assert p.reservation == Reservation("big", 100.0, tuple(U))
