@@ -92,6 +92,9 @@ class Trace:
     scale: float
     offered_load: float
     span: float
+    too_wide: int = 0  # runs asking for more GPUs than a node has: refused, as dockyard refuses them
+    burst_share: float = 1.0  # the shortest stretch of the span that holds 90% of the arrivals...
+    burst_load: float = 0.0  # ...and the offered load within it
 
 
 # --------------------------------------------------------------------------------------------
@@ -99,59 +102,121 @@ class Trace:
 
 
 def _read_rows(path: Path) -> tuple[list[dict[str, str]], list[str]]:
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        return list(reader), list(reader.fieldnames or [])
+    try:
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            return list(reader), list(reader.fieldnames or [])
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise SystemExit(f"{path}: cannot read the trace: {exc}") from None
 
 
-def load_trace(path: Path, *, limit: int | None, node_gpus: int, gpus_total: int, load: float) -> Trace:
-    rows, columns = _read_rows(path)
+def _number(path: Path, line: int, row: dict[str, str], column: str) -> float:
+    """One numeric cell, or exit naming the file, line and column."""
+    text = (row.get(column) or "").strip()
+    try:
+        value = float(text)
+    except ValueError:
+        raise SystemExit(f"{path}:{line}: column {column!r} must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise SystemExit(f"{path}:{line}: column {column!r} must be finite, got {text!r}")
+    return value
+
+
+TIME_COLUMNS = ("creation_time", "deletion_time", "scheduled_time")
+
+
+def _borrow_times(path: Path, rows: list[dict[str, str]], times: Path | None) -> tuple[list[dict[str, str]], int]:
+    """Give a pod list without time columns the times of the pods of the same name in ``times``
+    (default: ``openb_pod_list_default.csv`` beside it); pods absent there get a duration drawn
+    from the timed runs of the same GPU count and an arrival drawn from the timed arrivals,
+    seeded by the pod name."""
+    timing_path = times or path.with_name("openb_pod_list_default.csv")
+    if not timing_path.exists():
+        raise SystemExit(f"{path} has no time columns and {timing_path} (to take them from) is missing; "
+                         "name a timed pod list with --times FILE")
+    timed, columns = _read_rows(timing_path)
+    missing = [c for c in TIME_COLUMNS if c not in columns]
+    if missing:
+        raise SystemExit(f"{timing_path} has no column(s) {', '.join(missing)} to take times from")
+    by_name = {r["name"]: r for r in timed}
+    arrivals: list[float] = []
+    durations: dict[int, list[float]] = {}
+    for line, r in enumerate(timed, start=2):
+        if not (r.get("scheduled_time") or "").strip():
+            continue
+        arrivals.append(_number(timing_path, line, r, "creation_time"))
+        d = _number(timing_path, line, r, "deletion_time") - _number(timing_path, line, r, "scheduled_time")
+        if d > 0:
+            durations.setdefault(int(_number(timing_path, line, r, "num_gpu")), []).append(d)
+    if not arrivals or not durations:
+        raise SystemExit(f"{timing_path} has no scheduled pods to take times from")
+    arrivals.sort()
+    merged = []
     synthesized = 0
-    if "creation_time" not in columns:
-        timing_path = path.with_name("openb_pod_list_default.csv")
-        if not timing_path.exists():
-            raise SystemExit(f"{path} has no time columns and {timing_path} (to take them from) is missing")
-        timed, _ = _read_rows(timing_path)
-        by_name = {r["name"]: r for r in timed}
-        arrivals = sorted(int(r["creation_time"]) for r in timed if r.get("scheduled_time"))
-        durations: dict[int, list[int]] = {}
-        for r in timed:
-            if r.get("scheduled_time") and int(r["deletion_time"]) > int(r["scheduled_time"]):
-                durations.setdefault(int(r["num_gpu"]), []).append(int(r["deletion_time"]) - int(r["scheduled_time"]))
-        merged = []
-        for r in rows:
-            t = by_name.get(r["name"])
-            if t is not None:
-                merged.append({**r, **{k: t[k] for k in ("creation_time", "deletion_time", "scheduled_time")}})
-                continue
-            rng = random.Random(r["name"])
-            pool = durations.get(int(r["num_gpu"])) or [d for ds in durations.values() for d in ds]
-            arrival = rng.choice(arrivals)
-            merged.append({**r, "creation_time": str(arrival), "scheduled_time": str(arrival),
-                           "deletion_time": str(arrival + rng.choice(pool))})
-            synthesized += 1
-        rows = merged
+    for line, r in enumerate(rows, start=2):
+        t = by_name.get(r.get("name", ""))
+        if t is not None:
+            merged.append({**r, **{k: t[k] for k in TIME_COLUMNS}})
+            continue
+        rng = random.Random(r.get("name", str(line)))
+        gpus = int(_number(path, line, r, "num_gpu"))
+        pool = durations.get(gpus) or [d for ds in durations.values() for d in ds]
+        arrival = rng.choice(arrivals)
+        merged.append({**r, "creation_time": repr(arrival), "scheduled_time": repr(arrival),
+                       "deletion_time": repr(arrival + rng.choice(pool))})
+        synthesized += 1
+    return merged, synthesized
+
+
+def _burst(jobs: list[Job], gpus_total: int, share: float = 0.9) -> tuple[float, float]:
+    """The shortest stretch holding ``share`` of the arrivals, as a fraction of the whole span, and
+    the offered load of the runs arriving in it: how unevenly the trace arrives."""
+    n = len(jobs)
+    k = max(1, math.ceil(n * share))
+    span = jobs[-1].arrival - jobs[0].arrival
+    if n < 2 or span <= 0 or k >= n:
+        return 1.0, sum(j.gpus * j.duration for j in jobs) / (gpus_total * span) if span > 0 else math.inf
+    width, lo = min((jobs[i + k - 1].arrival - jobs[i].arrival, i) for i in range(n - k + 1))
+    if width <= 0:
+        return 0.0, math.inf
+    work = sum(j.gpus * j.duration for j in jobs[lo:lo + k])
+    return width / span, work / (gpus_total * width)
+
+
+def load_trace(path: Path, *, limit: int | None, node_gpus: int, gpus_total: int, load: float,
+               times: Path | None = None) -> Trace:
+    rows, columns = _read_rows(path)
+    for column in ("name", "num_gpu"):
+        if column not in columns:
+            raise SystemExit(f"{path}: no {column!r} column; expected an openb pod list "
+                             "(name,cpu_milli,memory_mib,num_gpu,gpu_milli,...)")
+    synthesized = 0
+    if any(c not in columns for c in TIME_COLUMNS):
+        rows, synthesized = _borrow_times(path, rows, times)
     jobs: list[Job] = []
     skipped = 0
-    for r in rows:
-        if not r.get("scheduled_time"):
+    for line, r in enumerate(rows, start=2):
+        if not (r.get("scheduled_time") or "").strip():
             skipped += 1
             continue
-        duration = float(r["deletion_time"]) - float(r["scheduled_time"])
+        duration = _number(path, line, r, "deletion_time") - _number(path, line, r, "scheduled_time")
         if duration <= 0:
             skipped += 1
             continue
-        jobs.append(Job(r["name"], float(r["creation_time"]), int(r["num_gpu"]), duration))
+        gpus = _number(path, line, r, "num_gpu")
+        if gpus < 0 or gpus != int(gpus):
+            raise SystemExit(f"{path}:{line}: column 'num_gpu' must be a whole number >= 0, got {r['num_gpu']!r}")
+        jobs.append(Job(r["name"], _number(path, line, r, "creation_time"), int(gpus), duration))
     jobs.sort(key=lambda j: (j.arrival, j.name))
     if limit is not None:
         jobs = jobs[:limit]
     cpu_only = sum(1 for j in jobs if j.gpus == 0)
-    jobs = [j for j in jobs if j.gpus > 0]
+    # A run wider than a node can never start on one: dockyard refuses it at submit, so the
+    # replay leaves it out of every policy (and counts it in the notes).
+    too_wide = sum(1 for j in jobs if j.gpus > node_gpus)
+    jobs = [j for j in jobs if 0 < j.gpus <= node_gpus]
     if not jobs:
-        raise SystemExit("no GPU runs in the trace slice")
-    too_big = [j for j in jobs if j.gpus > node_gpus]
-    if too_big:
-        raise SystemExit(f"{len(too_big)} runs need more GPUs than a node has (e.g. {too_big[0].name})")
+        raise SystemExit(f"{path}: no GPU runs of at most {node_gpus} GPUs in the trace slice")
     work = sum(j.gpus * j.duration for j in jobs)
     t0 = jobs[0].arrival
     span = jobs[-1].arrival - t0
@@ -162,7 +227,8 @@ def load_trace(path: Path, *, limit: int | None, node_gpus: int, gpus_total: int
         j.arrival = (j.arrival - t0) * scale
     span = jobs[-1].arrival - jobs[0].arrival
     offered = work / (gpus_total * span) if span > 0 else math.inf
-    return Trace(jobs, cpu_only, skipped, synthesized, scale, offered, span)
+    share, burst = _burst(jobs, gpus_total)
+    return Trace(jobs, cpu_only, skipped, synthesized, scale, offered, span, too_wide, share, burst)
 
 
 # --------------------------------------------------------------------------------------------
@@ -290,6 +356,8 @@ class Dockyard(Policy):
         self.plan_queue: list[int] = []  # queue length at each plan call
         self.reasons_us: list[float] = []
         self.states: list[tuple[int, frozenset[str], GpuRequest]] = []
+        self.head_since: dict[str, float] = {}  # when each run first held the head's reservation
+        self.started: list[Job] = []
 
     def submit(self, job: Job) -> None:
         request = GpuRequest(job.gpus, time_limit_s=job.duration * self.factor)
@@ -358,7 +426,10 @@ class Dockyard(Policy):
                     limit = waiting.request.time_limit_s
                     self.running[node][run_id] = Active(run_id, gpus, now + limit if limit is not None else None)
                     out.append((job, node, gpus))
+                    self.started.append(job)
                     started += 1
+                if decision.reservation is not None:
+                    self.head_since.setdefault(decision.reservation.run_id, now)
                 if decision.reservation is not None and len(cluster.free) > 1:
                     # Offered to the next node without it (put back after the round).
                     reserved.append(queue.remove(decision.reservation.run_id))
@@ -490,7 +561,8 @@ def place_latency(dock: Dockyard, topologies: list[Topology]) -> tuple[list[floa
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     total = args.gpus * args.nodes
-    trace = load_trace(Path(args.trace), limit=args.limit, node_gpus=args.gpus, gpus_total=total, load=args.load)
+    trace = load_trace(Path(args.trace), limit=args.limit, node_gpus=args.gpus, gpus_total=total, load=args.load,
+                       times=Path(args.times) if args.times else None)
     results: dict[str, Result] = {}
     seconds: dict[str, float] = {}
     dock = Dockyard(args.nodes, args.time_limit_factor)
@@ -520,6 +592,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         row(f"{name}:fragmentation", "ratio", r.fragmentation, r.fragmentation, r.decisions)
         row(f"{name}:idle_waiting", "ratio", r.idle_waiting, r.idle_waiting, n)
         row(f"{name}:link_quality", "ratio", r.link_quality, r.link_quality, r.link_quality_n)
+    # Where a wide run's wait goes: reaching the head of the queue (every run submitted before it
+    # has started: queue order) and then waiting as the head for its reserved GPUs to drain.
+    to_head, as_head = [], []
+    for job in dock.started:
+        if job.gpus >= 4:
+            since = dock.head_since.get(job.name, job.start)
+            to_head.append(since - job.arrival)
+            as_head.append(job.start - since)
+    for name, values in (("wait_ge4_to_head", to_head), ("wait_ge4_as_head", as_head)):
+        m = statistics.fmean(values) if values else 0.0
+        row(f"dockyard:{name}_mean", "s", m, m, len(values))
     row("dockyard:plan_latency", "us", _pct(dock.plan_us, 0.5), _pct(dock.plan_us, 0.95), len(dock.plan_us))
     short = [us for us, q in zip(dock.plan_us, dock.plan_queue) if q <= SHORT_QUEUE]
     row(f"dockyard:plan_latency_queue_le{SHORT_QUEUE}", "us", _pct(short, 0.5), _pct(short, 0.95), len(short))
@@ -559,9 +642,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     notes = (
         f"trace {Path(args.trace).name}: {len(trace.jobs)} GPU runs ({trace.cpu_only} CPU-only left out, "
-        f"{trace.skipped} rows without a run skipped, {trace.synthesized} extra pods given drawn times); "
+        f"{trace.skipped} rows without a run skipped, {trace.too_wide} runs wider than a node refused, "
+        f"{trace.synthesized} extra pods given drawn times); "
         f"{args.nodes} node(s) x {args.gpus} GPUs ({node_topology(args.gpus)!r}); arrivals scaled x{trace.scale:.4g} "
-        f"to offered load {trace.offered_load:.3f} of capacity over {trace.span:.0f}s; longest run {longest:.0f}s; "
+        f"to offered load {trace.offered_load:.3f} of capacity over {trace.span:.0f}s "
+        f"(90% of the runs arrive within {trace.burst_share:.0%} of it, at load {trace.burst_load:.2f}); "
+        f"longest run {longest:.0f}s; "
         f"dockyard time limits = duration x {args.time_limit_factor}; "
         f"{sum(r.checked for r in results.values())} starts checked against oversubscription, none found; "
         f"replay seconds " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()) + "; "
@@ -583,9 +669,11 @@ def print_table(doc: dict[str, Any]) -> None:
     for metric, unit, col in metrics:
         label = f"{metric} ({unit})" if unit else metric
         print(f"{label:<22}" + "".join(f"{by[f'{p}:{metric}'][col]:>16.4g}" for p in POLICIES))
+    to_head, as_head = by["dockyard:wait_ge4_to_head_mean"], by["dockyard:wait_ge4_as_head_mean"]
+    print(f"dockyard wait of >=4-GPU runs: {to_head['p50']:.4g} s to reach the head of the queue + "
+          f"{as_head['p50']:.4g} s as the head (mean over {to_head['n']} runs)")
     for name in ("plan_latency", f"plan_latency_queue_le{SHORT_QUEUE}", "queue_update_latency", "reasons_latency",
-                 "place_cold_latency",
-                 "place_latency", "queue_length"):
+                 "place_cold_latency", "place_latency", "queue_length"):
         r = by[f"dockyard:{name}"]
         print(f"dockyard {name}: p50 {r['p50']:.1f} {r['unit']}, p95 {r['p95']:.1f} {r['unit']} over {r['n']} calls")
     for k, v in doc["ratios"].items():
@@ -600,6 +688,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--load", type=float, default=0.9, help="offered load as a fraction of capacity")
     parser.add_argument("--limit", type=int, default=None, help="keep the N earliest usable rows")
+    parser.add_argument("--times", default=None,
+                        help="a timed pod list to take times from when --trace has no time columns "
+                             "(default: openb_pod_list_default.csv beside it)")
     parser.add_argument("--time-limit-factor", type=float, default=1.0,
                         help="dockyard's time limit = true duration x this (>= 1: an over-estimate)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")

@@ -124,3 +124,52 @@ def test_load_scaling_and_row_filtering(tmp_path: Path):
         assert trace.jobs[0].arrival == 0 and all(j.gpus > 0 for j in trace.jobs)
     assert trace.skipped == 4  # rows 3, 53, 103, 153 were never scheduled
     assert trace.cpu_only + len(trace.jobs) + trace.skipped == 200
+
+
+def test_bad_traces_are_refused_with_file_line_and_column(tmp_path: Path):
+    sim = _sim()
+    bad = tmp_path / "bad.csv"
+    bad.write_text(f"{COLUMNS}\npod-0,1,1,1,1000,,LS,Running,10,20,11\npod-1,1,1,one,1000,,LS,Running,10,20,11\n")
+    with pytest.raises(SystemExit, match=r"bad\.csv:3: column 'num_gpu' must be a number, got 'one'"):
+        sim.load_trace(bad, limit=None, node_gpus=8, gpus_total=8, load=0.9)
+    bad.write_text(f"{COLUMNS}\npod-0,1,1,1,1000,,LS,Running,ten,20,11\n")
+    with pytest.raises(SystemExit, match=r"bad\.csv:2: column 'creation_time'"):
+        sim.load_trace(bad, limit=None, node_gpus=8, gpus_total=8, load=0.9)
+    bad.write_text("pod,gpus\na,1\n")
+    with pytest.raises(SystemExit, match="no 'name' column"):
+        sim.load_trace(bad, limit=None, node_gpus=8, gpus_total=8, load=0.9)
+    # Without time columns and nothing to take them from, the message names --times.
+    untimed = tmp_path / "untimed.csv"
+    untimed.write_text("name,cpu_milli,memory_mib,num_gpu,gpu_milli\npod-0001,1,1,1,1000\n")
+    with pytest.raises(SystemExit, match="--times"):
+        sim.load_trace(untimed, limit=None, node_gpus=8, gpus_total=8, load=0.9)
+
+
+def test_untimed_pod_lists_borrow_times_and_too_wide_runs_are_refused(tmp_path: Path):
+    sim = _sim()
+    timed = _write_trace(tmp_path / "timed.csv", n=60)
+    untimed = tmp_path / "untimed.csv"
+    # Pods 0..39 exist in the timed list; two extra pods get drawn times; one asks for 16 GPUs.
+    lines = ["name,cpu_milli,memory_mib,num_gpu,gpu_milli"]
+    lines += [f"pod-{i:04d},1,1,1,1000" for i in range(40)]
+    lines += ["extra-a,1,1,2,1000", "extra-b,1,1,1,1000", "huge,1,1,16,1000"]
+    untimed.write_text("\n".join(lines) + "\n")
+    trace = sim.load_trace(untimed, limit=None, node_gpus=8, gpus_total=8, load=0.5, times=timed)
+    assert trace.synthesized == 3 and trace.too_wide == 1
+    assert all(j.gpus <= 8 for j in trace.jobs) and "huge" not in {j.name for j in trace.jobs}
+    again = sim.load_trace(untimed, limit=None, node_gpus=8, gpus_total=8, load=0.5, times=timed)
+    assert [(j.name, j.arrival, j.duration) for j in again.jobs] == [(j.name, j.arrival, j.duration) for j in trace.jobs]
+    assert 0 < trace.burst_share <= 1 and trace.burst_load > 0
+
+
+def test_the_report_splits_the_wait_of_wide_runs(tmp_path: Path):
+    trace = _write_trace(tmp_path / "pods.csv")
+    doc = json.loads(subprocess.run(
+        [sys.executable, str(SCRIPT), "--trace", str(trace), "--json"],
+        capture_output=True, text=True, check=True, timeout=120,
+    ).stdout)
+    by = {r["name"]: r for r in doc["results"]}
+    to_head, as_head = by["dockyard:wait_ge4_to_head_mean"], by["dockyard:wait_ge4_as_head_mean"]
+    assert to_head["n"] == as_head["n"] == by["dockyard:wait_ge4_mean"]["n"] > 0
+    assert to_head["p50"] + as_head["p50"] == pytest.approx(by["dockyard:wait_ge4_mean"]["p50"], rel=1e-3, abs=1e-3)
+    assert "90% of the runs arrive within" in doc["notes"]
