@@ -23,10 +23,11 @@ a run's GPUs are on one node):
 
 * ``dockyard``    the real ``dockyard._sched.plan`` (priority/FIFO order, placement scoring,
                   EASY backfill against the head's reservation); every run's time limit is its
-                  true duration x ``--time-limit-factor``. With several nodes, each round offers
-                  the queue to the nodes where the head fits (best ``placement_score`` first), then
-                  to the others by the head's reservation there (earliest first); a run that got a
-                  reservation on one node is not offered to the next, so each node protects its
+                  true duration x ``--time-limit-factor``. With several nodes, each node in turn
+                  goes to the run now at the front of the queue: a node where it fits (best fit:
+                  the fewest GPUs left free, then the best ``placement_score``), else the node
+                  where its reservation is earliest; that node plans the whole queue, and a run it
+                  reserved GPUs for is not offered to the next node, so each node protects its
                   own head.
 * ``fifo``        strict FIFO first-fit: the oldest run starts when a node has enough free GPUs,
                   on the lowest indices; nothing passes it.
@@ -373,23 +374,28 @@ class Dockyard(Policy):
     def waiting(self) -> int:
         return len(self.queue)
 
-    def _node_order(self, now: float, cluster: Cluster) -> list[int]:
-        """Nodes where the head of the queue fits, best placement score first, then the others
-        by the head's reservation there, earliest first (each asked with a queue of one)."""
-        n = len(cluster.free)
-        if n == 1 or not len(self.queue):
-            return list(range(n))
+    def _best_node(self, now: float, cluster: Cluster, nodes: list[int]) -> int:
+        """Of ``nodes``, where the run now at the front of the queue should go: a node where it
+        fits (the fewest GPUs left free, then the best placement score), else the node where its
+        reservation is earliest (each asked with a queue of one)."""
+        if len(nodes) == 1:
+            return nodes[0]
         head = self.queue.first()
         ranked = []
-        for i, topo in enumerate(cluster.topologies):
+        for i in nodes:
+            topo = cluster.topologies[i]
             alone = plan(now, topo, cluster.free[i], [head], list(self.running[i].values()))
             if alone.starts:
+                # Best fit first: the node left with the fewest free GPUs, so whole nodes stay
+                # free for wide runs (a placement score alone prefers the emptiest node, whose
+                # leftovers keep the most NVLinks); the placement score breaks ties.
                 score = placement_score(topo, cluster.free[i], alone.starts[0][1])
-                ranked.append((0, tuple(-x for x in score), i))
+                left = len(cluster.free[i]) - head.request.count
+                ranked.append((0, left, tuple(-x for x in score), i))
             else:
                 at = alone.reservation.at if alone.reservation and alone.reservation.at is not None else math.inf
-                ranked.append((1, (at,), i))
-        return [i for *_, i in sorted(ranked)]
+                ranked.append((1, at, (), i))
+        return min(ranked)[-1]
 
     def decide(self, now, cluster):
         out = []
@@ -399,7 +405,12 @@ class Dockyard(Policy):
             # not offered to the other nodes, so they protect their own head, not the same one.
             reserved: list[Waiting] = []
             queue = self.queue
-            for node in self._node_order(now, cluster):
+            nodes = list(range(len(cluster.free)))
+            while nodes:
+                # Each node in turn goes to the run now at the front of what is left: the node
+                # where it fits or would start first; that node then plans the whole queue.
+                node = self._best_node(now, cluster, nodes)
+                nodes.remove(node)
                 topo = cluster.topologies[node]
                 running = list(self.running[node].values())
                 t0 = time.perf_counter()

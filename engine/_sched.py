@@ -632,8 +632,10 @@ def placement_score(topology: Topology, free: frozenset[str], gpus: Sequence[str
     """How good taking ``gpus`` out of ``free`` is; larger is better, comparable across machines.
 
     The tuple is (NVLinks inside, -NUMA nodes, -PCIe distance, NVLinks left among the leftovers,
-    -their NUMA nodes, -their PCIe distance): the order :func:`place` compares candidates in. A
-    scheduler over several machines can place on each and keep the best score.
+    -their NUMA nodes, -their PCIe distance): the order :func:`place` compares candidates in.
+    Across machines, compare it only between machines left with as many free GPUs: on its own
+    it prefers the emptiest machine (its leftovers keep the most NVLinks), which spreads small
+    runs until no machine is free for a wide one; pick the fullest machine that fits first.
 
     Raises:
         InputError: a GPU is not in ``topology`` or ``gpus`` is not a subset of ``free``.

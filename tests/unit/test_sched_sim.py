@@ -173,3 +173,15 @@ def test_the_report_splits_the_wait_of_wide_runs(tmp_path: Path):
     assert to_head["n"] == as_head["n"] == by["dockyard:wait_ge4_mean"]["n"] > 0
     assert to_head["p50"] + as_head["p50"] == pytest.approx(by["dockyard:wait_ge4_mean"]["p50"], rel=1e-3, abs=1e-3)
     assert "90% of the runs arrive within" in doc["notes"]
+
+
+def test_several_nodes_pack_small_runs_so_a_wide_run_finds_a_whole_node():
+    # Two long 1-GPU runs, then an 8-GPU run, on two 8-GPU nodes: best fit puts the second
+    # 1-GPU run beside the first, leaving a whole node for the 8-GPU run, which starts at once.
+    # (Choosing by placement score alone would spread them, one per node, and the 8-GPU run
+    # would wait 1000 s for a long run to end.)
+    sim = _sim()
+    jobs = [sim.Job("long-a", 0.0, 1, 1000.0), sim.Job("long-b", 1.0, 1, 1000.0), sim.Job("wide", 2.0, 8, 10.0)]
+    result = sim.simulate(jobs, [sim.node_topology(8), sim.node_topology(8)], sim.Dockyard(2, 1.0))
+    assert result.waits == [0.0, 0.0, 0.0]
+    assert result.checked == 3
