@@ -488,7 +488,7 @@ class GpuRequest:
     def eligible(self, topology: Topology) -> frozenset[str]:
         """UUIDs of the GPUs of ``topology`` this request may use, busy or not."""
         mask = self._eligible_mask(topology._t)  # type: ignore[attr-defined]
-        return frozenset(u for i, u in enumerate(topology.uuids) if mask >> i & 1)
+        return frozenset(_uuids(topology._t, mask))  # type: ignore[attr-defined]
 
     def fits_ever(self, topology: Topology) -> str | None:
         """Why this request can never start on ``topology`` (even idle), or None if it can."""
@@ -765,9 +765,10 @@ class _Bucket:
     """The waiting runs of one request shape (count, memory, name filter; with or without a time
     limit), in queue order, cut into blocks that remember their lowest and highest time limit."""
 
-    __slots__ = ("request", "limited", "blocks", "lows", "highs", "lasts", "size")
+    __slots__ = ("key", "request", "limited", "blocks", "lows", "highs", "lasts", "size")
 
-    def __init__(self, request: GpuRequest, limited: bool) -> None:
+    def __init__(self, key: tuple, request: GpuRequest, limited: bool) -> None:
+        self.key = key  # its key in RunQueue._buckets
         self.request = request  # placement depends only on the shape: any member stands for all
         self.limited = limited
         self.blocks: list[list[tuple]] = []  # entries (order, limit, Waiting), sorted
@@ -860,7 +861,7 @@ class RunQueue:
         key = (req._fkey, limit is not None)  # type: ignore[attr-defined]
         bucket = self._buckets.get(key)
         if bucket is None:
-            bucket = self._buckets[key] = _Bucket(req, limit is not None)
+            bucket = self._buckets[key] = _Bucket(key, req, limit is not None)
         entry = (run._order, _INF if limit is None else float(limit), run)  # type: ignore[attr-defined]
         bucket.add(entry)
         self._entries[run.run_id] = (entry, bucket)
@@ -874,7 +875,7 @@ class RunQueue:
         entry, bucket = found
         bucket.remove(entry)
         if not bucket.size:
-            del self._buckets[(bucket.request._fkey, bucket.limited)]  # type: ignore[attr-defined]
+            del self._buckets[bucket.key]
         self._version += 1
         return entry[2]
 
@@ -938,7 +939,7 @@ def plan(
         busy |= held
         releases.append((a.expected_end, held))
     # A busy GPU listed as free is still busy.
-    avail = _free_mask(t, free if isinstance(free, frozenset) else frozenset(free)) & ~busy
+    avail = _free_mask(t, free) & ~busy
     rq = queue if isinstance(queue, RunQueue) else RunQueue(queue)
     version = rq._version
     # Runs of a shape that can never fit this machine are skipped (and explained) wholesale.
@@ -992,7 +993,7 @@ def plan(
                 classes.append((b, 1, b.within(gap_until, _INF)))
             else:
                 classes.append((b, 2, b.within(-_INF, _INF)))
-        candidates: dict[int, tuple | None] = {}
+        candidates: dict[int, object] = {}  # class -> its next run (None: none left)
         while avail:
             pools = (avail, avail & ~res_mask, avail & head_never)
             best = None
@@ -1000,7 +1001,9 @@ def plan(
                 req = b.request
                 if req.count > pools[pool].bit_count():
                     continue
-                entry = candidates[k] if k in candidates else candidates.setdefault(k, _next_untaken(gen, taken))
+                entry = candidates.get(k, _MISS)
+                if entry is _MISS:
+                    entry = candidates[k] = _next_untaken(gen, taken)
                 if entry is None or (best is not None and entry[0] > best[0][0]):
                     continue
                 chosen = _pick(t, pools[pool], req)
