@@ -2,11 +2,13 @@
 
 The read path only needs :func:`connect` and :func:`translate` (stdlib ``sqlite3``); the schema is
 created and migrated by :func:`ensure_schema`, which imports ``sqlite_utils`` lazily so that
-importing ``dockyard.cache`` and looking a key up stays cheap.
+importing ``dockyard.cache`` and looking a key up stays cheap. :func:`upsert_entry` is the one
+statement that writes an entry, shared by a plain record and by a lease holder's record.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import time
@@ -14,6 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
+from ._model import ENTRY_COLUMNS, CacheEntry, entry_from_row
 from .errors import CacheError, IndexCorrupt, IndexUnavailable
 
 if TYPE_CHECKING:
@@ -21,12 +24,15 @@ if TYPE_CHECKING:
 
 __all__ = [
     "INDEX_SCHEMA",
+    "SELECT_ENTRY",
     "abandon",
+    "check_not_newer",
     "connect",
     "ensure_schema",
     "fork_generation",
     "transaction",
     "translate",
+    "upsert_entry",
 ]
 
 #: ``PRAGMA user_version`` of the index this code writes; bump it with a new migration.
@@ -133,6 +139,41 @@ def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         raise
 
 
+#: The entry of one key, in the column order :func:`entry_from_row` reads.
+SELECT_ENTRY = f"SELECT {ENTRY_COLUMNS} FROM entries WHERE key = ?"
+_UPSERT = (
+    "INSERT INTO entries (key, image, image_id, size, created, last_used, hit_count, parts,"
+    " builder, pinned) VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?, 0)"
+    " ON CONFLICT(key) DO UPDATE SET image = excluded.image, image_id = excluded.image_id,"
+    " size = excluded.size, created = excluded.created, last_used = excluded.last_used,"
+    " parts = excluded.parts, builder = excluded.builder"
+)
+
+
+def upsert_entry(
+    conn: sqlite3.Connection,
+    hexkey: str,
+    *,
+    image: str,
+    image_id: str,
+    size: int,
+    parts: dict[str, str],
+    builder: str,
+) -> CacheEntry:
+    """Write (or replace) an entry, keeping its hit count and pin, and read it back.
+
+    Run it inside the caller's :func:`transaction`, so that whatever else that transaction does
+    (deleting a build lease) commits with the entry or not at all. Fields are validated already.
+
+    Raises:
+        sqlite3.Error: left to the caller to translate.
+    """
+    now = time.time()
+    parts_json = json.dumps(parts, sort_keys=True, separators=(",", ":"))
+    conn.execute(_UPSERT, (hexkey, image, image_id, size, now, now, parts_json, builder))
+    return entry_from_row(conn.execute(SELECT_ENTRY, (hexkey,)).fetchone())
+
+
 def _migrate_to_1(db: sqlite_utils.Database) -> None:
     """Schema 1: entries (the cache) and leases (single-flight builds)."""
     db["entries"].create(  # type: ignore[union-attr]
@@ -234,7 +275,7 @@ def ensure_schema(conn: sqlite3.Connection, path: str, busy_timeout: float) -> N
     version = _user_version(conn)
     if version == INDEX_SCHEMA:
         return
-    _check_not_newer(version, path)
+    check_not_newer(version, path)
     import sqlite_utils  # lazily: only writers and migrations pay for it
 
     # journal_mode cannot change inside a transaction; WAL is then a property of the file.
@@ -244,13 +285,18 @@ def ensure_schema(conn: sqlite3.Connection, path: str, busy_timeout: float) -> N
     with transaction(conn):
         # Re-read under the write lock: another process may have migrated meanwhile.
         version = _user_version(conn)
-        _check_not_newer(version, path)
+        check_not_newer(version, path)
         for target in range(version + 1, INDEX_SCHEMA + 1):
             _MIGRATIONS[target](db)
         conn.execute(f"PRAGMA user_version={INDEX_SCHEMA}")
 
 
-def _check_not_newer(version: int, path: str) -> None:
+def check_not_newer(version: int, path: str) -> None:
+    """Refuse an index written by a newer schema than :data:`INDEX_SCHEMA`.
+
+    Raises:
+        IndexUnavailable: ``version`` is newer.
+    """
     if version > INDEX_SCHEMA:
         raise IndexUnavailable(
             f"the cache index at {path} has schema {version}, newer than this dockyard's "

@@ -25,11 +25,11 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from . import _db
-from ._keys import _HEX32, ContentKey
-from ._lease import BuildSlot, acquire
+from ._keys import HEX32, ContentKey
+from ._lease import BuildSlot, LeaseTable, acquire
 from ._model import (
     ENTRY_COLUMNS,
     BuildResult,
@@ -47,19 +47,11 @@ from .errors import (
     IndexCorrupt,
     IndexUnavailable,
     InvalidKey,
-    LeaseLost,
 )
 
 __all__ = ["ImageCache"]
 
-_SELECT_ENTRY = f"SELECT {ENTRY_COLUMNS} FROM entries WHERE key = ?"
-_UPSERT = (
-    "INSERT INTO entries (key, image, image_id, size, created, last_used, hit_count, parts,"
-    " builder, pinned) VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?, 0)"
-    " ON CONFLICT(key) DO UPDATE SET image = excluded.image, image_id = excluded.image_id,"
-    " size = excluded.size, created = excluded.created, last_used = excluded.last_used,"
-    " parts = excluded.parts, builder = excluded.builder"
-)
+_SELECT_ENTRY = _db.SELECT_ENTRY
 _TOUCH = (
     "UPDATE entries SET hit_count = hit_count + ?, last_used = max(last_used, ?) WHERE key = ?"
 )
@@ -80,7 +72,7 @@ def _key_hex(key: ContentKey | str) -> str:
     if type(key) is ContentKey:
         return key.hex
     if isinstance(key, str):
-        return key if _HEX32.fullmatch(key) else ContentKey.parse(key).hex
+        return key if HEX32.fullmatch(key) else ContentKey.parse(key).hex
     raise InvalidKey(
         f"expected a ContentKey or a 32-hex string, got {type(key).__name__}",
         hint="pass compute_key(...) or its hex",
@@ -148,7 +140,7 @@ class ImageCache:
         self._conns: list[tuple[int, sqlite3.Connection]] = []
         self._schema_gen = -1
         self._pending: dict[str, list[float]] = {}
-        self._gen = _db._generation
+        self._gen = _db.fork_generation()
         self._last_flush = time.time()
         _LIVE.add(self)
 
@@ -160,12 +152,12 @@ class ImageCache:
         for _, conn in self._conns:
             _db.abandon(conn)  # never closed or collected here: SQLite forbids it after fork
         self._conns = []
-        self._gen = _db._generation
+        self._gen = _db.fork_generation()
 
     def __repr__(self) -> str:
         return f"ImageCache({self._path_str!r})"
 
-    def __enter__(self) -> ImageCache:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -186,7 +178,7 @@ class ImageCache:
     def _conn(self) -> sqlite3.Connection:
         local = self._local
         try:
-            if local.gen == _db._generation:
+            if local.gen == _db.fork_generation():
                 conn: sqlite3.Connection = local.conn
                 return conn
             _db.abandon(local.conn)  # inherited across fork: SQLite forbids touching it
@@ -203,22 +195,22 @@ class ImageCache:
             ) from exc
         except sqlite3.Error as exc:
             raise _db.translate(exc, self._path_str, "open") from exc
-        if self._gen != _db._generation:
+        if self._gen != _db.fork_generation():
             self._forked()
         local.conn = conn
-        local.gen = _db._generation
+        local.gen = _db.fork_generation()
         with self._lock:
-            self._conns.append((_db._generation, conn))
+            self._conns.append((_db.fork_generation(), conn))
         return conn
 
     def _ensure_schema(self) -> sqlite3.Connection:
         conn = self._conn()
-        if self._schema_gen != _db._generation:
+        if self._schema_gen != _db.fork_generation():
             try:
                 _db.ensure_schema(conn, self._path_str, self._busy_timeout)
             except sqlite3.Error as exc:
                 raise _db.translate(exc, self._path_str, "create the schema of") from exc
-            self._schema_gen = _db._generation
+            self._schema_gen = _db.fork_generation()
         return conn
 
     def close(self) -> None:
@@ -235,7 +227,7 @@ class ImageCache:
             with self._lock:
                 conns, self._conns = self._conns, []
             for gen, conn in conns:
-                if gen == _db._generation:
+                if gen == _db.fork_generation():
                     conn.close()
             self._local = threading.local()
 
@@ -298,7 +290,7 @@ class ImageCache:
         Raises:
             IndexUnavailable: the write failed and ``quiet`` is False.
         """
-        if self._gen != _db._generation:
+        if self._gen != _db.fork_generation():
             self._forked()
         self._last_flush = time.time()
         with self._hits_lock:
@@ -357,49 +349,15 @@ class ImageCache:
         hexkey, key_parts = _key_and_parts(key)
         check_result_fields(image, image_id, size, builder)
         stored = check_parts(key_parts if parts is None else parts)
-        return self._record(
-            hexkey, image=image, image_id=image_id, size=size, parts=stored, builder=builder,
-            lease_owner=None,
-        )
-
-    def _record(
-        self,
-        hexkey: str,
-        *,
-        image: str,
-        image_id: str,
-        size: int,
-        parts: dict[str, str],
-        builder: str,
-        lease_owner: str | None,
-    ) -> CacheEntry:
-        """Write an entry, and delete ``lease_owner``'s lease in the same transaction.
-
-        Raises:
-            LeaseLost: ``lease_owner`` no longer holds the lease; nothing was written.
-            IndexUnavailable: the index could not be written.
-        """
         conn = self._ensure_schema()
-        now = time.time()
-        parts_json = json.dumps(parts, sort_keys=True, separators=(",", ":"))
         try:
             with _db.transaction(conn):
-                if lease_owner is not None:
-                    cur = conn.execute(
-                        "DELETE FROM leases WHERE key = ? AND owner = ?", (hexkey, lease_owner)
-                    )
-                    if cur.rowcount != 1:
-                        holder = conn.execute(
-                            "SELECT owner FROM leases WHERE key = ?", (hexkey,)
-                        ).fetchone()
-                        raise LeaseLost(hexkey, holder[0] if holder else None)
-                conn.execute(
-                    _UPSERT, (hexkey, image, image_id, size, now, now, parts_json, builder)
+                return _db.upsert_entry(
+                    conn, hexkey, image=image, image_id=image_id, size=size, parts=stored,
+                    builder=builder,
                 )
-                row = conn.execute(_SELECT_ENTRY, (hexkey,)).fetchone()
         except sqlite3.Error as exc:
             raise _db.translate(exc, self._path_str, "record an entry in") from exc
-        return entry_from_row(row)
 
     def remove(self, key: ContentKey | str) -> bool:
         """Delete an entry from the index (the image itself is the caller's business).
@@ -484,9 +442,9 @@ class ImageCache:
                 "SELECT count(*), coalesce(sum(size), 0), coalesce(sum(hit_count), 0),"
                 " coalesce(sum(pinned), 0), min(created), max(created) FROM entries"
             ).fetchone()
-            (leases,) = conn.execute("SELECT count(*) FROM leases").fetchone()
         except sqlite3.Error as exc:
             raise _db.translate(exc, self._path_str, "read statistics of") from exc
+        leases = self._lease_table().count()
         return CacheStats(self._path_str, n, total, hits, pinned, leases, oldest, newest)
 
     def verify(self) -> None:
@@ -510,7 +468,7 @@ class ImageCache:
                 hint="move the file away; the cache starts empty and images are rebuilt",
             )
         if version > _db.INDEX_SCHEMA:
-            _db._check_not_newer(version, self._path_str)
+            _db.check_not_newer(version, self._path_str)
 
     # -- base-image resolutions ------------------------------------------------------------
 
@@ -630,58 +588,10 @@ class ImageCache:
 
     # -- single flight -----------------------------------------------------------------------
 
-    def _try_lease(
-        self, hexkey: str, owner: str, timeout: float
-    ) -> tuple[bool, tuple[str, int] | None]:
-        """Take the lease unless the entry exists or a live lease does (one transaction).
-
-        Returns:
-            ``(True, None)`` when taken; ``(False, None)`` when the entry exists;
-            ``(False, (owner, pid))`` when someone else holds a live lease.
-
-        Raises:
-            IndexUnavailable: the index could not be written.
-        """
-        conn = self._ensure_schema()
-        now = time.time()
-        try:
-            with _db.transaction(conn):
-                if conn.execute("SELECT 1 FROM entries WHERE key = ?", (hexkey,)).fetchone():
-                    return False, None
-                row = conn.execute(
-                    "SELECT owner, pid, heartbeat, timeout FROM leases WHERE key = ?", (hexkey,)
-                ).fetchone()
-                if row is not None:
-                    if now - row[2] <= row[3]:
-                        return False, (row[0], row[1])
-                    # Stale: its holder died or stalled; replace it in this same transaction.
-                    conn.execute("DELETE FROM leases WHERE key = ?", (hexkey,))
-                conn.execute(
-                    "INSERT INTO leases (key, owner, pid, acquired, heartbeat, timeout)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
-                    (hexkey, owner, os.getpid(), now, now, float(timeout)),
-                )
-                return True, None
-        except sqlite3.Error as exc:
-            raise _db.translate(exc, self._path_str, "take a build lease in") from exc
-
-    def _lease_state(self, hexkey: str) -> tuple[str, int, bool] | None:
-        """``(owner, pid, stale)`` of the lease on a key, or None (a plain read)."""
-        conn = self._conn()
-        try:
-            row = conn.execute(
-                "SELECT owner, pid, heartbeat, timeout FROM leases WHERE key = ?", (hexkey,)
-            ).fetchone()
-        except sqlite3.Error as exc:
-            raise _db.translate(exc, self._path_str, "read a build lease in") from exc
-        if row is None:
-            return None
-        return row[0], row[1], time.time() - row[2] > row[3]
-
-    def _delete_lease(self, hexkey: str, owner: str) -> None:
-        self._update(
-            "DELETE FROM leases WHERE key = ? AND owner = ?", (hexkey, owner), "release a lease in"
-        )
+    def _lease_table(self) -> LeaseTable:
+        # Made per use, not kept: a kept one would hold bound methods of self, a reference cycle
+        # that delays __del__ (and so the flush of pending hits) until the cyclic collector runs.
+        return LeaseTable(self._conn, self._ensure_schema, self._path_str, self._busy_timeout)
 
     @contextmanager
     def building(
@@ -722,8 +632,8 @@ class ImageCache:
         """
         hexkey, parts = _key_and_parts(key)
         slot = acquire(
-            self, hexkey, parts, lease_timeout=lease_timeout, heartbeat=heartbeat, poll=poll,
-            wait_timeout=wait_timeout,
+            self._lease_table(), self.lookup, hexkey, parts, lease_timeout=lease_timeout,
+            heartbeat=heartbeat, poll=poll, wait_timeout=wait_timeout,
         )
         try:
             yield slot
@@ -827,7 +737,8 @@ class ImageCache:
             ]
         except sqlite3.Error as exc:
             raise _db.translate(exc, self._path_str, "list entries of") from exc
-        protected |= self._live_leases(now)
+        leases = self._lease_table()
+        protected |= leases.live(now)
         total = sum(e.size for e in lru)
         removed: list[CacheEntry] = []
         errors: list[GcFailure] = []
@@ -841,7 +752,7 @@ class ImageCache:
             if dry_run:
                 removed.append(entry)
                 return True
-            current = self._recheck(entry)
+            current = self._recheck(entry, leases)
             if current is None:
                 return False
             if remove is not None:
@@ -874,16 +785,7 @@ class ImageCache:
             dry_run=dry_run,
         )
 
-    def _live_leases(self, now: float) -> set[str]:
-        try:
-            rows = self._conn().execute(
-                "SELECT key FROM leases WHERE ? - heartbeat <= timeout", (now,)
-            ).fetchall()
-        except sqlite3.Error as exc:
-            raise _db.translate(exc, self._path_str, "read build leases in") from exc
-        return {r[0] for r in rows}
-
-    def _recheck(self, entry: CacheEntry) -> CacheEntry | None:
+    def _recheck(self, entry: CacheEntry, leases: LeaseTable) -> CacheEntry | None:
         """The entry as it is now, or None when it was used, pinned or leased since the snapshot.
 
         GC reads a snapshot, then removes images one by one (slowly); another process may have
@@ -892,7 +794,7 @@ class ImageCache:
         conn = self._conn()
         try:
             row = conn.execute(_SELECT_ENTRY, (entry.key,)).fetchone()
-            leased = self._live_leases(time.time())
+            leased = leases.live(time.time())
         except sqlite3.Error as exc:
             raise _db.translate(exc, self._path_str, "read an entry of") from exc
         if row is None:

@@ -52,6 +52,7 @@ from xxhash import xxh3_128_hexdigest
 from .errors import InvalidKey, InvalidKeyParts
 
 __all__ = [
+    "HEX32",
     "PART_NAMES",
     "SCHEMA_VERSION",
     "ContentKey",
@@ -78,7 +79,8 @@ _SORTED_NAMES = tuple(sorted(PART_NAMES))
 _KEY_PREFIX = f"dockyard-cache-key/v{SCHEMA_VERSION}\n"
 
 # Regexes are compiled once: compute_key is on the hot path of every cache hit.
-_HEX32 = re.compile(r"[0-9a-f]{32}")
+#: A content key as text: 32 lowercase hex digits.
+HEX32 = re.compile(r"[0-9a-f]{32}")
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 _PLATFORM = re.compile(r"[a-z0-9]+/[a-z0-9_]+(?:/[a-z0-9]+)?")
 _REGISTRY = re.compile(r"(?:[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?|\[[0-9a-f:]+\])(?::[0-9]{1,5})?(?:/\S*)?")
@@ -446,7 +448,7 @@ class ContentKey:
     parts: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
 
     def __post_init__(self) -> None:
-        if not isinstance(self.hex, str) or not _HEX32.fullmatch(self.hex):
+        if not isinstance(self.hex, str) or not HEX32.fullmatch(self.hex):
             raise InvalidKey(
                 "a content key is 32 lowercase hex characters",
                 hint="use ContentKey.parse() for user input, or compute_key()",
@@ -468,7 +470,7 @@ class ContentKey:
             InvalidKey: ``text`` is not 32 hex characters.
         """
         value = text.strip().lower() if isinstance(text, str) else ""
-        if not _HEX32.fullmatch(value):
+        if not HEX32.fullmatch(value):
             # The text is not echoed: whatever was pasted here might be a secret.
             got = f"{len(text)} characters" if isinstance(text, str) else type(text).__name__
             raise InvalidKey(

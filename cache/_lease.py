@@ -6,6 +6,9 @@ than the holder's own ``timeout`` is stale (its process died or stalled) and the
 deletes and replaces it in the same transaction. The holder records its entry and deletes its
 lease in one transaction, so a waiter sees either the lease or the entry, never neither by
 accident (except when the build failed, which is when it should build itself).
+
+All SQL on ``leases`` lives here, in :class:`LeaseTable`; the index constructs one with its
+connections and hands it to :func:`acquire`, and reads it for GC and statistics.
 """
 
 from __future__ import annotations
@@ -14,16 +17,16 @@ import os
 import sqlite3
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 from . import _db
 from ._model import CacheEntry, check_parts, check_result_fields
-from .errors import CacheError, CacheInputError, WaitTimeout
+from .errors import CacheError, CacheInputError, LeaseLost, WaitTimeout
 
-if TYPE_CHECKING:
-    from ._index import ImageCache
+__all__ = ["BuildSlot", "LeaseTable", "acquire", "new_owner"]
 
-__all__ = ["BuildSlot", "acquire", "new_owner"]
+_SELECT_LEASE = "SELECT owner, pid, heartbeat, timeout FROM leases WHERE key = ?"
 
 
 def new_owner() -> str:
@@ -33,13 +36,168 @@ def new_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{os.urandom(8).hex()}"
 
 
+class LeaseTable:
+    """The ``leases`` table of one index file: every statement the lease protocol runs.
+
+    Args:
+        conn: this thread's connection to the index (plain reads; the schema may be missing).
+        writer: the same connection, with the schema created or migrated first.
+        path: the index file, for error messages and the heartbeat's own connection.
+        busy_timeout: seconds a statement waits for another process's write lock.
+
+    Every ``sqlite3.Error`` is translated with :func:`_db.translate` before it leaves a method.
+    """
+
+    def __init__(
+        self,
+        conn: Callable[[], sqlite3.Connection],
+        writer: Callable[[], sqlite3.Connection],
+        path: str,
+        busy_timeout: float,
+    ) -> None:
+        self._conn = conn
+        self._writer = writer
+        self.path = path
+        self.busy_timeout = busy_timeout
+
+    def try_take(self, hexkey: str, owner: str, timeout: float) -> tuple[bool, tuple[str, int] | None]:
+        """Take the lease unless the entry exists or a live lease does (one transaction).
+
+        Returns:
+            ``(True, None)`` when taken; ``(False, None)`` when the entry exists;
+            ``(False, (owner, pid))`` when someone else holds a live lease.
+
+        Raises:
+            IndexUnavailable: the index could not be written.
+        """
+        conn = self._writer()
+        now = time.time()
+        try:
+            with _db.transaction(conn):
+                if conn.execute("SELECT 1 FROM entries WHERE key = ?", (hexkey,)).fetchone():
+                    return False, None
+                row = conn.execute(_SELECT_LEASE, (hexkey,)).fetchone()
+                if row is not None:
+                    if now - row[2] <= row[3]:
+                        return False, (row[0], row[1])
+                    # Stale: its holder died or stalled; replace it in this same transaction.
+                    conn.execute("DELETE FROM leases WHERE key = ?", (hexkey,))
+                conn.execute(
+                    "INSERT INTO leases (key, owner, pid, acquired, heartbeat, timeout)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    (hexkey, owner, os.getpid(), now, now, float(timeout)),
+                )
+                return True, None
+        except sqlite3.Error as exc:
+            raise _db.translate(exc, self.path, "take a build lease in") from exc
+
+    def state(self, hexkey: str) -> tuple[str, int, bool] | None:
+        """``(owner, pid, stale)`` of the lease on a key, or None (a plain read)."""
+        conn = self._conn()
+        try:
+            row = conn.execute(_SELECT_LEASE, (hexkey,)).fetchone()
+        except sqlite3.Error as exc:
+            raise _db.translate(exc, self.path, "read a build lease in") from exc
+        if row is None:
+            return None
+        return row[0], row[1], time.time() - row[2] > row[3]
+
+    def record(
+        self,
+        hexkey: str,
+        owner: str,
+        *,
+        image: str,
+        image_id: str,
+        size: int,
+        parts: dict[str, str],
+        builder: str,
+    ) -> CacheEntry:
+        """Write the entry and delete ``owner``'s lease in one transaction (fields validated).
+
+        Raises:
+            LeaseLost: ``owner`` no longer holds the lease; nothing was written.
+            IndexUnavailable: the index could not be written.
+        """
+        conn = self._writer()
+        try:
+            with _db.transaction(conn):
+                cur = conn.execute(
+                    "DELETE FROM leases WHERE key = ? AND owner = ?", (hexkey, owner)
+                )
+                if cur.rowcount != 1:
+                    holder = conn.execute(
+                        "SELECT owner FROM leases WHERE key = ?", (hexkey,)
+                    ).fetchone()
+                    raise LeaseLost(hexkey, holder[0] if holder else None)
+                return _db.upsert_entry(
+                    conn, hexkey, image=image, image_id=image_id, size=size, parts=parts,
+                    builder=builder,
+                )
+        except sqlite3.Error as exc:
+            raise _db.translate(exc, self.path, "record an entry in") from exc
+
+    def delete(self, hexkey: str, owner: str) -> None:
+        """Delete ``owner``'s lease on a key, if it still holds it.
+
+        Raises:
+            IndexUnavailable: the index could not be written.
+        """
+        conn = self._writer()
+        try:
+            with _db.transaction(conn):
+                conn.execute("DELETE FROM leases WHERE key = ? AND owner = ?", (hexkey, owner))
+        except sqlite3.Error as exc:
+            raise _db.translate(exc, self.path, "release a lease in") from exc
+
+    def live(self, now: float) -> set[str]:
+        """The keys whose lease is live at ``now`` (GC keeps them).
+
+        Raises:
+            IndexUnavailable: the index could not be read.
+        """
+        try:
+            rows = self._conn().execute(
+                "SELECT key FROM leases WHERE ? - heartbeat <= timeout", (now,)
+            ).fetchall()
+        except sqlite3.Error as exc:
+            raise _db.translate(exc, self.path, "read build leases in") from exc
+        return {r[0] for r in rows}
+
+    def count(self) -> int:
+        """How many leases there are, live or stale (for statistics).
+
+        Raises:
+            IndexUnavailable: the index could not be read.
+        """
+        try:
+            (n,) = self._conn().execute("SELECT count(*) FROM leases").fetchone()
+        except sqlite3.Error as exc:
+            raise _db.translate(exc, self.path, "read statistics of") from exc
+        return int(n)
+
+    def refresh(self, conn: sqlite3.Connection, hexkey: str, owner: str) -> bool:
+        """Move ``owner``'s heartbeat to now on the heartbeat thread's own connection.
+
+        Returns:
+            False when ``owner`` no longer holds the lease.
+
+        Raises:
+            sqlite3.Error: left to the heartbeat, which retries at its next beat.
+        """
+        cur = conn.execute(
+            "UPDATE leases SET heartbeat = ? WHERE key = ? AND owner = ?",
+            (time.time(), hexkey, owner),
+        )
+        return cur.rowcount != 0
+
+
 class _Heartbeat(threading.Thread):
     """Refreshes one lease until stopped; notices when the lease is no longer ours."""
 
-    def __init__(self, path: str, busy_timeout: float, key: str, owner: str, every: float) -> None:
+    def __init__(self, leases: LeaseTable, key: str, owner: str, every: float) -> None:
         super().__init__(name=f"dockyard-cache-lease-{key[:8]}", daemon=True)
-        self._path = path
-        self._busy_timeout = busy_timeout
+        self._leases = leases
         self._key = key
         self._owner = owner
         self._every = every
@@ -48,19 +206,16 @@ class _Heartbeat(threading.Thread):
 
     def run(self) -> None:
         try:
-            conn = _db.connect(self._path, self._busy_timeout)
+            conn = _db.connect(self._leases.path, self._leases.busy_timeout)
         except sqlite3.Error:
             return  # the lease then goes stale; record() will notice and say so
         try:
             while not self._stop_event.wait(self._every):
                 try:
-                    cur = conn.execute(
-                        "UPDATE leases SET heartbeat = ? WHERE key = ? AND owner = ?",
-                        (time.time(), self._key, self._owner),
-                    )
+                    ours = self._leases.refresh(conn, self._key, self._owner)
                 except sqlite3.Error:
                     continue  # a busy index is retried at the next beat, well before stale
-                if cur.rowcount == 0:
+                if not ours:
                     self.lost = True
                     return
         finally:
@@ -87,7 +242,7 @@ class BuildSlot:
 
     def __init__(
         self,
-        cache: ImageCache,
+        leases: LeaseTable,
         key: str,
         parts: dict[str, str],
         *,
@@ -95,7 +250,7 @@ class BuildSlot:
         owner: str | None = None,
         heartbeat: _Heartbeat | None = None,
     ) -> None:
-        self._cache = cache
+        self._leases = leases
         self.key = key
         self._parts = parts
         self.entry = entry
@@ -147,9 +302,9 @@ class BuildSlot:
             )
         check_result_fields(image, image_id, size, builder)
         stored = check_parts(self._parts if parts is None else parts)
-        entry = self._cache._record(
-            self.key, image=image, image_id=image_id, size=size, parts=stored, builder=builder,
-            lease_owner=self.owner,
+        entry = self._leases.record(
+            self.key, self.owner or "", image=image, image_id=image_id, size=size, parts=stored,
+            builder=builder,
         )
         self.entry = entry
         self._finish()
@@ -174,7 +329,7 @@ class BuildSlot:
             return
         self._finish()
         try:
-            self._cache._delete_lease(self.key, self.owner or "")
+            self._leases.delete(self.key, self.owner or "")
         except CacheError:
             if not quiet:
                 raise
@@ -188,7 +343,8 @@ def _check_positive(name: str, value: Any, *, allow_none: bool = False) -> None:
 
 
 def acquire(
-    cache: ImageCache,
+    leases: LeaseTable,
+    lookup: Callable[[str], CacheEntry | None],
     key: str,
     parts: dict[str, str],
     *,
@@ -198,6 +354,8 @@ def acquire(
     wait_timeout: float | None,
 ) -> BuildSlot:
     """Return a hit, or take the lease, or wait for the holder (see ``ImageCache.building``).
+
+    ``lookup`` is the index's read path (it counts the hit like any other).
 
     Raises:
         CacheInputError: a timing argument is invalid.
@@ -218,22 +376,22 @@ def acquire(
             "heartbeat must be shorter than lease_timeout",
             hint="leave heartbeat=None for lease_timeout / 3",
         )
-    entry = cache.lookup(key)
+    entry = lookup(key)
     if entry is not None:
-        return BuildSlot(cache, key, parts, entry=entry)
+        return BuildSlot(leases, key, parts, entry=entry)
     owner = new_owner()
     started = time.monotonic()
     while True:
-        taken, holder = cache._try_lease(key, owner, lease_timeout)
+        taken, holder = leases.try_take(key, owner, lease_timeout)
         if taken:
-            beat = _Heartbeat(cache._path_str, cache._busy_timeout, key, owner, every)
+            beat = _Heartbeat(leases, key, owner, every)
             beat.start()
-            return BuildSlot(cache, key, parts, entry=None, owner=owner, heartbeat=beat)
+            return BuildSlot(leases, key, parts, entry=None, owner=owner, heartbeat=beat)
         if holder is None:
             # The entry appeared between our lookup and the lease attempt.
-            entry = cache.lookup(key)
+            entry = lookup(key)
             if entry is not None:
-                return BuildSlot(cache, key, parts, entry=entry)
+                return BuildSlot(leases, key, parts, entry=entry)
             continue
         while True:
             waited = time.monotonic() - started
@@ -241,10 +399,10 @@ def acquire(
                 raise WaitTimeout(key, holder=holder[0], holder_pid=holder[1], waited=waited)
             time.sleep(poll)
             # Plain reads while someone else builds: no write lock per poll.
-            entry = cache.lookup(key)
+            entry = lookup(key)
             if entry is not None:
-                return BuildSlot(cache, key, parts, entry=entry)
-            current = cache._lease_state(key)
+                return BuildSlot(leases, key, parts, entry=entry)
+            current = leases.state(key)
             if current is None or current[2]:  # vanished or stale: try to take it over
                 break
             holder = (current[0], current[1])
