@@ -176,14 +176,14 @@ def engine_suite(n: int, workdir: Path) -> list[Result]:
     """dockyard's hits next to BuildKit's and docker's cached builds of the same Dockerfile."""
     try:
         from dockyard import Environment
-        from dockyard._base import bootstrap
-        from dockyard._buildkit import BuildKitClient, SolveSpec
-        from dockyard._builder import Builder
-        from dockyard._dockerfile import render
-        from dockyard._engine import EngineAddress
+        from dockyard.build import render_dockerfile
+        from dockyard.build._base_images import bootstrap
+        from dockyard.build._builder import Builder
+        from dockyard.build._buildkit import BuildKitClient, SolveSpec
+        from dockyard.dockerd import EngineClient
         from dockyard.errors import DockyardError
 
-        engine = EngineAddress.from_env()
+        engine = EngineClient.from_env()
         engine.ping()
     except Exception as exc:  # noqa: BLE001 - a benchmark says why it skipped, it does not crash
         NOTES.append(f"engine rows skipped: {exc}")
@@ -204,7 +204,7 @@ def engine_suite(n: int, workdir: Path) -> list[Result]:
         measure("dockyard_hit_index", lambda: builder.ensure_image(env, verify=False), max(100, n // 10), warmup=50),
         measure("dockyard_hit_verified", lambda: builder.ensure_image(env), max(100, n // 20), warmup=20),
     ]
-    rendered = render(env, env.content_key(base_digest=builder.resolve_base(env)[0]))
+    rendered = render_dockerfile(env, env.content_key(base_digest=builder.resolve_base(env)[0]))
     solve_spec = SolveSpec(rendered.dockerfile.encode(), rendered.context, "moby",
                            {"name": f"dockyard/bench:{built.key}"}, {f"label:{k}": v for k, v in rendered.labels.items()})
     slow_n = 20

@@ -40,9 +40,9 @@ def _row(name: str, samples: list[float]) -> dict[str, Any]:
 
 def run(n: int) -> dict[str, Any]:
     from dockyard import Environment, Experiment, ScriptRunConfig, Workspace
-    from dockyard._agent import stop_agent
-    from dockyard._base import bootstrap
-    from dockyard._builder import Builder
+    from dockyard.build._base_images import bootstrap
+    from dockyard.build._builder import Builder
+    from dockyard.compute import stop_agent
 
     docker = shutil.which("docker") or "/usr/bin/docker"
     with tempfile.TemporaryDirectory(prefix="dockyard-launch-") as tmp:
@@ -78,7 +78,7 @@ def run(n: int) -> dict[str, Any]:
         for i in range(n):
             for fn in ((dockyard_once, docker_once) if i % 2 == 0 else (docker_once, dockyard_once)):
                 fn()
-        stop_agent(ws.directory)
+        stop_agent(ws.home)
     results = [_row("dockyard_submit_to_completed", ours), _row("docker_run_rm", theirs)]
     return {
         "benchmark": "launch_overhead",

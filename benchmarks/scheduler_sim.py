@@ -21,7 +21,7 @@ instant's events). Policies, all over the same arrivals and nodes (``--nodes`` m
 ``--gpus`` GPUs each: ``Topology.dgx(g)`` when g is a multiple of 4, else ``Topology.uniform(g, 1)``;
 a run's GPUs are on one node):
 
-* ``dockyard``    the real ``dockyard._sched.plan`` (priority/FIFO order, placement scoring,
+* ``dockyard``    the real ``dockyard.gpu._sched.plan`` (priority/FIFO order, placement scoring,
                   EASY backfill against the head's reservation); every run's time limit is its
                   true duration x ``--time-limit-factor``. With several nodes, each node in turn
                   goes to the run now at the front of the queue: a node where it fits (best fit:
@@ -67,7 +67,7 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any
 
-from dockyard._sched import Active, GpuRequest, RunQueue, Topology, Waiting, place, placement_score, plan
+from dockyard.gpu._sched import Active, GpuRequest, RunQueue, Topology, Waiting, place, placement_score, plan
 
 POLICIES = ("dockyard", "fifo", "skip_ahead")
 SHORT_QUEUE = 100  # plan latency is also shown for decisions with at most this many runs waiting

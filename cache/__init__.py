@@ -20,6 +20,7 @@ imports the dockyard engine, Docker or gRPC: any tool can plug in its own builde
 """
 
 from importlib import import_module
+
 # Not `from typing import …`: typing alone costs ~10 ms, more than a whole cache hit.
 TYPE_CHECKING = False
 
@@ -52,6 +53,7 @@ _EXPORTS = {
 }
 
 if TYPE_CHECKING:  # pragma: no cover
+    from ._fastread import FastHit, fast_hit
     from ._index import ImageCache
     from ._keys import PART_NAMES, SCHEMA_VERSION, ContentKey, KeyParts, compute_key, diff_keys
     from ._lease import BuildSlot
@@ -66,7 +68,6 @@ if TYPE_CHECKING:  # pragma: no cover
         LeaseLost,
         WaitTimeout,
     )
-    from ._fastread import FastHit, fast_hit
 
 __all__ = [
     "PART_NAMES",
@@ -78,6 +79,7 @@ __all__ = [
     "CacheInputError",
     "CacheStats",
     "ContentKey",
+    "FastHit",
     "GcFailure",
     "GcReport",
     "ImageCache",
@@ -91,7 +93,6 @@ __all__ = [
     "compute_key",
     "diff_keys",
     "fast_hit",
-    "FastHit",
 ]
 
 

@@ -6,7 +6,8 @@ library, so the CLI's fast paths and code running inside training containers sta
 
 from __future__ import annotations
 
-from importlib import import_module
+from ._lazy import lazy_exports
+
 # Not `from typing import …`: typing alone costs ~10 ms, more than a whole cache hit.
 TYPE_CHECKING = False
 
@@ -37,15 +38,4 @@ if TYPE_CHECKING:  # pragma: no cover
     from .errors import DockyardError
 
 
-def __getattr__(name: str) -> object:
-    try:
-        module = _EXPORTS[name]
-    except KeyError:
-        raise AttributeError(f"module 'dockyard' has no attribute {name!r}") from None
-    value = getattr(import_module(module, __name__), name)
-    globals()[name] = value  # later lookups skip __getattr__
-    return value
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -1,5 +1,5 @@
 """``python -m dockyard`` is the ``dockyard`` command."""
 
-from ._fastpath import main
+from .cli._fastpath import main
 
 main()

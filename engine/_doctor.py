@@ -6,8 +6,8 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
-from ._engine import EngineAddress
 from ._home import dockyard_home, index_path
+from .dockerd import EngineClient
 from .errors import DockyardError
 
 __all__ = ["Check", "DoctorReport", "run_doctor"]
@@ -38,7 +38,7 @@ class DoctorReport:
         return {"ok": self.ok, "checks": [c.to_json() for c in self.checks]}
 
 
-def _check_engine(engine: EngineAddress) -> Check:
+def _check_engine(engine: EngineClient) -> Check:
     try:
         info = engine.info()
     except DockyardError as exc:
@@ -50,11 +50,11 @@ def _check_engine(engine: EngineAddress) -> Check:
     )
 
 
-def _check_buildkit(engine: EngineAddress, engine_ok: bool) -> Check:
+def _check_buildkit(engine: EngineClient, engine_ok: bool) -> Check:
     if not engine_ok:
         return Check("buildkit", False, "not checked: the engine is unreachable (fix the engine first)")
     try:
-        from ._buildkit import BuildKitClient  # imports grpc: only when the engine is up
+        from .build import BuildKitClient  # imports grpc: only when the engine is up
 
         with BuildKitClient("docker", engine=engine) as client:
             workers = client.list_workers()
@@ -89,7 +89,7 @@ def _check_index(home: Path) -> Check:
 
 
 def _check_gpus() -> Check:
-    from ._gpu import discover_gpus
+    from .gpu import discover_gpus
 
     found = discover_gpus()
     if not found.gpus:
@@ -98,10 +98,10 @@ def _check_gpus() -> Check:
     return Check("gpus", True, f"{len(found.gpus)} via NVML, driver {found.driver}: {names}", required=False)
 
 
-def _check_base_images(engine: EngineAddress, engine_ok: bool) -> Check:
+def _check_base_images(engine: EngineClient, engine_ok: bool) -> Check:
     if not engine_ok:
         return Check("base-images", False, "not checked: the engine is unreachable")
-    from ._base import list_base_images
+    from .build import list_base_images
 
     try:
         images = list_base_images(engine)
@@ -114,13 +114,13 @@ def _check_base_images(engine: EngineAddress, engine_ok: bool) -> Check:
     return Check("base-images", True, ", ".join(i.ref for i in images))
 
 
-def run_doctor(engine: EngineAddress | None = None, home: Path | None = None) -> DoctorReport:
+def run_doctor(engine: EngineClient | None = None, home: Path | None = None) -> DoctorReport:
     """Run every check. Never raises for a missing part: the report says what is missing.
 
     Raises:
         InputError: ``DOCKER_HOST`` cannot be parsed.
     """
-    engine = engine or EngineAddress.from_env()
+    engine = engine or EngineClient.from_env()
     engine_check = _check_engine(engine)
     return DoctorReport(
         (

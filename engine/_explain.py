@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from ._environment import _FIELD_OF_PART, Environment
 
-__all__ = ["describe_parts", "field_of_part"]
+__all__ = ["changed_since_last_build", "describe_parts", "field_of_part"]
 
 
 def field_of_part(part: str) -> str:
@@ -40,3 +41,28 @@ def describe_parts(env: Environment, key: Any) -> list[tuple[str, str, str]]:
         "registry": parts.registry or "(none)",
     }
     return [(name, digest, summaries.get(name, "")) for name, digest in key.parts.items()]
+
+
+def changed_since_last_build(file: str, key: Any) -> str | None:
+    """Which parts of ``key`` differ from the image last built from this same spec file, in words
+    (None: this file was never built here)."""
+    from dockyard.cache import ImageCache
+
+    from ._home import index_path
+
+    if not index_path().exists():
+        return None
+    index = ImageCache(index_path())
+    try:
+        old_key = index.remembered_key(os.path.abspath(file))
+        entry = index.lookup(old_key) if old_key else None
+    finally:
+        index.close()
+    if entry is None:
+        return None
+    # `env key` does not resolve the base image (it works offline), so its digest part is not compared.
+    differs = [name for name, digest in key.parts.items()
+               if name != "base_digest" and entry.parts.get(name) not in (None, digest)]
+    if not differs:
+        return f"no part changed (image {entry.image})"
+    return "changed " + ", ".join(f"{name} ({field_of_part(name)})" for name in differs) + f"; was {entry.key}"

@@ -7,13 +7,27 @@ imported inside that method.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
+
+TYPE_CHECKING = False  # not `from typing import ...`: keep the in-run import path minimal
+
+if TYPE_CHECKING:  # pragma: no cover
+    from typing import IO, Any
+
+    from ._workflow import Experiment, Workspace
+    from .runs import RunFolder, RunRecord, RunStatus, RunStore
 
 __all__ = ["Run"]
 
 _TAIL_LINES = 30
+# How often a waiter looks at the store: quickly at first (short runs end within a second), then
+# less (a long run does not need its end noticed within milliseconds). Each look is one
+# `PRAGMA data_version` on an open connection: the row is read only when a commit happened.
+_FIRST_POLL_S = 0.005
+_LAST_POLL_S = 0.05
+# A waiter checks this often that an agent still follows the run (it may have been killed).
+_REVIVE_EVERY_S = 2.0
 
 
 class Run:
@@ -23,17 +37,17 @@ class Run:
     host, ``experiment.submit(config)`` returns a ``Run`` to follow.
     """
 
-    def __init__(self, experiment, run_id):  # type: ignore[no-untyped-def]
+    def __init__(self, experiment: Experiment, run_id: str) -> None:
         self.experiment = experiment
         self.id = run_id
 
-    def __repr__(self):  # type: ignore[no-untyped-def]
+    def __repr__(self) -> str:
         return "Run(experiment={!r}, id={!r}, status={!r})".format(self.experiment.name, self.id, self.get_status())
 
     # -- inside a run ---------------------------------------------------------------------------
 
     @classmethod
-    def get_context(cls, allow_offline=True):  # type: ignore[no-untyped-def]
+    def get_context(cls, allow_offline: bool = True) -> Any:
         """The current run's logger: metrics reach the run store when the script runs under
         dockyard; elsewhere an offline run prints them."""
         from ._runcontext import get_context
@@ -42,40 +56,42 @@ class Run:
 
     # -- on the host ----------------------------------------------------------------------------
 
-    def _store(self):  # type: ignore[no-untyped-def]
-        return self.experiment.workspace._store()
+    @staticmethod
+    def get(workspace: Workspace, run_id: str) -> Run:
+        """The run ``run_id`` of ``workspace`` (Azure ML's ``Run.get``).
 
-    def _record(self):  # type: ignore[no-untyped-def]
+        Raises:
+            RunNotFound: the workspace has no such run.
+        """
+        return workspace.get_run(run_id)
+
+    def _store(self) -> RunStore:
+        return self.experiment.workspace.store
+
+    def _record(self) -> RunRecord:
         return self._store().get(self.id)
 
-    def get_status(self):  # type: ignore[no-untyped-def]
-        """``Queued``, ``Running``, ``Completed``, ``Failed`` or ``Canceled``."""
-        return self._record().status
+    def _folder(self) -> RunFolder:
+        return self._store().folder_of(self.id)
 
-    def _log_path(self):  # type: ignore[no-untyped-def]
-        from pathlib import Path
+    @property
+    def status(self) -> RunStatus:
+        """The status now (same as :meth:`get_status`)."""
+        return self.get_status()
 
-        return Path(self._record().run_dir) / "meta" / "std.log"
+    def get_status(self) -> RunStatus:
+        """``Queued``, ``Running``, ``Completed``, ``Failed`` or ``Canceled`` (a ``str``)."""
+        return self._store().status_of(self.id)
 
-    def _log_tail(self, lines=_TAIL_LINES):  # type: ignore[no-untyped-def]
-        path = self._log_path()
-        if not path.exists():
-            return ""
-        with open(path, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            size = fh.tell()
-            fh.seek(max(0, size - 64 * 1024))
-            data = fh.read().decode("utf-8", errors="replace")
-        return "\n".join(data.splitlines()[-lines:])
-
-    def get_details(self):  # type: ignore[no-untyped-def]
+    def get_details(self) -> dict[str, Any]:
         """Status, times, script, target, image, exit code and (for failures) the log tail."""
         r = self._record()
-        iso = lambda t: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t)) if t else None  # noqa: E731
+        iso = lambda t: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t)) if t else None
+        folder = r.folder
         details = {
             "runId": r.id,
             "experiment": r.experiment,
-            "status": r.status,
+            "status": str(r.status),
             "target": r.compute,
             "script": r.script,
             "arguments": list(r.arguments),
@@ -84,23 +100,48 @@ class Run:
             "submittedTimeUtc": iso(r.created),
             "startTimeUtc": iso(r.started),
             "endTimeUtc": iso(r.ended),
-            "logFiles": {"logs/std.log": str(self._log_path())},
+            "logFiles": {"logs/std.log": str(folder.log)},
         }
         if r.status in ("Failed", "Canceled"):
-            details["error"] = {"message": r.reason, "exitCode": r.exit_code, "logTail": self._log_tail()}
+            details["error"] = {"message": r.reason, "exitCode": r.exit_code, "logTail": folder.log_tail(_TAIL_LINES)}
         return details
 
-    def get_metrics(self, name=None):  # type: ignore[no-untyped-def]
+    def to_json(self, *, metrics: bool = True) -> dict[str, Any]:
+        """The run as ``dockyard run --json`` and ``dockyard runs show --json`` print it:
+        ``{"id", "status", "exit_code", "image", "gpus", "metrics": {name: [values]}, …}``."""
+        r = self._record()
+        doc: dict[str, Any] = {
+            "id": r.id,
+            "status": str(r.status),
+            "exit_code": r.exit_code,
+            "image": r.image,
+            "gpus": list(r.gpus),
+        }
+        if metrics:
+            doc["metrics"] = self._store().metrics(r.id)
+        doc.update({
+            "experiment": r.experiment,
+            "script": r.script,
+            "compute": r.compute,
+            "reason": r.reason,
+            "created": r.created,
+            "started": r.started,
+            "ended": r.ended,
+        })
+        return doc
+
+    def get_metrics(self, name: str | None = None) -> dict[str, Any]:
         """Metrics as Azure ML returns them: a value logged once is a scalar, more often a list."""
         found = self._store().metrics(self.id)
         shaped = {k: (v[0] if len(v) == 1 else v) for k, v in found.items()}
         return shaped if name is None else {name: shaped[name]} if name in shaped else {}
 
-    def cancel(self):  # type: ignore[no-untyped-def]
+    def cancel(self) -> None:
         """Cancel the run (a queued run at once; a running one is stopped by the agent)."""
         self._store().request_cancel(self.id)
 
-    def wait_for_completion(self, show_output=False, wait_post_processing=False, raise_on_error=True):  # type: ignore[no-untyped-def]
+    def wait_for_completion(self, show_output: bool = False, wait_post_processing: bool = False,
+                            raise_on_error: bool = True) -> dict[str, Any]:
         """Block until the run ends; with ``show_output`` stream its output live.
 
         Ctrl-C detaches: the run goes on (follow it with ``dockyard runs logs -f ID``).
@@ -108,78 +149,76 @@ class Run:
         Raises:
             RunFailed: the run Failed and ``raise_on_error`` (exit code and log tail attached).
         """
-        from ._runstore import FINAL
-
-        offset = 0
+        store = self._store()
+        folder = self._folder()
+        workspace = self.experiment.workspace
         out = sys.stdout
-        self.experiment.workspace._revive_agent()  # a killed agent must not leave us waiting forever
+        offset = 0
+        workspace.wake_agent()  # a killed agent must not leave us waiting forever
+        started = revived = time.monotonic()
+        version = None
+        status = None
         try:
             if show_output:
                 out.write("RunId: {}\n".format(self.id))
                 out.flush()
             while True:
-                record = self._record()
+                now = store.data_version()
+                if now != version:  # something was committed since the last look
+                    version, status = now, store.status_of(self.id)
                 if show_output:
-                    offset = self._stream(offset, out)
-                if record.status in FINAL:
-                    if show_output:
-                        offset = self._stream(offset, out)
-                        out.write("\nExecution Summary\n=================\nRunId: {}\nStatus: {}\n".format(self.id, record.status))
-                        out.flush()
+                    offset = self._stream(folder, offset, out)
+                if status is not None and status.final:
                     break
-                time.sleep(0.03)  # one indexed SQLite read: cheap enough to notice the end quickly
+                elapsed = time.monotonic() - started
+                if time.monotonic() - revived > _REVIVE_EVERY_S:
+                    workspace.wake_agent()
+                    revived = time.monotonic()
+                time.sleep(min(_LAST_POLL_S, _FIRST_POLL_S + elapsed / 100))
+            if show_output:
+                offset = self._stream(folder, offset, out)
+                out.write("\nExecution Summary\n=================\nRunId: {}\nStatus: {}\n".format(self.id, status))
+                out.flush()
         except KeyboardInterrupt:
             out.write("\ndetached from {}; it keeps running (dockyard runs logs -f {})\n".format(self.id, self.id))
             out.flush()
             return self.get_details()
         details = self.get_details()
-        if raise_on_error and record.status == "Failed":
+        if raise_on_error and status == "Failed":
             from .errors import RunFailed
 
+            record = self._record()
             raise RunFailed(
                 "run {} failed: {}".format(self.id, record.reason or "exit code {}".format(record.exit_code)),
                 run_id=self.id,
                 exit_code_of_run=record.exit_code,
-                log_tail=self._log_tail(),
+                log_tail=folder.log_tail(_TAIL_LINES),
             )
         return details
 
-    def _stream(self, offset, out):  # type: ignore[no-untyped-def]
-        path = self._log_path()
-        if not path.exists():
+    @staticmethod
+    def _stream(folder: RunFolder, offset: int, out: IO[str]) -> int:
+        if folder.log_size() <= offset:  # one stat: nothing new
             return offset
-        with open(path, "rb") as fh:
-            fh.seek(offset)
-            chunk = fh.read()
+        chunk = folder.read_log(offset)
         if chunk:
             out.write(chunk.decode("utf-8", errors="replace"))
             out.flush()
         return offset + len(chunk)
 
-    def get_file_names(self):  # type: ignore[no-untyped-def]
+    def get_file_names(self) -> list[str]:
         """Files the run produced: ``outputs/…`` and ``logs/std.log``."""
-        from pathlib import Path
+        return self._folder().file_names()
 
-        run_dir = Path(self._record().run_dir)
-        names = sorted("outputs/" + p.relative_to(run_dir / "outputs").as_posix()
-                       for p in (run_dir / "outputs").rglob("*") if p.is_file())
-        if (run_dir / "meta" / "std.log").exists():
-            names.append("logs/std.log")
-        return names
+    def _file_path(self, name: str) -> Any:
+        path = self._folder().path_of(name)
+        if path is None:
+            from .errors import InputError
 
-    def _file_path(self, name):  # type: ignore[no-untyped-def]
-        from pathlib import Path
-
-        from .errors import InputError
-
-        run_dir = Path(self._record().run_dir)
-        if name == "logs/std.log":
-            return run_dir / "meta" / "std.log"
-        if name not in self.get_file_names():
             raise InputError("run {} has no file {!r}".format(self.id, name), hint="see run.get_file_names()")
-        return run_dir / name
+        return path
 
-    def download_file(self, name, output_file_path=None, _validate_checksum=False):  # type: ignore[no-untyped-def]
+    def download_file(self, name: str, output_file_path: Any = None, _validate_checksum: bool = False) -> str:
         """Copy one of :meth:`get_file_names` to ``output_file_path`` (default: its base name here)."""
         import shutil
         from pathlib import Path
@@ -191,7 +230,8 @@ class Run:
         shutil.copyfile(source, target)
         return str(target)
 
-    def download_files(self, prefix="outputs", output_directory=None, output_paths=None, batch_size=100):  # type: ignore[no-untyped-def]
+    def download_files(self, prefix: str = "outputs", output_directory: Any = None, output_paths: Any = None,
+                       batch_size: int = 100) -> list[str]:
         """Copy every file under ``prefix`` into ``output_directory`` (default: here), keeping paths."""
         from pathlib import Path
 

@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+# The C module itself: the `sqlite3` package adds only the datetime adapters, and importing them
+# costs a CLI process (which opens one run store) several milliseconds. The API used is identical.
+import _sqlite3 as sqlite3
 import os
-import sqlite3
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,7 +15,7 @@ from typing import Any
 
 from .errors import EnvironmentProblem
 
-__all__ = ["SqliteFile"]
+__all__ = ["SqliteFile", "sqlite3"]
 
 
 class SqliteFile:

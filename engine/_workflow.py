@@ -3,7 +3,8 @@
 ``Workspace`` is a folder of runs under the dockyard home (images and snapshots are shared by all
 workspaces), ``Experiment.submit`` snapshots the source directory and queues a run for the agent,
 and a compute target is a name with ``max_nodes`` = how many of its runs may execute at once.
-Porting Azure ML code is replacing ``azureml`` by ``dockyard`` in the imports.
+Porting Azure ML code is replacing ``azureml`` by ``dockyard`` in the imports. One agent per
+dockyard home serves every workspace under it (``dockyard.compute``).
 """
 
 from __future__ import annotations
@@ -13,12 +14,19 @@ import os
 import re
 import time
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any
 
 from ._environment import Environment
-from ._home import dockyard_home
+from ._home import WORKSPACES, dockyard_home
+from .compute import LOCAL_COMPUTE
 from .errors import ComputeTargetException, InputError
+from .runs import LOCAL_KIND, RunStatus
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ._run import Run
+    from .runs import RunStore
 
 __all__ = [
     "AmlCompute",
@@ -48,17 +56,21 @@ class Workspace:
         name: the workspace name (Azure's ``workspace_name``).
         home: the dockyard home (default ``$DOCKYARD_HOME`` or ``~/.local/share/dockyard``).
         subscription_id, resource_group, **kwargs: Azure-only; accepted and ignored.
+
+    Attributes:
+        home: the dockyard home (images, snapshots, GPU leases and the agent are shared by its workspaces).
+        directory: this workspace's folder (``<home>/workspaces/<name>``: its run store and runs).
     """
 
     def __init__(self, name: str = "default", home: str | os.PathLike[str] | None = None,
                  subscription_id: str | None = None, resource_group: str | None = None, **kwargs: Any) -> None:
         self.name = _check_name("workspace", name)
         self.home = Path(home).expanduser() if home is not None else dockyard_home()
-        self.directory = self.home / "workspaces" / self.name
+        self.directory = self.home / WORKSPACES / self.name
+        self._runs: RunStore | None = None
 
     def __repr__(self) -> str:
         return f"Workspace.create(name={self.name!r}, home={str(self.home)!r})"
-
     @classmethod
     def from_config(cls, path: str | os.PathLike[str] | None = None, _file_name: str | None = None) -> Workspace:
         """Find ``config.json`` (or ``.dockyard/config.json``, ``.azureml/config.json``) by walking
@@ -106,32 +118,56 @@ class Workspace:
     @property
     def compute_targets(self) -> dict[str, ComputeTarget]:
         """Every compute target of the workspace, by name (``local`` always exists)."""
-        from ._agent import LOCAL_COMPUTE
-
-        store = self._store()
-        found = {c.name: ComputeTarget._from_record(self, c.name) for c in store.computes()}
+        found = {c.name: ComputeTarget._from_record(self, c.name) for c in self.store.computes()}
         found.setdefault(LOCAL_COMPUTE, ComputeTarget._from_record(self, LOCAL_COMPUTE))
         return found
 
-    def _store(self) -> Any:
-        from ._runstore import RunStore
+    @property
+    def store(self) -> RunStore:
+        """This workspace's run store (:class:`dockyard.runs.RunStore`), opened once."""
+        if self._runs is None:
+            from .runs import RunStore
 
-        return RunStore(self.directory)
+            self._runs = RunStore(self.directory)
+        return self._runs
 
-    def _revive_agent(self) -> None:
-        """Restart the agent if runs are unfinished and no agent follows them (it was killed)."""
-        from ._agent import agent_status, ensure_agent
+    def get_runs(self, experiment: str | None = None, limit: int = 100) -> list[Run]:
+        """The workspace's runs, newest first (an agent is revived if runs are left unfollowed)."""
+        from ._run import Run
 
-        if not (self.directory / "runs.db").exists() or agent_status(self.directory)["running"]:
+        self.wake_agent()
+        return [Run(Experiment(self, r.experiment), r.id) for r in self.store.list(experiment=experiment, limit=limit)]
+
+    def get_run(self, run_id: str) -> Run:
+        """One run by id (an agent is revived if runs are left unfollowed).
+
+        Raises:
+            RunNotFound: the workspace has no such run.
+        """
+        from ._run import Run
+
+        self.wake_agent()
+        return Run(Experiment(self, self.store.get(run_id).experiment), run_id)
+
+    def wake_agent(self) -> None:
+        """Start the machine's agent if this workspace has unfinished runs and no agent follows
+        them (it was killed): someone is always awake while a run is unfinished."""
+        from .compute import agent_status, ensure_agent
+
+        if not (self.directory / "runs.db").exists() or agent_status(self.home).running:
             return
-        if self._store().list(statuses=("Queued", "Running"), limit=1):
-            ensure_agent(self.directory, images_home=self.home)
+        if self.store.list(statuses=("Queued", "Running"), limit=1):
+            ensure_agent(self.home)
+
 
 
 class AmlCompute:
     """Azure ML's cluster configuration, mapped onto this machine: only ``max_nodes`` matters."""
 
     class _Config:
+        # kind: the compute backend that runs the target's runs (``local``: this machine).
+        kind = LOCAL_KIND
+
         def __init__(self, max_nodes: int, vm_size: str | None) -> None:
             self.max_nodes = max_nodes
             self.vm_size = vm_size or ""
@@ -161,11 +197,9 @@ class ComputeTarget:
     """
 
     def __init__(self, workspace: Workspace, name: str) -> None:
-        from ._agent import LOCAL_COMPUTE
-
         self.workspace = workspace
         self.name = _check_name("compute target", name)
-        if name != LOCAL_COMPUTE and workspace._store().compute(name) is None:
+        if name != LOCAL_COMPUTE and workspace.store.compute(name) is None:
             raise ComputeTargetException(
                 f"compute target {name!r} does not exist in workspace {workspace.name!r}",
                 hint="create it with ComputeTarget.create(ws, name, AmlCompute.provisioning_configuration(max_nodes=N))",
@@ -181,14 +215,15 @@ class ComputeTarget:
     def create(workspace: Workspace, name: str, provisioning_configuration: AmlCompute._Config) -> ComputeTarget:
         """Create (or update) a compute target; ready at once (no cloud provisioning)."""
         _check_name("compute target", name)
-        workspace._store().put_compute(name, provisioning_configuration.max_nodes, provisioning_configuration.vm_size)
+        workspace.store.put_compute(name, provisioning_configuration.max_nodes, provisioning_configuration.vm_size,
+                                    kind=provisioning_configuration.kind)
         return ComputeTarget._from_record(workspace, name)
 
     @property
     def max_nodes(self) -> int:
-        from ._agent import default_max_nodes
+        from .compute import default_max_nodes
 
-        found = self.workspace._store().compute(self.name)
+        found = self.workspace.store.compute(self.name)
         return found.max_nodes if found else default_max_nodes()
 
     def wait_for_completion(self, show_output: bool = False, **kwargs: Any) -> None:
@@ -198,9 +233,9 @@ class ComputeTarget:
 
     def get_status(self) -> _ComputeStatus:
         """Current node usage: running runs count as busy nodes."""
-        store = self.workspace._store()
-        running = sum(1 for r in store.list(statuses=("Running",), limit=10_000) if r.compute == self.name)
-        queued = sum(1 for r in store.list(statuses=("Queued",), limit=10_000) if r.compute == self.name)
+        unfinished = [r for r in self.workspace.store.unfinished() if r.compute == self.name]
+        running = sum(1 for r in unfinished if r.status == RunStatus.RUNNING)
+        queued = len(unfinished) - running
         return _ComputeStatus(self.name, self.max_nodes, running, queued)
 
     def delete(self) -> None:
@@ -264,36 +299,26 @@ class ScriptRunConfig:
         return root, script.relative_to(root).as_posix()
 
     def _gpu_request(self) -> dict[str, Any]:
+        """The run's GPU request in its stored form, checked against this machine's GPUs.
+
+        Raises:
+            InputError: a bad field, or a request this machine can never serve (with the reason).
+        """
         for name, value in (("gpus", self.gpus), ("gpu_memory_mib", self.gpu_memory_mib), ("priority", self.priority)):
             if not isinstance(value, int) or isinstance(value, bool) or (name != "priority" and value < 0):
                 raise InputError(f"{name} must be a non-negative integer, got {value!r}")
         limit = self.max_run_duration_seconds
         if limit is not None and (not isinstance(limit, (int, float)) or limit <= 0):
             raise InputError(f"max_run_duration_seconds must be a positive number, got {limit!r}")
-        return {"count": self.gpus, "min_memory_mib": self.gpu_memory_mib, "name_filter": self.gpu_name,
-                "priority": self.priority, "time_limit_s": limit}
+        stored = {"count": self.gpus, "min_memory_mib": self.gpu_memory_mib, "name_filter": self.gpu_name,
+                  "priority": self.priority, "time_limit_s": limit}
+        if self.gpus:  # the scheduler's import is paid only by runs that want GPUs
+            from .gpu import GpuRequest, check_fits
 
-
-def _check_gpu_request_fits(request: dict[str, Any]) -> None:
-    """Reject at submit a GPU request this machine can never serve, saying why."""
-    from ._gpu import inventory
-    from ._sched import Topology
-
-    found = inventory()
-    if not found.gpus:
-        raise InputError(f"the run asks for {request['count']} GPU(s) but this machine has none ({found.reason})",
-                         hint="run with gpus=0, or declare virtual GPUs for development (DOCKYARD_GPUS=N)")
-    reason = _gpu_request_of(request).fits_ever(Topology.from_dict(found.topology_dict()))
-    if reason:
-        raise InputError(f"the run can never start here: {reason}", hint="ask for fewer GPUs or relax the filters")
-
-
-def _gpu_request_of(request: dict[str, Any]) -> Any:
-    from ._sched import GpuRequest
-
-    return GpuRequest(count=int(request.get("count", 0)), min_memory_mib=int(request.get("min_memory_mib") or 0),
-                      name_filter=request.get("name_filter"), priority=int(request.get("priority") or 0),
-                      time_limit_s=request.get("time_limit_s"))
+            request = GpuRequest.from_dict(stored)
+            check_fits(request)
+            stored = request.to_dict()
+        return stored
 
 
 class Experiment:
@@ -306,23 +331,23 @@ class Experiment:
     def __repr__(self) -> str:
         return f"Experiment(name={self.name!r}, workspace={self.workspace.name!r})"
 
-    def submit(self, config: ScriptRunConfig, tags: dict[str, str] | None = None, **kwargs: Any) -> Any:
-        """Snapshot the source, queue the run and return at once (the agent starts it).
+    def submit(self, config: ScriptRunConfig, tags: dict[str, str] | None = None, **kwargs: Any) -> Run:
+        """Snapshot the source, queue the run and return at once (the machine's agent starts it).
 
         Raises:
             InputError: missing/outside script, missing source, bad names, unknown compute
-                target, oversized snapshot.
+                target, oversized snapshot, a GPU request this machine can never serve.
             RegistryAuthError: the environment's private base registry refused its credentials.
         """
-        from ._agent import LOCAL_COMPUTE, ensure_agent
         from ._run import Run
-        from ._runstore import RunRecord, new_run_id
-        from ._snapshot import SnapshotStore
+        from .compute import ensure_agent
+        from .runs import RunRecord, SnapshotStore, new_run_id
 
+        ws = self.workspace
         source, script = config._validate()
         target = config.compute_target
         compute = target.name if isinstance(target, ComputeTarget) else (target or LOCAL_COMPUTE)
-        if compute != LOCAL_COMPUTE and self.workspace._store().compute(str(compute)) is None:
+        if compute != LOCAL_COMPUTE and ws.store.compute(str(compute)) is None:
             raise ComputeTargetException(
                 f"unknown compute target {compute!r}",
                 hint="create it with ComputeTarget.create(...) or leave compute_target unset for 'local'",
@@ -330,38 +355,35 @@ class Experiment:
         env = config.environment or Environment("default")
         env.validate()
         gpu_request = config._gpu_request()
-        if gpu_request["count"]:
-            _check_gpu_request_fits(gpu_request)
         registry = env.docker.base_image_registry
         if env.docker.enabled and registry.address and registry.password is not None:
-            # The password (set in code, or in this process's environment) is not available to an
-            # agent started earlier: pull the base now; the agent's build then finds it in the
-            # engine. Nothing stores the password.
-            from ._builder import Builder
+            # The password (set in code, or in this process's environment) is not available to the
+            # agent, a long-lived process: pull the base now; the agent's build then finds it in
+            # the engine. Nothing stores the password.
+            from .build import Builder
 
-            builder = Builder(self.workspace.home)
+            builder = Builder(ws.home)
             try:
                 builder.resolve_base(env)
             finally:
                 builder.close()
-        snapshot = SnapshotStore(self.workspace.home / "snapshots").take(source)
+        snapshot = SnapshotStore(ws.home / "snapshots").take(source)
         run_id = new_run_id(self.name)
-        run_dir = self.workspace.directory / "runs" / run_id
+        run_dir = ws.store.folder_of(run_id).root
         run_dir.mkdir(parents=True, exist_ok=True)
-        store = self.workspace._store()
-        store.insert(
+        ws.store.insert(
             RunRecord(
-                id=run_id, experiment=self.name, status="Queued", script=script, arguments=tuple(config.arguments),
-                source_dir=str(source), snapshot=snapshot.id, environment=env.to_dict(), compute=str(compute),
-                docker=bool(env.docker.enabled), image="", gpus=(), exit_code=None, reason="", container_id="",
-                pid=None, created=time.time(), started=None, ended=None, cancel_requested=False,
-                metrics_offset=0, run_dir=str(run_dir), gpu_request=gpu_request,
+                id=run_id, experiment=self.name, status=RunStatus.QUEUED, script=script,
+                arguments=tuple(config.arguments), source_dir=str(source), snapshot=snapshot.id,
+                environment=env.to_dict(), compute=str(compute),
+                launcher="container" if env.docker.enabled else "process", image="", gpus=(), exit_code=None,
+                reason="", container_id="", pid=None, created=time.time(), started=None, ended=None,
+                cancel_requested=False, metrics_offset=0, run_dir=str(run_dir), gpu_request=gpu_request,
             )
         )
-        ensure_agent(self.workspace.directory, images_home=self.workspace.home)
+        ensure_agent(ws.home, scrub=[registry.password_env] if registry.password_env else [])
         return Run(self, run_id)
 
-    def get_runs(self) -> list[Any]:
-        from ._run import Run
-
-        return [Run(self, r.id) for r in self.workspace._store().list(experiment=self.name)]
+    def get_runs(self) -> list[Run]:
+        """This experiment's runs, newest first."""
+        return self.workspace.get_runs(experiment=self.name)

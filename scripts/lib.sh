@@ -68,7 +68,7 @@ ensure_venv() {
 }
 
 engine_ping() {
-  "$VENV/bin/python" -c 'from dockyard._engine import EngineAddress; EngineAddress.from_env().ping()' 2>/dev/null
+  "$VENV/bin/python" -c 'from dockyard.dockerd import EngineClient; EngineClient.from_env().ping()' 2>/dev/null
 }
 
 # A Docker Engine that answers /_ping: the one at DOCKER_HOST, else a local dockerd we start.

@@ -19,11 +19,11 @@ sys.path.insert(0, str(ROOT / "tests"))  # shipped test helpers: `from helpers i
 
 
 def _engine_problem() -> str | None:
-    from dockyard._engine import EngineAddress
+    from dockyard.dockerd import EngineClient
     from dockyard.errors import DockyardError
 
     try:
-        EngineAddress.from_env().ping()
+        EngineClient.from_env().ping()
     except DockyardError as exc:
         return str(exc)
     return None

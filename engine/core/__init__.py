@@ -4,7 +4,7 @@ Imported lazily: a training script's ``from dockyard.core import Run`` loads onl
 library, inside any image.
 """
 
-from importlib import import_module
+from dockyard._lazy import lazy_exports
 
 _EXPORTS = {
     "Workspace": "dockyard._workflow",
@@ -16,13 +16,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name):  # type: ignore[no-untyped-def]
-    try:
-        module = _EXPORTS[name]
-    except KeyError:
-        raise AttributeError("module 'dockyard.core' has no attribute {!r}".format(name)) from None
-    value = getattr(import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from dockyard._engine import EngineAddress
+from dockyard.dockerd import EngineClient
 
 
 @dataclass
@@ -14,7 +14,7 @@ class EngineResources:
     containers: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.client = EngineAddress.from_env().docker_client()
+        self.client = EngineClient.from_env().docker_client()
 
     def run(self, image: str, command: list[str], **kwargs: object) -> tuple[int, str]:
         """Run a container to completion; return (exit code, combined output). Always removed."""

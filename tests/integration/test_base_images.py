@@ -9,8 +9,14 @@ import sys
 import uuid
 
 import pytest
-
-from dockyard._base import HOST_CA_BUNDLE, base_image_ref, bootstrap, host_suite, list_base_images, missing_certificates
+from dockyard.build._base_images import (
+    HOST_CA_BUNDLE,
+    base_image_ref,
+    bootstrap,
+    host_suite,
+    list_base_images,
+    missing_certificates,
+)
 
 pytestmark = pytest.mark.engine
 

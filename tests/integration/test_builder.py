@@ -12,12 +12,11 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from dockyard import Environment
-from dockyard._buildkit import BuildKitClient
-from dockyard._builder import Builder
-from dockyard._engine import EngineAddress
+from dockyard.build._builder import Builder
+from dockyard.build._buildkit import BuildKitClient
 from dockyard.cache import ImageCache
+from dockyard.dockerd import EngineClient
 from dockyard.errors import BuildError
 
 pytestmark = pytest.mark.engine
@@ -68,7 +67,7 @@ def test_busybox_env_builds_once_then_hits(builder: Builder, tmp_path: Path, sol
     assert (first.cached, first.source) == (False, "built")
     assert first.image == f"dockyard/env:{first.key}" and first.image_id.startswith("sha256:")
     assert solves == [first.image]
-    labels = EngineAddress.from_env().image_labels(first.image)
+    labels = EngineClient.from_env().image_labels(first.image)
     assert labels is not None and labels["dockyard.key"] == first.key and labels["dockyard.schema"] == "1"
     assert any(getattr(e, "kind", "") == "step" for e in events), "no progress events"
 
@@ -161,7 +160,7 @@ def test_four_processes_one_solve(home: Path, tmp_path: Path, engine_resources):
         f"name: race\ndocker:\n  base_image: {BUSYBOX}\n  build_args:\n    RUN_ID: {uuid.uuid4().hex}\n"
     )
     code = (
-        "import json, sys; from dockyard import Environment; from dockyard._builder import ensure_image;"
+        "import json, sys; from dockyard import Environment; from dockyard.build._builder import ensure_image;"
         "print(json.dumps(ensure_image(Environment.load(sys.argv[1])).to_json()))"
     )
     env = {**os.environ, "DOCKYARD_HOME": str(home)}
@@ -184,7 +183,7 @@ def test_cli_build_twice(home: Path, tmp_path: Path, engine_resources):
     spec = tmp_path / "env.yml"
     spec.write_text(f"name: cli\ndocker:\n  base_image: {BUSYBOX}\n  build_args:\n    RUN_ID: {uuid.uuid4().hex}\n")
     env = {**os.environ, "DOCKYARD_HOME": str(home)}
-    run = lambda *a: subprocess.run([sys.executable, "-m", "dockyard", *a], capture_output=True, text=True, env=env, timeout=300)  # noqa: E731
+    run = lambda *a: subprocess.run([sys.executable, "-m", "dockyard", *a], capture_output=True, text=True, env=env, timeout=300)
     first = run("env", "build", str(spec), "--json", "--progress", "plain")
     assert first.returncode == 0, first.stderr
     built = json.loads(first.stdout)

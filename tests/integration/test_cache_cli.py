@@ -10,8 +10,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-
-from dockyard._engine import EngineAddress
+from dockyard.dockerd import EngineClient
 
 pytestmark = pytest.mark.engine
 
@@ -30,7 +29,7 @@ def build(home: Path, tmp_path: Path) -> dict:
 
 
 def test_gc_removes_unpinned_images_and_keeps_pinned(home: Path, tmp_path: Path, engine_resources):
-    engine = EngineAddress.from_env()
+    engine = EngineClient.from_env()
     a, b = build(home, tmp_path), build(home, tmp_path)
     for img in (a, b):
         engine_resources.track_image(img["image"])

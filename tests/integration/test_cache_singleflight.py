@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from dockyard.cache import ImageCache, KeyParts, compute_key
 
 WORKER = Path(__file__).resolve().parents[1] / "helpers" / "cache_worker.py"

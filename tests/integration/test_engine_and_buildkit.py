@@ -9,17 +9,16 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from dockyard._buildkit import BuildKitClient
 from dockyard._doctor import run_doctor
-from dockyard._engine import EngineAddress
+from dockyard.build._buildkit import BuildKitClient
+from dockyard.dockerd import EngineClient
 from dockyard.errors import EngineUnavailable, InputError
 
 pytestmark = pytest.mark.engine
 
 
 def test_engine_info():
-    info = EngineAddress.from_env().info()
+    info = EngineClient.from_env().info()
     assert info.version and info.api_version and info.os == "linux"
 
 
@@ -35,7 +34,7 @@ def test_list_workers_through_grpc_hijack():
 
 def test_buildkit_client_without_engine_says_engine(tmp_path: Path):
     with pytest.raises(EngineUnavailable):
-        BuildKitClient("docker", engine=EngineAddress.parse(f"unix://{tmp_path}/none.sock"))
+        BuildKitClient("docker", engine=EngineClient.parse(f"unix://{tmp_path}/none.sock"))
 
 
 def test_buildkit_client_rejects_unknown_target():

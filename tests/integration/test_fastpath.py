@@ -68,7 +68,7 @@ def test_an_expired_resolution_takes_the_full_path(home: Path, tmp_path: Path, e
 
 
 def test_a_moved_base_tag_is_noticed_after_the_ttl(home: Path, tmp_path: Path, engine_resources):
-    from dockyard._base import bootstrap
+    from dockyard.build._base_images import bootstrap
 
     suite = f"t{uuid.uuid4().hex[:8]}"
     base = bootstrap("busybox", suite=suite)
@@ -90,7 +90,7 @@ def test_explain_names_what_changed_since_the_last_build(home: Path, tmp_path: P
     built = build(home, spec)
     engine_resources.track_image(built["image"])
     env = {**os.environ, "DOCKYARD_HOME": str(home)}
-    explain = lambda: subprocess.run([sys.executable, "-m", "dockyard", "env", "key", str(spec), "--explain"],  # noqa: E731
+    explain = lambda: subprocess.run([sys.executable, "-m", "dockyard", "env", "key", str(spec), "--explain"],
                                      capture_output=True, text=True, env=env, timeout=60).stdout
     assert "no part changed" in explain()
     spec.write_text(spec.read_text().replace("RUN_ID: ", "RUN_ID: changed-"))

@@ -18,10 +18,9 @@ import uuid
 from pathlib import Path
 
 import pytest
-
-from dockyard._agent import agent_status, ensure_agent, stop_agent
-from dockyard._leases import LeaseStore
 from dockyard._workflow import Workspace
+from dockyard.compute import agent_status, ensure_agent, stop_agent
+from dockyard.gpu._leases import LeaseStore
 
 pytestmark = pytest.mark.engine  # the agent also serves container runs; CI has an engine
 
@@ -87,7 +86,7 @@ def submit_from_four_processes(ws: Workspace, src: Path, env: dict[str, str], pe
 def wait_all(ws: Workspace, ids: list[str], timeout: float = 240) -> dict[str, str]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        statuses = {r.id: r.status for r in ws._store().list(limit=1000) if r.id in ids}
+        statuses = {r.id: r.status for r in ws.store.list(limit=1000) if r.id in ids}
         if len(statuses) == len(ids) and all(s in ("Completed", "Failed", "Canceled") for s in statuses.values()):
             return statuses
         time.sleep(0.2)
@@ -105,14 +104,14 @@ def setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     src.mkdir()
     (src / "check.py").write_text(CHECK)
     yield ws, src, env
-    stop_agent(ws.directory)
+    stop_agent(ws.home)
 
 
 def test_forty_runs_from_four_processes(setup):
     ws, src, env = setup
     ids = submit_from_four_processes(ws, src, env, 10)
     statuses = wait_all(ws, ids)
-    failed = {i: ws._store().get(i).reason for i, s in statuses.items() if s != "Completed"}
+    failed = {i: ws.store.get(i).reason for i, s in statuses.items() if s != "Completed"}
     assert failed == {}
     audit_is_clean(ws.home)
 
@@ -121,13 +120,13 @@ def test_agent_killed_in_the_middle(setup):
     ws, src, env = setup
     ids = submit_from_four_processes(ws, src, env, 10)
     deadline = time.monotonic() + 60
-    while sum(r.status == "Completed" for r in ws._store().list(limit=1000)) < 5 and time.monotonic() < deadline:
+    while sum(r.status == "Completed" for r in ws.store.list(limit=1000)) < 5 and time.monotonic() < deadline:
         time.sleep(0.05)
-    os.kill(agent_status(ws.directory)["pid"], signal.SIGKILL)
+    os.kill(agent_status(ws.home).pid, signal.SIGKILL)
     time.sleep(0.5)
-    ensure_agent(ws.directory, images_home=ws.home)
+    ensure_agent(ws.home)
     statuses = wait_all(ws, ids)
-    failed = {i: ws._store().get(i).reason for i, s in statuses.items() if s != "Completed"}
+    failed = {i: ws.store.get(i).reason for i, s in statuses.items() if s != "Completed"}
     # A run whose process was adopted finishes Completed (its exit code is in its folder).
     assert failed == {}
     audit_is_clean(ws.home)
@@ -148,7 +147,7 @@ def test_containers_get_their_gpus_by_uuid_and_cpu_runs_get_void(setup):
     none = exp.submit(ScriptRunConfig(str(src), "show.py", environment=env))
     for run in (two, none):
         assert run.wait_for_completion()["status"] == "Completed"
-    log = lambda run: (Path(run._record().run_dir) / "meta" / "std.log").read_text()  # noqa: E731
+    log = lambda run: (Path(run._record().run_dir) / "meta" / "std.log").read_text()
     granted = list(two._record().gpus)
     assert len(granted) == 2 and f"NVIDIA_VISIBLE_DEVICES={','.join(granted)}" in log(two)
     assert "NVIDIA_VISIBLE_DEVICES=void" in log(none)
@@ -158,7 +157,7 @@ def test_containers_get_their_gpus_by_uuid_and_cpu_runs_get_void(setup):
 def test_real_gpus_without_the_nvidia_toolkit_fail_clearly_and_leave_nothing(setup, tmp_path: Path, monkeypatch):
     """An engine without the NVIDIA runtime refuses the device request: one clear reason, no container."""
     from dockyard import Environment, Experiment, ScriptRunConfig
-    from dockyard._engine import EngineAddress
+    from dockyard.dockerd import EngineClient
 
     ws, src, _env = setup
     topology = tmp_path / "topology.json"
@@ -166,7 +165,7 @@ def test_real_gpus_without_the_nvidia_toolkit_fail_clearly_and_leave_nothing(set
                                               "name": "NVIDIA test", "memory_mib": 81920, "virtual": False}]}))
     monkeypatch.delenv("DOCKYARD_GPUS")
     monkeypatch.setenv("DOCKYARD_GPU_TOPOLOGY", str(topology))
-    stop_agent(ws.directory)  # the next submit starts an agent that sees this topology
+    stop_agent(ws.home)  # the next submit starts an agent that sees this topology
     (src / "show.py").write_text(ENV_PRINT)
     env = Environment("py")
     env.docker.base_image = "dockyard/base:bookworm-python3"
@@ -174,7 +173,7 @@ def test_real_gpus_without_the_nvidia_toolkit_fail_clearly_and_leave_nothing(set
     details = run.wait_for_completion(raise_on_error=False)
     assert details["status"] == "Failed"
     assert "NVIDIA Container Toolkit" in details["error"]["message"] or "nvidia" in details["error"]["message"].lower()
-    engine = EngineAddress.from_env()
+    engine = EngineClient.from_env()
     leftover = engine.request("GET", "/containers/json?all=1").json()
     assert not [c for c in leftover if (c.get("Labels") or {}).get("dockyard.run") == run.id]
     audit_is_clean(ws.home)

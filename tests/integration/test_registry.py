@@ -13,13 +13,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
-from helpers.registry import LocalRegistry, free_port, local_registry_fixture
-
-from dockyard._base import bootstrap
-from dockyard._engine import EngineAddress
 from dockyard._environment import ContainerRegistry
-from dockyard._registry import login_check, pull_image, push_image
+from dockyard.build._base_images import bootstrap
+from dockyard.build._registry import login_check, pull_image, push_image
+from dockyard.dockerd import EngineClient
 from dockyard.errors import InputError, RegistryAuthError, RegistryError
+from helpers.registry import LocalRegistry, free_port, local_registry_fixture
 
 pytestmark = pytest.mark.engine
 
@@ -32,13 +31,13 @@ def _credentials(reg: LocalRegistry, password: str | None = None) -> ContainerRe
     return creds
 
 
-def _untag(engine: EngineAddress, ref: str) -> None:
+def _untag(engine: EngineClient, ref: str) -> None:
     """Remove one tag (never an image ID: the busybox base image keeps its own tag)."""
     reply = engine.request("DELETE", f"/images/{urllib.parse.quote(ref, safe='')}")
     assert reply.status in (200, 404), reply.body
 
 
-def _tag(engine: EngineAddress, source: str, ref: str) -> None:
+def _tag(engine: EngineClient, source: str, ref: str) -> None:
     repo, _, tag = ref.rpartition(":")
     query = urllib.parse.urlencode({"repo": repo, "tag": tag})
     reply = engine.request("POST", f"/images/{urllib.parse.quote(source, safe='')}/tag?{query}")
@@ -55,12 +54,12 @@ class Seeded:
 
 
 @pytest.fixture(scope="module")
-def engine() -> EngineAddress:
-    return EngineAddress.from_env()
+def engine() -> EngineClient:
+    return EngineClient.from_env()
 
 
 @pytest.fixture(scope="module")
-def seeded(local_registry: LocalRegistry, engine: EngineAddress) -> Iterator[Seeded]:
+def seeded(local_registry: LocalRegistry, engine: EngineClient) -> Iterator[Seeded]:
     """The busybox base image pushed to the registry under a random tag; no local tag left."""
     base = bootstrap("busybox", engine=engine)  # a no-op where the README's set-up made it
     repo_tag = f"dockyard-test/busybox:{uuid.uuid4().hex[:10]}"
@@ -90,7 +89,7 @@ def _assert_no_secret(exc: BaseException, *secrets: str) -> None:
             assert secret not in text
 
 
-def test_right_password_pulls_the_image(seeded: Seeded, engine: EngineAddress):
+def test_right_password_pulls_the_image(seeded: Seeded, engine: EngineClient):
     lines: list[str] = []
     try:
         creds = _credentials(seeded.registry)
@@ -105,7 +104,7 @@ def test_right_password_pulls_the_image(seeded: Seeded, engine: EngineAddress):
     assert not any(seeded.registry.password in line for line in lines)
 
 
-def test_pull_by_digest_and_with_the_host_already_in_the_reference(seeded: Seeded, engine: EngineAddress):
+def test_pull_by_digest_and_with_the_host_already_in_the_reference(seeded: Seeded, engine: EngineClient):
     by_digest = f"{seeded.full.rpartition(':')[0]}@{seeded.digest}"
     try:
         assert pull_image(by_digest, _credentials(seeded.registry), engine=engine) == seeded.image_id
@@ -116,7 +115,7 @@ def test_pull_by_digest_and_with_the_host_already_in_the_reference(seeded: Seede
 
 
 def test_wrong_password_is_an_auth_error_that_names_the_registry_and_no_password(
-    seeded: Seeded, engine: EngineAddress
+    seeded: Seeded, engine: EngineClient
 ):
     wrong = f"wrong-{uuid.uuid4().hex}"
     try:
@@ -131,13 +130,13 @@ def test_wrong_password_is_an_auth_error_that_names_the_registry_and_no_password
     _assert_no_secret(exc, wrong, seeded.registry.password)
 
 
-def test_no_credentials_is_an_auth_error(seeded: Seeded, engine: EngineAddress):
+def test_no_credentials_is_an_auth_error(seeded: Seeded, engine: EngineClient):
     with pytest.raises(RegistryAuthError) as info:
         pull_image(seeded.repo_tag, ContainerRegistry(address=seeded.registry.address), engine=engine)
     assert "requires a login" in str(info.value)
 
 
-def test_unreachable_registry_is_a_registry_error_not_an_auth_error(engine: EngineAddress):
+def test_unreachable_registry_is_a_registry_error_not_an_auth_error(engine: EngineClient):
     address = f"127.0.0.1:{free_port()}"  # nothing listens there
     secret = f"pw-{uuid.uuid4().hex}"
     creds = ContainerRegistry(address=address, username="alice")
@@ -149,7 +148,7 @@ def test_unreachable_registry_is_a_registry_error_not_an_auth_error(engine: Engi
     _assert_no_secret(info.value, secret)
 
 
-def test_missing_repository_is_a_registry_error_with_a_hint(seeded: Seeded, engine: EngineAddress):
+def test_missing_repository_is_a_registry_error_with_a_hint(seeded: Seeded, engine: EngineClient):
     with pytest.raises(RegistryError) as info:
         missing_repo = f"dockyard-test/no-such-repo-{uuid.uuid4().hex[:8]}:1"
         pull_image(missing_repo, _credentials(seeded.registry), engine=engine)
@@ -161,7 +160,7 @@ def test_missing_repository_is_a_registry_error_with_a_hint(seeded: Seeded, engi
     assert type(info.value) is RegistryError
 
 
-def test_login_check(seeded: Seeded, engine: EngineAddress):
+def test_login_check(seeded: Seeded, engine: EngineClient):
     login_check(_credentials(seeded.registry), engine=engine)
     wrong = f"wrong-{uuid.uuid4().hex}"
     with pytest.raises(RegistryAuthError) as info:
@@ -169,14 +168,14 @@ def test_login_check(seeded: Seeded, engine: EngineAddress):
     _assert_no_secret(info.value, wrong, seeded.registry.password)
 
 
-def test_pushing_an_image_the_engine_lacks_is_an_input_error(seeded: Seeded, engine: EngineAddress):
+def test_pushing_an_image_the_engine_lacks_is_an_input_error(seeded: Seeded, engine: EngineClient):
     with pytest.raises(InputError) as info:
         not_local = f"dockyard-test/not-local-{uuid.uuid4().hex[:8]}:1"
         push_image(not_local, _credentials(seeded.registry), engine=engine)
     assert "docker tag" in info.value.hint
 
 
-def test_push_with_a_wrong_password_fails_inside_the_stream(seeded: Seeded, engine: EngineAddress):
+def test_push_with_a_wrong_password_fails_inside_the_stream(seeded: Seeded, engine: EngineClient):
     # The engine answers HTTP 200 and reports the refusal in the JSON stream's errorDetail.
     wrong = f"wrong-{uuid.uuid4().hex}"
     base = f"{seeded.full.rpartition(':')[0]}:push-{uuid.uuid4().hex[:8]}"
@@ -192,14 +191,14 @@ def test_push_with_a_wrong_password_fails_inside_the_stream(seeded: Seeded, engi
 
 
 def test_env_build_pulls_a_private_base_and_keeps_the_password_out(
-    seeded: Seeded, engine: EngineAddress, tmp_path, monkeypatch: pytest.MonkeyPatch, engine_resources
+    seeded: Seeded, engine: EngineClient, tmp_path, monkeypatch: pytest.MonkeyPatch, engine_resources
 ):
     import os
     import subprocess
     import sys
 
     from dockyard import Environment
-    from dockyard._builder import Builder
+    from dockyard.build._builder import Builder
 
     home = tmp_path / "home"
     spec = tmp_path / "env.yml"

@@ -14,9 +14,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from dockyard import Environment, Experiment, Run, ScriptRunConfig, Workspace
-from dockyard._agent import agent_status, stop_agent
+from dockyard.compute import agent_status, stop_agent
 from dockyard.errors import ComputeTargetException, InputError, RunFailed, RunNotFound
 
 pytestmark = pytest.mark.engine
@@ -42,14 +41,14 @@ print("args", sys.argv[1:])
 def ws(home: Path):
     workspace = Workspace(f"ws{uuid.uuid4().hex[:6]}", home=home)
     yield workspace
-    stop_agent(workspace.directory)
+    stop_agent(workspace.home)
     _remove_run_containers(workspace)
 
 
 def _remove_run_containers(workspace: Workspace) -> None:
-    from dockyard._engine import EngineAddress
+    from dockyard.dockerd import EngineClient
 
-    engine = EngineAddress.from_env()
+    engine = EngineClient.from_env()
     query = json.dumps({"label": [f"dockyard.workspace={workspace.directory}"]}).replace(" ", "")
     reply = engine.request("GET", f"/containers/json?all=1&filters={query}")
     for c in reply.json() or []:
@@ -81,7 +80,7 @@ def test_submit_follow_metrics_outputs(ws: Workspace, tmp_path: Path, capsys):
     assert "outputs/model.txt" in run.get_file_names()
     target = run.download_file("outputs/model.txt", tmp_path / "model.txt")
     assert Path(target).read_text() == "weights"
-    assert agent_status(ws.directory)["running"]
+    assert agent_status(ws.home).running
 
 
 def test_failed_script_is_failed_with_exit_code_and_tail(ws: Workspace, tmp_path: Path):
@@ -107,8 +106,8 @@ def test_bad_inputs(ws: Workspace, tmp_path: Path):
     with pytest.raises(InputError, match="not valid"):
         Experiment(ws, "a/b")
     with pytest.raises(RunNotFound):
-        ws._store().get("no-such-run")
-    assert ws._store().list() == [], "a rejected submit must leave no run row"
+        ws.store.get("no-such-run")
+    assert ws.store.list() == [], "a rejected submit must leave no run row"
 
 
 def test_cancel_a_running_run(ws: Workspace, tmp_path: Path):
@@ -168,15 +167,15 @@ def test_agent_kill_9_during_a_run_loses_nothing(ws: Workspace, tmp_path: Path):
     deadline = time.monotonic() + 60
     while run.get_status() != "Running" and time.monotonic() < deadline:
         time.sleep(0.05)
-    pid = agent_status(ws.directory)["pid"]
+    pid = agent_status(ws.home).pid
     os.kill(pid, signal.SIGKILL)
     time.sleep(1)
-    assert not agent_status(ws.directory)["running"], "the lock must die with the agent"
+    assert not agent_status(ws.home).running, "the lock must die with the agent"
     out = subprocess.run([sys.executable, "-m", "dockyard", "runs", "ls", "--workspace", ws.name, "--json"],
                          capture_output=True, text=True, env={**os.environ, "DOCKYARD_HOME": str(ws.home)}, timeout=60)
     assert json.loads(out.stdout)["runs"][0]["status"] == "Running"
     # That `runs ls` restarted an agent, which adopts the container and records the true end.
-    assert agent_status(ws.directory)["running"]
+    assert agent_status(ws.home).running
     deadline = time.monotonic() + 60
     while json.loads(subprocess.run(
         [sys.executable, "-m", "dockyard", "runs", "ls", "--workspace", ws.name, "--json"], capture_output=True,
@@ -189,11 +188,11 @@ def test_agent_kill_9_during_a_run_loses_nothing(ws: Workspace, tmp_path: Path):
 
 
 def test_two_agents_never_run_at_once(ws: Workspace):
-    from dockyard._agent import Agent, ensure_agent
+    from dockyard.compute import Agent, ensure_agent
 
-    first = ensure_agent(ws.directory, images_home=ws.home)
-    assert first["running"]
-    assert Agent(ws.directory, home=ws.home).serve() == 1  # the second one refuses and returns
+    first = ensure_agent(ws.home)
+    assert first.running
+    assert Agent(ws.home).serve() == 1  # the second one refuses and returns
 
 
 def test_engine_down_mid_run_fails_the_run_and_the_agent_keeps_serving(home: Path, tmp_path: Path, monkeypatch):
@@ -211,11 +210,11 @@ def test_engine_down_mid_run_fails_the_run_and_the_agent_keeps_serving(home: Pat
         relay.close()  # the engine "goes away" for this agent
         details = run.wait_for_completion(raise_on_error=False)
         assert details["status"] == "Failed" and "unreachable" in details["error"]["message"]
-        assert agent_status(ws.directory)["running"], "the agent must keep serving"
+        assert agent_status(ws.home).running, "the agent must keep serving"
     finally:
         relay.close()
         monkeypatch.setenv("DOCKER_HOST", "unix:///var/run/docker.sock")
-        stop_agent(ws.directory)
+        stop_agent(ws.home)
         _remove_run_containers(ws)
 
 
@@ -236,6 +235,9 @@ class _Relay:
             try:
                 conn, _ = self.sock.accept()
             except OSError:
+                return
+            if self.closed:  # accepted while closing: the engine is gone for this one too
+                conn.close()
                 return
             up = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             up.connect(self.target)
@@ -258,8 +260,18 @@ class _Relay:
 
     def close(self) -> None:
         self.closed = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accept loop; close alone does not
+        except OSError:
+            pass
         self.sock.close()
         for c in self.conns:
+            try:
+                # shutdown, not only close: it wakes a pump blocked in recv on it, so a kept-alive
+                # (pooled) client connection is cut too, as when the engine really goes away.
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             try:
                 c.close()
             except OSError:
@@ -273,7 +285,7 @@ def test_oversized_snapshot_is_refused_before_anything_is_queued(ws: Workspace, 
     with pytest.raises(InputError) as info:
         Experiment(ws, "exp").submit(ScriptRunConfig(str(src), "train.py", environment=python_env()))
     assert "big.bin" in str(info.value) and ".amlignore" in info.value.hint
-    assert ws._store().list() == []
+    assert ws.store.list() == []
 
 
 def test_environment_variables_reach_the_script_and_source_edits_do_not_rebuild(ws: Workspace, tmp_path: Path):
@@ -315,11 +327,11 @@ def test_cli_run_show_logs_and_ctrl_c_detaches(ws: Workspace, tmp_path: Path):
     follow = subprocess.Popen([*cli, "run", "slow.py", "--source", str(sleeper), "--env", str(tmp_path / "env.yml"),
                                "--workspace", ws.name], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + 60
-    while not any(r.status == "Running" and r.script == "slow.py" for r in ws._store().list()) and time.monotonic() < deadline:
+    while not any(r.status == "Running" and r.script == "slow.py" for r in ws.store.list()) and time.monotonic() < deadline:
         time.sleep(0.05)
     follow.send_signal(signal.SIGINT)
     out, _ = follow.communicate(timeout=60)
     assert "detached" in out
-    (record,) = [r for r in ws._store().list() if r.script == "slow.py"]
+    (record,) = [r for r in ws.store.list() if r.script == "slow.py"]
     run = Run(Experiment(ws, record.experiment), record.id)
     assert run.wait_for_completion()["status"] == "Completed"

@@ -17,12 +17,11 @@ import uuid
 from pathlib import Path
 
 import pytest
-from helpers.registry import LocalRegistry, local_registry_fixture
-
-from dockyard._base import bootstrap
-from dockyard._engine import EngineAddress
 from dockyard._environment import ContainerRegistry
-from dockyard._registry import push_image
+from dockyard.build._base_images import bootstrap
+from dockyard.build._registry import push_image
+from dockyard.dockerd import EngineClient
+from helpers.registry import LocalRegistry, local_registry_fixture
 
 pytestmark = pytest.mark.engine
 
@@ -51,7 +50,7 @@ def test_snippet_is_the_seed_code():
             assert block in ours, f"seed block {i} differs from tests/data/seed_snippet.py.txt"
 
 
-def _tag(engine: EngineAddress, source: str, ref: str) -> None:
+def _tag(engine: EngineClient, source: str, ref: str) -> None:
     repo, _, tag = ref.rpartition(":")
     reply = engine.request("POST", f"/images/{urllib.parse.quote(source, safe='')}/tag?"
                            + urllib.parse.urlencode({"repo": repo, "tag": tag}))
@@ -59,7 +58,7 @@ def _tag(engine: EngineAddress, source: str, ref: str) -> None:
 
 
 def test_seed_code_runs_end_to_end(local_registry: LocalRegistry, tmp_path: Path, engine_resources):
-    engine = EngineAddress.from_env()
+    engine = EngineClient.from_env()
     base = bootstrap("python", engine=engine).ref
     remote = f"{local_registry.address}/fastdotai/fastai2:latest"
     _tag(engine, base, remote)

@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from dockyard._base import (
+from dockyard.build._base_images import (
     _is_static_elf,
     base_image_ref,
     find_mirror,

@@ -8,9 +8,8 @@ document the new rule there, and only then update the hex below.
 from __future__ import annotations
 
 import pytest
-from xxhash import xxh3_128_hexdigest
-
 from dockyard.cache import SCHEMA_VERSION, KeyParts, compute_key
+from xxhash import xxh3_128_hexdigest
 
 PY = "dockyard/base:bookworm-python3"
 

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from dockyard.cache import (
     CacheEntry,
     CacheError,
@@ -351,7 +350,6 @@ def test_bad_resolutions_are_refused(cache: ImageCache, ref: object, digest: obj
 
 def test_an_index_of_schema_1_is_read_as_is_and_migrated_on_first_write(tmp_path: Path) -> None:
     import sqlite_utils
-
     from dockyard.cache import _db
 
     path = tmp_path / "old.db"

@@ -11,9 +11,6 @@ import sys
 from typing import Any
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
-
 from dockyard.cache import (
     PART_NAMES,
     SCHEMA_VERSION,
@@ -26,6 +23,8 @@ from dockyard.cache import (
     compute_key,
     diff_keys,
 )
+from hypothesis import given
+from hypothesis import strategies as st
 
 HEX32 = re.compile(r"[0-9a-f]{32}")
 

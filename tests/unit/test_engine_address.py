@@ -1,4 +1,4 @@
-"""EngineAddress against real sockets (a tiny HTTP server on a unix socket), no Docker needed."""
+"""EngineClient against real sockets (a tiny HTTP server on a unix socket), no Docker needed."""
 
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ import threading
 from pathlib import Path
 
 import pytest
-
-from dockyard._engine import EngineAddress
+from dockyard.dockerd import EngineClient
 from dockyard.errors import EngineError, EngineUnavailable, InputError
 
 
@@ -22,23 +21,23 @@ from dockyard.errors import EngineError, EngineUnavailable, InputError
     ],
 )
 def test_parse(raw, url):
-    assert EngineAddress.parse(raw).url == url
+    assert EngineClient.parse(raw).url == url
 
 
 def test_from_env_defaults_and_tls_port():
-    assert EngineAddress.from_env({}).unix_path == "/var/run/docker.sock"
-    addr = EngineAddress.from_env({"DOCKER_HOST": "tcp://10.0.0.1", "DOCKER_TLS_VERIFY": "1"})
+    assert EngineClient.from_env({}).unix_path == "/var/run/docker.sock"
+    addr = EngineClient.from_env({"DOCKER_HOST": "tcp://10.0.0.1", "DOCKER_TLS_VERIFY": "1"})
     assert addr.port == 2376 and addr.tls_verify
 
 
 @pytest.mark.parametrize("raw", ["ssh://user@host", "npipe:////./pipe/docker", "tcp://", "nonsense"])
 def test_unsupported_addresses_are_input_errors(raw):
     with pytest.raises(InputError, match="DOCKER_HOST"):
-        EngineAddress.parse(raw)
+        EngineClient.parse(raw)
 
 
 def test_missing_socket_is_engine_unavailable(tmp_path: Path):
-    addr = EngineAddress.parse(f"unix://{tmp_path}/none.sock")
+    addr = EngineClient.parse(f"unix://{tmp_path}/none.sock")
     with pytest.raises(EngineUnavailable, match="does not exist"):
         addr.ping()
 
@@ -78,10 +77,10 @@ class _FakeEngine:
 def fake(tmp_path: Path):
     made: list[_FakeEngine] = []
 
-    def start(reply: bytes) -> EngineAddress:
+    def start(reply: bytes) -> EngineClient:
         server = _FakeEngine(tmp_path / f"e{len(made)}.sock", reply)
         made.append(server)
-        return EngineAddress.parse(f"unix://{tmp_path}/e{len(made) - 1}.sock")
+        return EngineClient.parse(f"unix://{tmp_path}/e{len(made) - 1}.sock")
 
     yield start, made
     for server in made:
@@ -121,7 +120,7 @@ def test_hijack_refused_is_engine_error(fake):
 
 
 def test_raw_image_id_reads_the_id_and_treats_anything_else_as_absent(fake, tmp_path: Path):
-    from dockyard._rawhttp import unix_image_id
+    from dockyard.dockerd._rawhttp import unix_image_id
 
     start, made = fake
     image_id = "sha256:" + "ab" * 32

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from dockyard import DEFAULT_BASE_IMAGE, Environment
 from dockyard.errors import SpecError
 
@@ -177,10 +176,10 @@ def test_changes_that_matter_change_the_key():
         env = Environment("a")
         mutate(env)
         variants.append(env.content_key().hex)
-    assert len(set(variants + [base.content_key().hex])) == len(variants) + 1
+    assert len({*variants, base.content_key().hex}) == len(variants) + 1
 
 
 def test_key_is_stable_across_processes():
-    code = "from dockyard import Environment; print(Environment.load(%r).content_key().hex)" % str(EXAMPLE)
+    code = f"from dockyard import Environment; print(Environment.load({str(EXAMPLE)!r}).content_key().hex)"
     keys = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout for _ in range(2)}
     assert len(keys) == 1 and len(keys.pop().strip()) == 32

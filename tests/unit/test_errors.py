@@ -2,9 +2,8 @@ from __future__ import annotations
 
 import inspect
 
-import pytest
-
 import dockyard.errors as errors
+import pytest
 from dockyard.errors import DockyardError, SpecError, scrub
 
 

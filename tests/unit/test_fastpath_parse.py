@@ -1,6 +1,6 @@
 import pytest
-
-from dockyard._fastpath import _parse, spec_fingerprint
+from dockyard.build import spec_fingerprint
+from dockyard.cli._fastpath import _parse
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,5 @@
 import pytest
-
-from dockyard._gc import parse_size
+from dockyard.build._image_gc import parse_size
 from dockyard.errors import InputError
 
 

@@ -6,10 +6,9 @@ import multiprocessing
 from pathlib import Path
 
 import pytest
-
-from dockyard._gpu import inventory
-from dockyard._leases import LeaseConflict, LeaseStore
 from dockyard.errors import InputError
+from dockyard.gpu._discovery import inventory
+from dockyard.gpu._leases import LeaseConflict, LeaseStore
 
 
 def test_grant_is_all_or_nothing(tmp_path: Path):
@@ -23,17 +22,24 @@ def test_grant_is_all_or_nothing(tmp_path: Path):
     assert [e[1] for e in store.audit()] == ["grant", "grant", "release", "release"]
 
 
-def test_reclaim_frees_only_dead_holders(tmp_path: Path):
+def test_reclaim_frees_only_dead_holders_of_every_workspace(tmp_path: Path):
     store = LeaseStore(tmp_path)
     store.grant("alive", ["G0"], "ws")
-    store.grant("dead", ["G1"], "ws")
+    store.grant("dead", ["G1", "G3"], "ws")
     store.grant("other-workspace", ["G2"], "ws2")
-    assert store.reclaim("ws", lambda run: run == "alive") == ["G1"]
+    asked = []
+
+    def holds(lease):
+        asked.append((lease.holder, lease.run_id))
+        return lease.run_id != "dead"
+
+    assert sorted(store.reclaim(holds)) == ["G1", "G3"]
+    assert sorted(asked) == [("ws", "alive"), ("ws", "dead"), ("ws2", "other-workspace")], "once per run"
     assert store.held() == {"G0": "alive", "G2": "other-workspace"}
     assert store.audit()[-1][1] == "reclaim"
 
 
-def _grab(path: str, run: str, gpus: list[str], out: "multiprocessing.Queue[str]") -> None:
+def _grab(path: str, run: str, gpus: list[str], out: multiprocessing.Queue[str]) -> None:
     try:
         LeaseStore(Path(path)).grant(run, gpus, "ws")
         out.put(run)

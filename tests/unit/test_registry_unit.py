@@ -1,4 +1,4 @@
-"""Pure parts of dockyard._registry: references, the auth header, error sorting, scrubbing."""
+"""Pure parts of dockyard.build._registry: references, the auth header, error sorting, scrubbing."""
 
 from __future__ import annotations
 
@@ -9,10 +9,8 @@ import traceback
 from typing import ClassVar
 
 import pytest
-
-from dockyard._engine import EngineAddress
 from dockyard._environment import ContainerRegistry
-from dockyard._registry import (
+from dockyard.build._registry import (
     _classify,
     _credentials,
     _decode_auth,
@@ -22,6 +20,7 @@ from dockyard._registry import (
     pull_image,
     qualify,
 )
+from dockyard.dockerd import EngineClient
 from dockyard.errors import EngineError, InputError, RegistryAuthError, RegistryError
 
 SECRET = "s3cr3t-Pa55-w0rd"
@@ -236,7 +235,7 @@ def replay(tmp_path):
     thread.start()
     _Replay.seen = []
     try:
-        yield EngineAddress.parse(f"unix://{path}")
+        yield EngineClient.parse(f"unix://{path}")
     finally:
         server.shutdown()
         server.server_close()

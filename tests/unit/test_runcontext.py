@@ -17,15 +17,14 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
-
 import dockyard
+import pytest
 from dockyard import _runcontext as rc
 from dockyard._runcontext import OfflineRun, SubmittedRun, fold_records, read_metric_lines, read_metrics, read_tags
 
 ENGINE_DIR = Path(dockyard.__file__).resolve().parent
 # Everything `from dockyard import Run` / `from dockyard.core import Run` loads inside a container.
-IN_RUN_MODULES = ["__init__.py", "_runcontext.py", "_run.py", "core/__init__.py", "core/run.py"]
+IN_RUN_MODULES = ["__init__.py", "_lazy.py", "_runcontext.py", "_run.py", "core/__init__.py", "core/run.py"]
 
 
 # --- Python 3.8, standard library only ----------------------------------------------------------
@@ -95,7 +94,7 @@ def test_importing_and_using_the_in_run_path_pulls_only_the_standard_library(tmp
     probe = json.loads(out.stdout)
     assert probe["kind"] == "SubmittedRun"
     foreign = [m for m in probe["new"]
-               if m.split(".")[0] not in sys.stdlib_module_names and m not in ("dockyard", "dockyard._runcontext")]
+               if m.split(".")[0] not in sys.stdlib_module_names and m not in ("dockyard", "dockyard._lazy", "dockyard._runcontext")]
     assert foreign == []
     assert read_metrics(tmp_path / "m.jsonl") == {"a": [1.0], "b": [1, 2], "c": [{"x": 1}], "d": [{"x": [1]}]}
 
@@ -316,7 +315,7 @@ def test_bad_names_are_value_errors_and_write_nothing(run: SubmittedRun, name: o
     for call in (lambda: run.log(name, 1), lambda: run.log_list(name, [1]),  # type: ignore[arg-type]
                  lambda: run.log_row(name, a=1), lambda: run.log_table(name, {"a": [1]}),  # type: ignore[arg-type]
                  lambda: run.tag(name, "v"), lambda: run.set_tags({name: "v"})):  # type: ignore[dict-item]
-        with pytest.raises(ValueError, match="name|key"):
+        with pytest.raises(ValueError, match=r"name|key"):
             call()
     assert not Path(run.metrics_file).read_bytes()
 
@@ -416,7 +415,7 @@ def fresh_context(monkeypatch: pytest.MonkeyPatch):
 def test_get_context_offline_is_cached_and_allow_offline_false_refuses(fresh_context) -> None:
     first = rc.get_context()
     assert isinstance(first, OfflineRun) and rc.get_context() is first
-    with pytest.raises(RuntimeError, match="not running under dockyard.*DOCKYARD_RUN_ID"):
+    with pytest.raises(RuntimeError, match=r"not running under dockyard.*DOCKYARD_RUN_ID"):
         rc.get_context(allow_offline=False)
 
 

@@ -1,4 +1,4 @@
-"""Placement and queue policy (dockyard._sched): pure functions, checked by example and by property."""
+"""Placement and queue policy (dockyard.gpu._sched): pure functions, checked by example and by property."""
 
 from __future__ import annotations
 
@@ -7,11 +7,9 @@ import random
 from itertools import combinations
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
-from dockyard import _sched
-from dockyard._sched import (
+from dockyard.errors import InputError
+from dockyard.gpu import _sched
+from dockyard.gpu._sched import (
     Active,
     GpuRequest,
     GpuSlot,
@@ -24,7 +22,8 @@ from dockyard._sched import (
     placement_score,
     plan,
 )
-from dockyard.errors import InputError
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 DGX = Topology.dgx(8)
 U = DGX.uuids
@@ -659,7 +658,7 @@ def test_reasons_of_a_plan_made_from_a_run_queue_must_be_read_before_it_changes(
     assert [r for r, _ in p.starts] == ["small"]
     rq.remove("small")
     with pytest.raises(InputError, match="changed after this plan"):
-        p.reasons
+        _ = p.reasons
     fresh = plan(0.0, DGX, frozenset(U[7:]), rq, running)
     assert set(fresh.reasons) == {"big"}
 

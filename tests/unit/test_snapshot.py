@@ -9,9 +9,8 @@ import stat
 from pathlib import Path
 
 import pytest
-
-from dockyard._snapshot import MAX_MB_ENV, Snapshot, SnapshotStore
 from dockyard.errors import InputError, SnapshotTooLarge
+from dockyard.runs._snapshot import MAX_MB_ENV, Snapshot, SnapshotStore
 
 
 def write(root: Path, files: dict[str, str | bytes]) -> Path:
@@ -299,7 +298,7 @@ def test_budget_from_the_environment_and_an_explicit_one_wins(tmp_path: Path, mo
     src = write(tmp_path / "src", {"big.bin": b"x" * 3 * 1024**2})
     store = SnapshotStore(tmp_path / "store")
     monkeypatch.setenv(MAX_MB_ENV, "2")
-    with pytest.raises(SnapshotTooLarge, match="3.0 MiB"):
+    with pytest.raises(SnapshotTooLarge, match=r"3\.0 MiB"):
         store.take(src)
     assert store.take(src, max_bytes=4 * 1024**2).total_bytes == 3 * 1024**2
     monkeypatch.setenv(MAX_MB_ENV, "3.5")

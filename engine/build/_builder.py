@@ -11,21 +11,22 @@ import os
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from ._engine import EngineAddress
-from ._environment import ContainerRegistry, Environment
-from ._home import dockyard_home, index_path
-from .errors import InputError
+from .._environment import ContainerRegistry, Environment
+from .._home import dockyard_home, index_path
+from ..dockerd import EngineClient
+from ..errors import InputError
 
 if TYPE_CHECKING:  # pragma: no cover
     from dockyard.cache import ContentKey, ImageCache
 
     from ._buildkit import BuildEvent
 
-__all__ = ["BuiltImage", "Builder", "ensure_image"]
+__all__ = ["Builder", "BuiltImage", "ensure_image"]
 
 #: How long a base image's resolved digest is trusted before the engine is asked again.
 DEFAULT_RESOLVE_TTL = 300.0
@@ -82,14 +83,14 @@ class Builder:
         self,
         home: str | Path | None = None,
         *,
-        engine: EngineAddress | None = None,
+        engine: EngineClient | None = None,
         buildkit: str | None = None,
         resolve_ttl: float | None = None,
     ) -> None:
         from dockyard.cache import ImageCache
 
         self.home = Path(home) if home is not None else dockyard_home()
-        self.engine = engine or EngineAddress.from_env()
+        self.engine = engine or EngineClient.from_env()
         self.buildkit = buildkit or os.environ.get("DOCKYARD_BUILDKIT", "docker")
         self.resolve_ttl = _resolve_ttl() if resolve_ttl is None else resolve_ttl
         self.cache: ImageCache = ImageCache(index_path(self.home))
@@ -177,11 +178,11 @@ class Builder:
         return key, pulled
 
     def _remember(self, env: Environment, key: ContentKey, refs: dict[str, str]) -> None:
-        """Memoise spec file -> key for the CLI's fast lane (see ``_fastpath``)."""
+        """Memoise spec file -> key for the CLI's fast lane (see ``dockyard.cli._fastpath``)."""
         spec = env._source_bytes
         if env._source is None or spec is None or env._reads_other_files or self.buildkit != "docker":
             return
-        from ._fastpath import spec_fingerprint
+        from ._memo import spec_fingerprint
 
         fingerprint = spec_fingerprint(spec, self.engine.url)
         self.cache.remember_key(os.path.abspath(env._source), fingerprint, key, refs)
@@ -191,7 +192,7 @@ class Builder:
         if self.buildkit != "docker":
             return True  # pushed to a registry, not kept in a local engine
         if self.engine.unix_path is not None:
-            from ._rawhttp import unix_image_id
+            from ..dockerd._rawhttp import unix_image_id
 
             return unix_image_id(self.engine.unix_path, image) == image_id
         return self._local_id(image) == image_id
@@ -261,9 +262,9 @@ class Builder:
         cancel: threading.Event | None,
     ) -> tuple[str, str, int]:
         from ._buildkit import BuildKitClient, SolveSpec
-        from ._dockerfile import image_tag, render
+        from ._dockerfile import image_tag, render_dockerfile
 
-        rendered = render(env, key)
+        rendered = render_dockerfile(env, key)
         attrs = {f"label:{k}": v for k, v in rendered.labels.items()}
         attrs.update({f"build-arg:{k}": v for k, v in rendered.build_args.items()})
         attrs["platform"] = env.docker.platform

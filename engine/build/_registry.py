@@ -28,11 +28,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-from ._engine import API_VERSION, EngineAddress
-from .errors import EngineError, EngineUnavailable, InputError, RegistryAuthError, RegistryError, scrub
+from ..dockerd import API_VERSION, EngineClient
+from ..errors import EngineError, EngineUnavailable, InputError, RegistryAuthError, RegistryError, scrub
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ._environment import ContainerRegistry
+    from .._environment import ContainerRegistry
 
 __all__ = ["ImageName", "login_check", "parse_image_ref", "pull_image", "push_image", "qualify"]
 
@@ -382,7 +382,7 @@ def _format_progress(event: dict[str, Any]) -> str | None:
 
 
 def _stream(
-    engine: EngineAddress,
+    engine: EngineClient,
     path: str,
     *,
     headers: dict[str, str],
@@ -394,7 +394,7 @@ def _stream(
 ) -> _Outcome:
     """``POST path`` and read the engine's JSON-lines reply as it comes (progress as it happens).
 
-    ``EngineAddress.request`` reads whole bodies; a pull can stream for minutes, so this reads
+    ``EngineClient.request`` reads whole bodies; a pull can stream for minutes, so this reads
     line by line over the same connection class.
 
     Raises:
@@ -460,7 +460,7 @@ def pull_image(
     ref: str,
     registry: ContainerRegistry | None = None,
     *,
-    engine: EngineAddress | None = None,
+    engine: EngineClient | None = None,
     progress: Progress | None = None,
     timeout: float | None = DEFAULT_STREAM_TIMEOUT,
 ) -> str:
@@ -487,7 +487,7 @@ def pull_image(
         EngineUnavailable: no engine answers.
         EngineError: the engine failed for a reason that is not the registry's.
     """
-    engine = engine or EngineAddress.from_env()
+    engine = engine or EngineClient.from_env()
     full = qualify(ref, registry)
     name = parse_image_ref(full)
     creds = _credentials(registry, name)
@@ -520,7 +520,7 @@ def push_image(
     ref: str,
     registry: ContainerRegistry | None = None,
     *,
-    engine: EngineAddress | None = None,
+    engine: EngineClient | None = None,
     progress: Progress | None = None,
     timeout: float | None = DEFAULT_STREAM_TIMEOUT,
 ) -> str:
@@ -539,7 +539,7 @@ def push_image(
         EngineUnavailable: no engine answers.
         EngineError: the engine failed for a reason that is not the registry's.
     """
-    engine = engine or EngineAddress.from_env()
+    engine = engine or EngineClient.from_env()
     full = qualify(ref, registry)
     name = parse_image_ref(full)
     if name.digest:
@@ -570,7 +570,7 @@ def push_image(
 
 
 def login_check(
-    registry: ContainerRegistry, *, engine: EngineAddress | None = None, timeout: float = 30.0
+    registry: ContainerRegistry, *, engine: EngineClient | None = None, timeout: float = 30.0
 ) -> None:
     """Check that ``registry`` accepts its credentials (``POST /auth``; nothing is stored).
 
@@ -580,7 +580,7 @@ def login_check(
         InputError: the address is not valid.
         EngineUnavailable: no engine answers.
     """
-    engine = engine or EngineAddress.from_env()
+    engine = engine or EngineClient.from_env()
     address = _normalize_address(registry.address or DOCKER_HUB)
     name = parse_image_ref(f"{address}/x")
     creds = _credentials(registry, name)

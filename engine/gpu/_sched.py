@@ -59,7 +59,7 @@ from itertools import chain, combinations
 from operator import attrgetter, itemgetter
 from types import MappingProxyType
 
-from .errors import InputError
+from ..errors import InputError
 
 __all__ = [
     "Active",
@@ -131,8 +131,20 @@ class GpuSlot:
 class _Tables:
     """Per-topology lookup tables and caches (built once; not part of equality)."""
 
-    __slots__ = ("uuids", "bit", "nv", "lv", "numa_bit", "stats", "tabulated", "places", "eligible",
-                 "never", "memory", "names")
+    __slots__ = (
+        "bit",
+        "eligible",
+        "lv",
+        "memory",
+        "names",
+        "never",
+        "numa_bit",
+        "nv",
+        "places",
+        "stats",
+        "tabulated",
+        "uuids",
+    )
 
     def __init__(self, gpus: tuple[GpuSlot, ...], links: Mapping, levels: Mapping) -> None:
         self.uuids = tuple(g.uuid for g in gpus)  # sorted by index: bit i = i-th lowest index
@@ -465,6 +477,24 @@ class GpuRequest:
         object.__setattr__(self, "_ekey", (self.min_memory_mib, needle))
         object.__setattr__(self, "_fkey", (self.min_memory_mib, needle, self.count))
 
+    @classmethod
+    def from_dict(cls, data: Mapping) -> GpuRequest:
+        """The stored form (a run's ``gpu_request``): missing fields take their defaults.
+
+        Raises:
+            InputError: a field has the wrong type or range.
+        """
+        if not isinstance(data, Mapping):
+            raise InputError(f"a stored GPU request must be a JSON object, got {data!r}")
+        return cls(count=data.get("count", 0), min_memory_mib=data.get("min_memory_mib") or 0,
+                   name_filter=data.get("name_filter"), priority=data.get("priority") or 0,
+                   time_limit_s=data.get("time_limit_s"))
+
+    def to_dict(self) -> dict:
+        """The stored form, read back by :meth:`from_dict`."""
+        return {"count": self.count, "min_memory_mib": self.min_memory_mib, "name_filter": self.name_filter,
+                "priority": self.priority, "time_limit_s": self.time_limit_s}
+
     def _eligible_mask(self, t: _Tables) -> int:
         ekey = self._ekey  # type: ignore[attr-defined]
         mask = t.eligible.get(ekey)
@@ -566,7 +596,7 @@ def _greedy(t: _Tables, free: int, elig: int, count: int) -> int:
     nodes = numa[chosen[0]] | numa[chosen[1]]
     rest = [i for i in cand if i not in chosen]
     while len(chosen) < count:
-        def grow_key(i: int) -> tuple:
+        def grow_key(i: int, nodes: int = nodes) -> tuple:  # this round's NUMA nodes, bound now
             inside = sum(nv[i][s] for s in chosen)
             return (-inside, not (numa[i] & nodes) and numa[i] != 0, sum(lv[i][s] for s in chosen),
                     degree[i] - 2 * inside, i)
@@ -765,7 +795,7 @@ class _Bucket:
     """The waiting runs of one request shape (count, memory, name filter; with or without a time
     limit), in queue order, cut into blocks that remember their lowest and highest time limit."""
 
-    __slots__ = ("key", "request", "limited", "blocks", "lows", "highs", "lasts", "size")
+    __slots__ = ("blocks", "highs", "key", "lasts", "limited", "lows", "request", "size")
 
     def __init__(self, key: tuple, request: GpuRequest, limited: bool) -> None:
         self.key = key  # its key in RunQueue._buckets
@@ -841,7 +871,7 @@ class RunQueue:
         InputError: adding a run id that is queued already, removing one that is not.
     """
 
-    __slots__ = ("_entries", "_buckets", "_version")
+    __slots__ = ("_buckets", "_entries", "_version")
 
     def __init__(self, runs: Iterable[Waiting] = ()) -> None:
         self._entries: dict[str, tuple[tuple, _Bucket]] = {}

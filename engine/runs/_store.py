@@ -1,5 +1,6 @@
-"""The run store: runs, their metrics and compute targets in one SQLite file (WAL, safe across
-processes). ``submit`` writes a ``Queued`` row and returns; the agent moves it along.
+"""The run store: runs, their metrics and compute targets of one workspace, in one SQLite file
+(``<workspace folder>/runs.db``, WAL, safe across processes). ``submit`` writes a ``Queued`` row and
+returns; the machine's agent moves it along.
 
 Status changes happen in one transaction each and only along allowed edges, so a crash leaves
 every row in a true state: Queued → Running → Completed | Failed | Canceled (Queued → Failed or
@@ -8,33 +9,54 @@ Canceled too).
 
 from __future__ import annotations
 
+import enum
 import json
-import sqlite3
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from ._sqlite import SqliteFile
-from .errors import RunNotFound
+from .._sqlite import SqliteFile, sqlite3
+from ..errors import RunNotFound
+from ._layout import RunFolder
 
 __all__ = [
     "FINAL",
-    "STATUSES",
+    "LOCAL_KIND",
     "ComputeRecord",
-    "RunNotFound",
+    "LauncherKind",
     "RunRecord",
+    "RunStatus",
     "RunStore",
     "new_run_id",
 ]
 
-STATUSES = ("Queued", "Running", "Completed", "Failed", "Canceled")
-FINAL = frozenset({"Completed", "Failed", "Canceled"})
+
+class RunStatus(enum.StrEnum):
+    """A run's status, with Azure ML's spelling (a ``str``: compares and serialises as the text)."""
+
+    QUEUED = "Queued"
+    RUNNING = "Running"
+    COMPLETED = "Completed"
+    FAILED = "Failed"
+    CANCELED = "Canceled"
+
+    @property
+    def final(self) -> bool:
+        return self in FINAL
+
+
+FINAL = frozenset({RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELED})
 _EDGES = {
-    "Queued": {"Running", "Failed", "Canceled"},
-    "Running": {"Completed", "Failed", "Canceled"},
+    RunStatus.QUEUED: {RunStatus.RUNNING, RunStatus.FAILED, RunStatus.CANCELED},
+    RunStatus.RUNNING: {RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELED},
 }
+
+#: Which launcher starts a run: a container in the environment's image, or a local process.
+LauncherKind = Literal["container", "process"]
+#: The kind of compute target that runs on this machine's engine and GPUs.
+LOCAL_KIND = "local"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -60,7 +82,8 @@ CREATE TABLE IF NOT EXISTS runs (
     cancel_requested INTEGER NOT NULL DEFAULT 0,
     metrics_offset INTEGER NOT NULL DEFAULT 0,
     run_dir TEXT NOT NULL,
-    gpu_request TEXT NOT NULL DEFAULT '{}'   -- JSON: count, min_memory_mib, name_filter, priority, time_limit_s
+    gpu_request TEXT NOT NULL DEFAULT '{}',  -- JSON: count, min_memory_mib, name_filter, priority, time_limit_s
+    launcher TEXT NOT NULL DEFAULT 'container'  -- container | process (``docker`` is its old spelling)
 );
 CREATE INDEX IF NOT EXISTS runs_status ON runs(status, created);
 CREATE TABLE IF NOT EXISTS metrics (
@@ -76,15 +99,17 @@ CREATE TABLE IF NOT EXISTS computes (
     name TEXT PRIMARY KEY,
     max_nodes INTEGER NOT NULL,
     vm_size TEXT NOT NULL DEFAULT '',
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    kind TEXT NOT NULL DEFAULT 'local'      -- which compute backend runs its runs
 );
 """
 
 _COLUMNS = (
-    "id, experiment, status, script, arguments, source_dir, snapshot, environment, compute, docker, "
+    "id, experiment, status, script, arguments, source_dir, snapshot, environment, compute, launcher, "
     "image, gpus, exit_code, reason, container_id, pid, created, started, ended, cancel_requested, "
     "metrics_offset, run_dir, gpu_request"
 )
+_COMPUTE_COLUMNS = "name, max_nodes, vm_size, created, kind"
 
 
 @dataclass(frozen=True)
@@ -93,14 +118,14 @@ class RunRecord:
 
     id: str
     experiment: str
-    status: str
+    status: RunStatus
     script: str
     arguments: tuple[str, ...]
     source_dir: str
     snapshot: str
-    environment: dict[str, Any]
+    environment: dict[str, Any]  # the file form of the Environment (never a password)
     compute: str
-    docker: bool
+    launcher: LauncherKind
     image: str
     gpus: tuple[str, ...]
     exit_code: int | None
@@ -118,9 +143,9 @@ class RunRecord:
     @classmethod
     def from_row(cls, row: tuple[Any, ...]) -> RunRecord:
         values = list(row)
+        values[2] = RunStatus(values[2])
         values[4] = tuple(json.loads(values[4]))
         values[7] = json.loads(values[7])
-        values[9] = bool(values[9])
         values[11] = tuple(json.loads(values[11]))
         values[19] = bool(values[19])
         values[22] = json.loads(values[22] or "{}")
@@ -134,13 +159,20 @@ class RunRecord:
     def final(self) -> bool:
         return self.status in FINAL
 
+    @property
+    def folder(self) -> RunFolder:
+        return RunFolder(self.run_dir)
+
 
 @dataclass(frozen=True)
 class ComputeRecord:
+    """A compute target: ``max_nodes`` runs of it execute at once, on the backend named by ``kind``."""
+
     name: str
     max_nodes: int
     vm_size: str = ""
     created: float = field(default=0.0)
+    kind: str = LOCAL_KIND
 
 
 def new_run_id(experiment: str) -> str:
@@ -154,29 +186,39 @@ class RunStore(SqliteFile):
     schema = _SCHEMA
     what = "run store"
 
-    def __init__(self, home: Path) -> None:
-        super().__init__(Path(home) / "runs.db")
-        self.home = Path(home)
-        self.runs_dir = self.home / "runs"
+    def __init__(self, folder: Path) -> None:
+        super().__init__(Path(folder) / "runs.db")
+        self.folder = Path(folder)
+        self.runs_dir = self.folder / "runs"
 
     def _upgrade(self, conn: sqlite3.Connection) -> None:
         columns = {row[1] for row in conn.execute("PRAGMA table_info(runs)")}
         if "gpu_request" not in columns:  # a store from before GPU requests
             conn.execute("ALTER TABLE runs ADD COLUMN gpu_request TEXT NOT NULL DEFAULT '{}'")
+        if "launcher" not in columns:  # a store from before launchers had names
+            conn.execute("ALTER TABLE runs ADD COLUMN launcher TEXT NOT NULL DEFAULT 'container'")
+            conn.execute("UPDATE runs SET launcher = 'process' WHERE docker = 0")
+        if "kind" not in {row[1] for row in conn.execute("PRAGMA table_info(computes)")}:
+            conn.execute("ALTER TABLE computes ADD COLUMN kind TEXT NOT NULL DEFAULT 'local'")
+
+    def folder_of(self, run_id: str) -> RunFolder:
+        """Where a run of this workspace keeps its files."""
+        return RunFolder(self.runs_dir / run_id)
 
     # -- runs -------------------------------------------------------------------------------------
 
     def insert(self, record: RunRecord) -> None:
         """Write a new Queued run (one transaction: a run row is never half-written)."""
         values = (
-            record.id, record.experiment, record.status, record.script, json.dumps(list(record.arguments)),
+            record.id, record.experiment, str(record.status), record.script, json.dumps(list(record.arguments)),
             record.source_dir, record.snapshot, json.dumps(record.environment), record.compute,
-            int(record.docker), record.image, json.dumps(list(record.gpus)), record.exit_code, record.reason,
+            record.launcher, record.image, json.dumps(list(record.gpus)), record.exit_code, record.reason,
             record.container_id, record.pid, record.created, record.started, record.ended,
             int(record.cancel_requested), record.metrics_offset, record.run_dir, json.dumps(record.gpu_request),
+            int(record.launcher == "container"),  # the old spelling, kept for stores read by older code
         )
         with self._tx() as conn:
-            conn.execute(f"INSERT INTO runs ({_COLUMNS}) VALUES ({', '.join('?' * len(values))})", values)
+            conn.execute(f"INSERT INTO runs ({_COLUMNS}, docker) VALUES ({', '.join('?' * len(values))})", values)
 
     def get(self, run_id: str) -> RunRecord:
         """Raises: RunNotFound."""
@@ -184,6 +226,17 @@ class RunStore(SqliteFile):
         if not rows:
             raise RunNotFound(f"no run with id {run_id!r}", hint="list runs with `dockyard runs ls`")
         return RunRecord.from_row(rows[0])
+
+    def status_of(self, run_id: str) -> RunStatus:
+        """Just the status: one indexed read of one column. Raises: RunNotFound."""
+        rows = self._read("SELECT status FROM runs WHERE id = ?", (run_id,))
+        if not rows:
+            raise RunNotFound(f"no run with id {run_id!r}", hint="list runs with `dockyard runs ls`")
+        return RunStatus(rows[0][0])
+
+    def data_version(self) -> int:
+        """A number that changes whenever another connection commits to this file (cheap: no table read)."""
+        return int(self._read("PRAGMA data_version")[0][0])
 
     def list(self, *, experiment: str | None = None, statuses: tuple[str, ...] = (), limit: int = 100) -> list[RunRecord]:
         sql = f"SELECT {_COLUMNS} FROM runs"
@@ -193,7 +246,7 @@ class RunStore(SqliteFile):
             args.append(experiment)
         if statuses:
             where.append(f"status IN ({', '.join('?' * len(statuses))})")
-            args += list(statuses)
+            args += [str(status) for status in statuses]
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY created DESC LIMIT ?"
@@ -204,11 +257,17 @@ class RunStore(SqliteFile):
         rows = self._read(f"SELECT {_COLUMNS} FROM runs WHERE status = 'Queued' ORDER BY created")
         return [RunRecord.from_row(r) for r in rows]
 
-    def transition(self, run_id: str, to: str, **fields: Any) -> bool:
+    def unfinished(self) -> list[RunRecord]:
+        """Queued and Running runs, oldest first (what the agent works on)."""
+        rows = self._read(f"SELECT {_COLUMNS} FROM runs WHERE status IN ('Queued', 'Running') ORDER BY created")
+        return [RunRecord.from_row(r) for r in rows]
+
+    def transition(self, run_id: str, to: RunStatus, **fields: Any) -> bool:
         """Move a run to status ``to`` (and set ``fields``) if that edge is allowed; False if not."""
-        allowed_from = [s for s, targets in _EDGES.items() if to in targets]
+        to = RunStatus(to)
+        allowed_from = [str(s) for s, targets in _EDGES.items() if to in targets]
         sets = ["status = ?"] + [f"{k} = ?" for k in fields]
-        args = [to, *[json.dumps(list(v)) if k == "gpus" else v for k, v in fields.items()], run_id, *allowed_from]
+        args = [str(to), *[json.dumps(list(v)) if k == "gpus" else v for k, v in fields.items()], run_id, *allowed_from]
         with self._tx() as conn:
             cur = conn.execute(
                 f"UPDATE runs SET {', '.join(sets)} WHERE id = ? AND status IN ({', '.join('?' * len(allowed_from))})",
@@ -230,7 +289,9 @@ class RunStore(SqliteFile):
         record = self.get(run_id)
         if record.final:
             return record
-        if record.status == "Queued" and self.transition(run_id, "Canceled", ended=time.time(), reason="canceled before it started"):
+        if record.status == RunStatus.QUEUED and self.transition(
+            run_id, RunStatus.CANCELED, ended=time.time(), reason="canceled before it started"
+        ):
             return self.get(run_id)
         self.update(run_id, cancel_requested=1)
         return self.get(run_id)
@@ -264,18 +325,19 @@ class RunStore(SqliteFile):
 
     # -- compute targets --------------------------------------------------------------------------
 
-    def put_compute(self, name: str, max_nodes: int, vm_size: str = "") -> ComputeRecord:
+    def put_compute(self, name: str, max_nodes: int, vm_size: str = "", kind: str = LOCAL_KIND) -> ComputeRecord:
         with self._tx() as conn:
             conn.execute(
-                "INSERT INTO computes (name, max_nodes, vm_size, created) VALUES (?, ?, ?, ?)"
-                " ON CONFLICT(name) DO UPDATE SET max_nodes = excluded.max_nodes, vm_size = excluded.vm_size",
-                (name, max_nodes, vm_size, time.time()),
+                "INSERT INTO computes (name, max_nodes, vm_size, created, kind) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT(name) DO UPDATE SET max_nodes = excluded.max_nodes, vm_size = excluded.vm_size,"
+                " kind = excluded.kind",
+                (name, max_nodes, vm_size, time.time(), kind),
             )
         return self.compute(name)  # type: ignore[return-value]
 
     def compute(self, name: str) -> ComputeRecord | None:
-        rows = self._read("SELECT name, max_nodes, vm_size, created FROM computes WHERE name = ?", (name,))
+        rows = self._read(f"SELECT {_COMPUTE_COLUMNS} FROM computes WHERE name = ?", (name,))
         return ComputeRecord(*rows[0]) if rows else None
 
     def computes(self) -> list[ComputeRecord]:
-        return [ComputeRecord(*r) for r in self._read("SELECT name, max_nodes, vm_size, created FROM computes ORDER BY name")]
+        return [ComputeRecord(*r) for r in self._read(f"SELECT {_COMPUTE_COLUMNS} FROM computes ORDER BY name")]

@@ -14,17 +14,7 @@ import os
 import sys
 import time
 
-__all__ = ["main", "spec_fingerprint", "try_env_build_hit"]
-
-_MEMO_VERSION = b"dockyard-spec-memo/1\0"
-
-
-def spec_fingerprint(spec: bytes, engine_url: str) -> str:
-    """What a memoised key is valid for: the spec file's bytes, seen by one engine."""
-    from xxhash import xxh3_128_hexdigest
-
-    return xxh3_128_hexdigest(_MEMO_VERSION + engine_url.encode() + b"\0" + spec)
-
+__all__ = ["main", "try_env_build_hit"]
 
 def _unix_engine() -> str | None:
     host = os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
@@ -75,7 +65,8 @@ def try_env_build_hit(args: list[str]) -> int | None:
         return None
     from dockyard.cache._fastread import fast_hit
 
-    from ._rawhttp import unix_image_id
+    from ..build._memo import spec_fingerprint
+    from ..dockerd._rawhttp import unix_image_id
 
     hit = fast_hit(index, os.path.abspath(file), spec_fingerprint(spec, f"unix://{socket_path}"), ttl)
     if hit is None or unix_image_id(socket_path, hit.image) != hit.image_id:
@@ -99,6 +90,6 @@ def main() -> None:
     code = try_env_build_hit(args)
     if code is not None:
         sys.exit(code)
-    from .cli import main as full_cli
+    from ._app import main as full_cli
 
     full_cli(args)

@@ -29,12 +29,14 @@ import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import xxhash
-from pathspec import GitIgnoreSpec
 
-from .errors import EnvironmentProblem, InputError, SnapshotTooLarge
+from ..errors import EnvironmentProblem, InputError, SnapshotTooLarge
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pathspec import GitIgnoreSpec
 
 __all__ = ["DEFAULT_MAX_BYTES", "MAX_MB_ENV", "Snapshot", "SnapshotStore"]
 
@@ -109,11 +111,15 @@ class _Rules:
 def _load_rules(path: str) -> GitIgnoreSpec | None:
     try:
         with open(path, encoding="utf-8", errors="replace") as fh:
-            return GitIgnoreSpec.from_lines(fh.read().splitlines())
+            lines = fh.read().splitlines()
     except FileNotFoundError:
         return None
     except OSError as exc:
         raise _read_error(path, exc) from exc
+    # Imported only when an ignore file exists: pathspec costs a submit more than the snapshot.
+    from pathspec import GitIgnoreSpec
+
+    return GitIgnoreSpec.from_lines(lines)
 
 
 # -- scanning ------------------------------------------------------------------------------------

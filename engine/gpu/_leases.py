@@ -1,19 +1,19 @@
 """GPU leases: which run holds which GPU, granted and released transactionally across processes.
 
-One SQLite file per dockyard home (``gpus.db``, WAL), shared by every workspace's agent, so a GPU
-is never leased twice on this machine. Every grant, release and reclaim is also appended to an
+One SQLite file per dockyard home (``gpus.db``, WAL), written by the machine's one agent for
+every workspace, so a GPU is never leased twice on this machine. A lease's ``holder`` is the
+workspace folder of its run (where the run's truth is kept). Every grant, release and reclaim is also appended to an
 audit table, from which a test (or a person) can prove that no GPU was ever held by two runs.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
-from ._sqlite import SqliteFile
+from .._sqlite import SqliteFile
 
 __all__ = ["Lease", "LeaseConflict", "LeaseStore"]
 
@@ -21,7 +21,7 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS leases (
     gpu TEXT PRIMARY KEY,           -- GPU UUID (never an index)
     run_id TEXT NOT NULL,
-    holder TEXT NOT NULL,           -- the agent/workspace that granted it
+    holder TEXT NOT NULL,           -- the workspace folder of the run
     granted REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS leases_run ON leases(run_id);
@@ -93,11 +93,16 @@ class LeaseStore(SqliteFile):
                 conn.execute("INSERT INTO audit (t, event, gpu, run_id, holder) VALUES (?, ?, ?, ?, ?)", (now, event, gpu, run_id, holder))
         return [gpu for gpu, _ in rows]
 
-    def reclaim(self, holder: str, still_holding: Callable[[str], bool]) -> list[str]:
-        """Release this holder's leases whose run no longer holds them (it ended, or crashed)."""
+    def reclaim(self, still_holding: Callable[[Lease], bool]) -> list[str]:
+        """Release the leases whose run no longer holds them (it ended, or crashed); returns the GPUs.
+
+        ``still_holding`` is asked once per run (with one of its leases) and must answer from
+        what holds the GPUs, not from the lease itself.
+        """
         freed: list[str] = []
-        for run_id in sorted({lease.run_id for lease in self.leases() if lease.holder == holder}):
-            if not still_holding(run_id):
+        by_run = {lease.run_id: lease for lease in self.leases()}
+        for run_id in sorted(by_run):
+            if not still_holding(by_run[run_id]):
                 freed += self.release(run_id, event="reclaim")
         return freed
 

@@ -6,10 +6,9 @@ and the hit path runs once per CLI process; so this module imports only ``_socke
 
 from __future__ import annotations
 
-import re
-
 # The C module: `socket` wraps it in enums and selectors that cost ~9 ms to import.
 import _socket
+import re
 
 __all__ = ["unix_image_id"]
 

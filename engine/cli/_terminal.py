@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
 __all__ = ["BuildProgress", "emit_json", "plot_metrics", "progress_lines", "sparkline"]
 
@@ -161,7 +161,7 @@ def plot_metrics(metrics: dict[str, list[object]], path: str, title: str = "") -
     Raises:
         InputError: matplotlib is not installed.
     """
-    from .errors import InputError
+    from ..errors import InputError
 
     try:
         import matplotlib

@@ -1,4 +1,4 @@
-"""Talking to the Docker Engine: its address, one-request HTTP, the ``/grpc`` hijack, docker-py.
+"""The Docker Engine client: its address, one-request HTTP, the ``/grpc`` hijack, docker-py.
 
 This is the one boundary where ``docker.errors`` and socket ``OSError``\\ s become
 ``dockyard.errors``. The raw HTTP helpers import only the standard library, so a health check or a
@@ -13,15 +13,16 @@ import os
 import socket
 import ssl
 import urllib.parse
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
-from .errors import EngineError, EngineUnavailable, InputError
+from ..errors import EngineError, EngineUnavailable, InputError
 
 if TYPE_CHECKING:  # pragma: no cover
     import docker
 
-__all__ = ["EngineAddress", "EngineInfo", "HttpReply", "translate_docker_error"]
+__all__ = ["API_VERSION", "EngineClient", "EngineInfo", "HttpReply", "translate_docker_error"]
 
 DEFAULT_UNIX_SOCKET = "/var/run/docker.sock"
 # The API version every call pins: Docker 20.10 speaks 1.41, newer engines still accept it.
@@ -49,8 +50,9 @@ class EngineInfo:
 
 
 @dataclass(frozen=True)
-class EngineAddress:
-    """Where the Docker Engine listens: ``unix:///path`` or ``tcp://host:port`` (TLS per env).
+class EngineClient:
+    """A Docker Engine, where it listens (``unix:///path`` or ``tcp://host:port``, TLS per env) and
+    the requests dockyard makes to it.
 
     Built from ``DOCKER_HOST`` (default ``unix:///var/run/docker.sock``), ``DOCKER_TLS_VERIFY``
     and ``DOCKER_CERT_PATH``, the variables the docker CLI honours.
@@ -64,7 +66,7 @@ class EngineAddress:
     cert_path: str | None = None
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> EngineAddress:
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> EngineClient:
         """Parse the engine address from the environment.
 
         Raises:
@@ -76,7 +78,7 @@ class EngineAddress:
         return cls.parse(raw, tls_verify=tls, cert_path=env.get("DOCKER_CERT_PATH") or None)
 
     @classmethod
-    def parse(cls, raw: str, *, tls_verify: bool = False, cert_path: str | None = None) -> EngineAddress:
+    def parse(cls, raw: str, *, tls_verify: bool = False, cert_path: str | None = None) -> EngineClient:
         parsed = urllib.parse.urlsplit(raw)
         if parsed.scheme == "unix":
             path = (parsed.netloc + parsed.path) or DEFAULT_UNIX_SOCKET
@@ -257,7 +259,7 @@ class EngineAddress:
 
     # -- docker-py -------------------------------------------------------------------------------
 
-    def docker_client(self, timeout: int = 600) -> docker.DockerClient:
+    def docker_client(self, timeout: int = 600, max_pool_size: int = 10) -> docker.DockerClient:
         """A docker-py client for the same engine (imported lazily: it costs ~300 ms)."""
         import docker
 
@@ -269,13 +271,14 @@ class EngineAddress:
                 ca_cert=os.path.join(cp, "ca.pem") if self.tls_verify else None,
                 verify=self.tls_verify,
             )
-        return docker.DockerClient(base_url=self.url, version=API_VERSION, timeout=timeout, tls=tls)
+        return docker.DockerClient(base_url=self.url, version=API_VERSION, timeout=timeout, tls=tls,
+                                   max_pool_size=max_pool_size)
 
 
 class _SocketHTTPConnection(http.client.HTTPConnection):
-    """``http.client`` over whatever socket :meth:`EngineAddress.connect` opens."""
+    """``http.client`` over whatever socket :meth:`EngineClient.connect` opens."""
 
-    def __init__(self, address: EngineAddress, timeout: float | None) -> None:
+    def __init__(self, address: EngineClient, timeout: float | None) -> None:
         super().__init__("docker", timeout=timeout)
         self._address = address
 
@@ -296,5 +299,5 @@ def translate_docker_error(exc: Exception, action: str) -> Exception:
         explanation = exc.explanation or str(exc)
         return EngineError(f"{action} failed: {explanation}", status=status)
     if isinstance(exc, (requests.exceptions.ConnectionError, docker.errors.DockerException)):
-        return EngineUnavailable(EngineAddress.from_env().url, f"{action}: {exc}")
+        return EngineUnavailable(EngineClient.from_env().url, f"{action}: {exc}")
     return EngineError(f"{action} failed: {exc}")

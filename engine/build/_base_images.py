@@ -17,17 +17,19 @@ import tarfile
 import tempfile
 import urllib.parse
 from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Literal
+from typing import Literal
 
-from ._engine import EngineAddress
-from .errors import BootstrapError, EngineError, InputError, ToolMissing
+from ..dockerd import EngineClient
+from ..errors import BootstrapError, EngineError, InputError, ToolMissing
 
 __all__ = [
+    "HOST_CA_BUNDLE",
+    "PYTHON_PACKAGES",
     "BaseImage",
     "Flavor",
-    "PYTHON_PACKAGES",
     "base_image_ref",
     "bootstrap",
     "find_mirror",
@@ -217,9 +219,9 @@ def _add_certificates(rootfs: Path, bundle_path: Path) -> int:
 # -- engine side --------------------------------------------------------------------------------
 
 
-def list_base_images(engine: EngineAddress | None = None) -> list[BaseImage]:
+def list_base_images(engine: EngineClient | None = None) -> list[BaseImage]:
     """Base images dockyard made that the engine holds (one request)."""
-    engine = engine or EngineAddress.from_env()
+    engine = engine or EngineClient.from_env()
     query = urllib.parse.quote(json.dumps({"label": [f"{LABEL}.flavor"]}))
     reply = engine.request("GET", f"/images/json?filters={query}")
     if reply.status != 200:
@@ -233,7 +235,7 @@ def list_base_images(engine: EngineAddress | None = None) -> list[BaseImage]:
 
 
 def _import_rootfs(
-    engine: EngineAddress, chunks: Iterator[bytes] | bytes, ref: str, changes: list[str]
+    engine: EngineClient, chunks: Iterator[bytes] | bytes, ref: str, changes: list[str]
 ) -> str:
     repo, tag = ref.rsplit(":", 1)
     query = urllib.parse.urlencode(
@@ -446,7 +448,7 @@ def bootstrap(
     mirror: str | None = None,
     ca_bundle: str | Path | None = HOST_CA_BUNDLE,
     force: bool = False,
-    engine: EngineAddress | None = None,
+    engine: EngineClient | None = None,
     progress: Progress | None = None,
     workdir: str | Path | None = None,
 ) -> BaseImage:
@@ -478,7 +480,7 @@ def bootstrap(
     if flavor not in FLAVORS:
         raise InputError(f"unknown flavor {flavor!r}", hint=f"choose one of: {', '.join(FLAVORS)}")
     report = progress or (lambda _line: None)
-    engine = engine or EngineAddress.from_env()
+    engine = engine or EngineClient.from_env()
     suite = suite or host_suite()
     ref = base_image_ref(flavor, suite)
     if not force:
@@ -502,7 +504,7 @@ def bootstrap(
             body, labels, env = _bootstrap_busybox(scratch, report)
             packages = ("busybox-static",)
             cmd = ["sh"]
-        created = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+        created = _dt.datetime.now(_dt.UTC).replace(microsecond=0).isoformat()
         labels.update(
             {
                 f"{LABEL}.flavor": flavor,

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import InputError
+from ..errors import InputError
 
 __all__ = ["Gpu", "GpuDiscovery", "discover_gpus", "inventory"]
 
@@ -111,8 +111,8 @@ def _virtual(environ: Mapping[str, str]) -> GpuDiscovery | None:
                     g.get("numa_node"))
                 for i, g in enumerate(data["gpus"])
             )
-            links = tuple((str(l["a"]), str(l["b"]), int(l.get("nvlinks", 0)), int(l.get("level", 0)))
-                          for l in data.get("links", []))
+            links = tuple((str(link["a"]), str(link["b"]), int(link.get("nvlinks", 0)), int(link.get("level", 0)))
+                          for link in data.get("links", []))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise InputError(f"DOCKYARD_GPU_TOPOLOGY={topo_file}: not a readable topology file ({exc})",
                              hint='write {"gpus": [{"uuid": ..., "index": 0, "memory_mib": ...}], "links": [...]}') from exc

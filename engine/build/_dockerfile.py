@@ -12,9 +12,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._environment import Environment
+from .._environment import Environment
 
-__all__ = ["ENV_PREFIX_ROOT", "RenderedBuild", "image_tag", "render"]
+__all__ = ["ENV_PREFIX_ROOT", "RenderedBuild", "image_tag", "render_dockerfile"]
 
 #: Dependencies are materialised at a key-named prefix, so two environments never share one.
 ENV_PREFIX_ROOT = "/opt/dockyard/envs"
@@ -77,13 +77,13 @@ def _venv_steps(prefix: str) -> str:
     )
 
 
-def render(env: Environment, key: Any) -> RenderedBuild:
+def render_dockerfile(env: Environment, key: Any) -> RenderedBuild:
     """Render the build for ``env`` whose content key is ``key`` (a ``ContentKey``).
 
     Raises:
         SpecError: the environment is invalid, or its context is too large to send.
     """
-    from .errors import SpecError
+    from ..errors import SpecError
 
     parts = env.key_parts()
     prefix = f"{ENV_PREFIX_ROOT}/{key.hex}"

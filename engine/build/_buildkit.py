@@ -20,13 +20,14 @@ import tempfile
 import threading
 import uuid
 from collections import deque
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Literal, Mapping
+from typing import TYPE_CHECKING, Literal
 
 import grpc
 
-from ._engine import EngineAddress
-from .errors import BuildError, BuildKitUnavailable, DockyardError, EngineUnavailable, InputError
+from ..dockerd import EngineClient
+from ..errors import BuildError, BuildKitUnavailable, DockyardError, EngineUnavailable, InputError
 
 if TYPE_CHECKING:  # pragma: no cover
     from types import TracebackType
@@ -155,7 +156,7 @@ def files_definition(files: Mapping[str, bytes]) -> object:
 
 
 class _Vertex:
-    __slots__ = ("name", "cached", "started", "completed", "error", "lines", "partial", "finished")
+    __slots__ = ("cached", "completed", "error", "finished", "lines", "name", "partial", "started")
 
     def __init__(self) -> None:
         self.finished = False  # its completion was reported (BuildKit re-sends vertices)
@@ -227,7 +228,7 @@ class _StatusTracker:
 class _HijackRelay:
     """Bridges grpcio's connections on a private unix socket to ``POST /grpc`` hijacks on the engine."""
 
-    def __init__(self, engine: EngineAddress) -> None:
+    def __init__(self, engine: EngineClient) -> None:
         self._engine = engine
         self._dir = tempfile.mkdtemp(prefix="dockyard-grpc-")
         self.path = os.path.join(self._dir, "relay.sock")
@@ -355,13 +356,13 @@ class BuildKitClient:
     """
 
     def __init__(
-        self, target: str = "docker", *, engine: EngineAddress | None = None, tls: TlsFiles | None = None
+        self, target: str = "docker", *, engine: EngineClient | None = None, tls: TlsFiles | None = None
     ) -> None:
         self.target = target
         self._relay: _HijackRelay | None = None
         options = list(_CHANNEL_OPTIONS)
         if target == "docker":
-            self._engine = engine or EngineAddress.from_env()
+            self._engine = engine or EngineClient.from_env()
             self._engine.ping()  # a clear EngineUnavailable beats a vague gRPC UNAVAILABLE
             self._relay = _HijackRelay(self._engine)
             dial = f"unix:{self._relay.path}"

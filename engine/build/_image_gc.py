@@ -1,0 +1,99 @@
+"""Image GC: the index's LRU policy applied to the engine's images, never to one a container uses."""
+
+from __future__ import annotations
+
+import urllib.parse
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .._home import index_path
+from ..dockerd import EngineClient
+from ..errors import DockyardError, EngineError, InputError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from dockyard.cache import GcReport
+
+__all__ = ["collect_garbage", "images_in_use", "parse_size", "remove_image"]
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """``"10G"``, ``"500MiB"``, ``"1048576"`` -> bytes.
+
+    Raises:
+        InputError: not a size.
+    """
+    raw = text.strip().lower().replace(" ", "")
+    number = raw.rstrip("kmgtib")
+    unit = raw[len(number):]
+    try:
+        value = float(number)
+    except ValueError:
+        value = -1.0
+    if unit not in _UNITS or value < 0:
+        raise InputError(f"{text!r} is not a size", hint="write e.g. 20G, 500MiB or a number of bytes")
+    return int(value * _UNITS[unit])
+
+
+def images_in_use(engine: EngineClient) -> set[str]:
+    """Image IDs of every container that exists (running or stopped): GC must not pull them away."""
+    reply = engine.request("GET", "/containers/json?all=1")
+    if reply.status != 200:
+        raise EngineError(f"listing containers answered HTTP {reply.status}", status=reply.status)
+    return {str(c.get("ImageID", "")) for c in reply.json() or []}
+
+
+def remove_image(engine: EngineClient, ref: str) -> None:
+    """Delete one tag from the engine (an image that is already gone is fine).
+
+    Raises:
+        EngineError: the engine refused (e.g. a container still uses it).
+    """
+    reply = engine.request("DELETE", f"/images/{urllib.parse.quote(ref, safe='')}")
+    if reply.status in (200, 404):
+        return
+    try:
+        message = str(reply.json().get("message", ""))
+    except (ValueError, DockyardError):
+        message = reply.body[:200].decode(errors="replace")
+    raise EngineError(f"removing {ref}: {message or f'HTTP {reply.status}'}", status=reply.status)
+
+
+def collect_garbage(
+    *,
+    keep_bytes: int | None = None,
+    keep_days: float | None = None,
+    dry_run: bool = False,
+    engine: EngineClient | None = None,
+    home: Path | None = None,
+) -> GcReport:
+    """Remove least-recently-used environment images until the limits hold.
+
+    Pinned images and images that any container (running or stopped) uses are never removed.
+
+    Args:
+        keep_bytes: shrink the images to at most this many bytes.
+        keep_days: remove images unused for more than this many days.
+        dry_run: report what would be removed; change nothing.
+        engine: the engine holding the images (default from ``DOCKER_HOST``).
+        home: dockyard's home (default ``$DOCKYARD_HOME``).
+
+    Raises:
+        InputError: neither limit given.
+        EngineUnavailable, EngineError: the engine cannot list containers.
+    """
+    from dockyard.cache import ImageCache
+
+    if keep_bytes is None and keep_days is None:
+        raise InputError("image GC needs a limit", hint="give --keep-bytes SIZE and/or --keep-days N")
+    engine = engine or EngineClient.from_env()
+    index = ImageCache(index_path(home))
+    try:
+        used = images_in_use(engine)
+        in_use = [e.key for e in index.entries() if e.image_id in used]
+        return index.gc(keep_bytes=keep_bytes, keep_days=keep_days, in_use=in_use, dry_run=dry_run,
+                        remove=lambda entry: remove_image(engine, entry.image))
+    finally:
+        index.close()

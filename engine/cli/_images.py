@@ -1,0 +1,291 @@
+"""``dockyard doctor``, ``base``, ``env`` and ``cache``: the machine, base images, environments, the index."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from ._terminal import emit_json, progress_lines
+
+__all__ = ["base", "cache", "doctor", "env"]
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def doctor(as_json: bool) -> None:
+    """Check the engine, BuildKit, the index, GPUs and base images; say how to fix what is missing."""
+    from .._doctor import run_doctor
+
+    report = run_doctor()
+    if as_json:
+        emit_json(report.to_json())
+    else:
+        for check in report.checks:
+            mark = "ok " if check.ok else ("FAIL" if check.required else "warn")
+            click.echo(f"[{mark:<4}] {check.name:<12} {check.detail}")
+        click.echo("healthy" if report.ok else "not healthy: fix the FAIL lines above")
+    if not report.ok:
+        sys.exit(3)
+
+
+@click.group()
+def base() -> None:
+    """Base images made locally, with no registry (also for air-gapped sites)."""
+
+
+@base.command("bootstrap")
+@click.option("--flavor", type=click.Choice(["python", "busybox"]), default="python", show_default=True,
+              help="python: Debian minbase with python3, pip, venv; busybox: a tiny static image.")
+@click.option("--suite", default=None, help="Debian suite (default: the host's).")
+@click.option("--mirror", default=None, help="Debian archive URL (default: the one apt uses here).")
+@click.option("--ca-bundle", default=None, metavar="FILE|none",
+              help="PEM bundle to trust inside the image (default: the host's bundle; 'none' adds nothing).")
+@click.option("--force", is_flag=True, help="Rebuild even if the image exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def base_bootstrap(flavor: str, suite: str | None, mirror: str | None, ca_bundle: str | None,
+                   force: bool, as_json: bool) -> None:
+    """Make a base image from the Debian mirror (debootstrap) or busybox-static, and import it."""
+    from ..build import HOST_CA_BUNDLE, bootstrap
+
+    bundle = None if ca_bundle == "none" else (ca_bundle or HOST_CA_BUNDLE)
+    if ca_bundle is None and not os.path.exists(HOST_CA_BUNDLE):
+        bundle = None
+    with progress_lines(f"bootstrap {flavor}") as progress:
+        image = bootstrap(flavor, suite=suite, mirror=mirror, ca_bundle=bundle, force=force,  # type: ignore[arg-type]
+                          progress=progress)
+    if as_json:
+        emit_json(image.to_json())
+    elif image.existed:
+        click.echo(f"{image.ref} already exists (created {image.created}); --force rebuilds it")
+    else:
+        click.echo(f"{image.ref} made in {image.seconds:.1f}s ({image.image_id[:19]})")
+
+
+@base.command("ls")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def base_ls(as_json: bool) -> None:
+    """List the base images dockyard made."""
+    from ..build import list_base_images
+
+    images = list_base_images()
+    if as_json:
+        emit_json({"images": [i.to_json() for i in images]})
+        return
+    if not images:
+        click.echo("no base images; make one with `dockyard base bootstrap`")
+    for i in images:
+        click.echo(f"{i.ref:<36} {i.flavor:<8} {i.suite:<10} {i.created}")
+
+
+@click.group()
+def env() -> None:
+    """Environment specs: content keys and what makes two specs differ."""
+
+
+_ENV_FILE = click.Path(dir_okay=False, path_type=str)
+
+
+@env.command("key")
+@click.argument("file", type=_ENV_FILE)
+@click.option("--explain", is_flag=True, help="Show each part's own hash, to see why a cache missed.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def env_key(file: str, explain: bool, as_json: bool) -> None:
+    """Print the content key of the environment in FILE (no engine needed)."""
+    from .. import Environment
+    from .._explain import changed_since_last_build, describe_parts
+
+    environment = Environment.load(file)
+    key = environment.content_key()
+    if as_json:
+        emit_json(key.to_json())
+        return
+    click.echo(key.hex)
+    if explain:
+        click.echo(f"schema {key.schema}; parts:")
+        for name, digest, summary in describe_parts(environment, key):
+            click.echo(f"  {name:<13} {digest}  {summary}")
+        changed = changed_since_last_build(file, key)
+        if changed is not None:
+            click.echo(f"since the last build of this file: {changed}")
+
+
+@env.command("diff")
+@click.argument("a", type=_ENV_FILE)
+@click.argument("b", type=_ENV_FILE)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def env_diff(a: str, b: str, as_json: bool) -> None:
+    """Name the key parts in which environments A and B differ (exit 1 when they differ, like diff)."""
+    from dockyard.cache import diff_keys
+
+    from .. import Environment
+    from .._explain import field_of_part
+
+    key_a, key_b = Environment.load(a).content_key(), Environment.load(b).content_key()
+    parts = diff_keys(key_a, key_b)
+    if as_json:
+        emit_json({"same": not parts, "a": key_a.hex, "b": key_b.hex, "parts": parts,
+                   "fields": [field_of_part(p) for p in parts]})
+    elif not parts:
+        click.echo(f"same key {key_a.hex}")
+    else:
+        click.echo(f"{key_a.hex} != {key_b.hex}; they differ in:")
+        for part in parts:
+            click.echo(f"  {part:<13} ({field_of_part(part)})")
+    if parts:
+        sys.exit(1)
+
+
+@env.command("render")
+@click.argument("file", type=_ENV_FILE)
+def env_render(file: str) -> None:
+    """Print the Dockerfile dockyard builds for the environment in FILE (and its context files)."""
+    from .. import Environment
+    from ..build import render_dockerfile
+
+    environment = Environment.load(file)
+    rendered = render_dockerfile(environment, environment.content_key())
+    click.echo(rendered.dockerfile, nl=False)
+    for name, data in sorted(rendered.context.items()):
+        click.echo(f"# --- context file {name} ({len(data)} bytes) ---")
+        click.echo(data.decode(errors="replace"), nl=False)
+
+
+@env.command("build")
+@click.argument("file", type=_ENV_FILE)
+@click.option("--no-cache", is_flag=True, help="Rebuild from scratch and replace the cached image.")
+@click.option("--progress", "progress_mode", type=click.Choice(["auto", "tty", "plain", "json"]), default="auto",
+              show_default=True, help="How to show build progress (on stderr).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def env_build(file: str, no_cache: bool, progress_mode: str, as_json: bool) -> None:
+    """Build the environment in FILE once; later calls are cache hits in milliseconds."""
+    from .. import Environment
+    from ..build import Builder
+    from ._terminal import BuildProgress
+
+    environment = Environment.load(file)
+    builder = Builder()
+    try:
+        # The view draws nothing until the first event: a cache hit never loads rich or grpc.
+        with BuildProgress(progress_mode, f"building {environment.name}") as view:
+            image = builder.ensure_image(environment, no_cache=no_cache, progress=view.note, on_event=view.event)
+    finally:
+        builder.close()
+    if as_json:
+        emit_json(image.to_json())
+    elif image.cached:
+        click.echo(f"{image.image} (cache hit in {image.seconds * 1000:.1f} ms)")
+    else:
+        click.echo(f"{image.image} built in {image.seconds:.1f}s ({image.image_id[:19]})")
+
+
+@env.command("ls")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def env_ls(as_json: bool) -> None:
+    """List the environment images in the index (most recently used first)."""
+    _list_entries(as_json)
+
+
+@click.group()
+def cache() -> None:
+    """The image index: what is cached, how much it holds, and clearing space."""
+
+
+def _open_cache():  # type: ignore[no-untyped-def]
+    from dockyard.cache import ImageCache
+
+    from .._home import index_path
+
+    return ImageCache(index_path())
+
+
+def _list_entries(as_json: bool) -> None:
+    index = _open_cache()
+    try:
+        entries = sorted(index.entries(), key=lambda e: e.last_used, reverse=True)
+    finally:
+        index.close()
+    if as_json:
+        emit_json({"images": [e.to_json() for e in entries]})
+        return
+    if not entries:
+        click.echo("no environment images yet; build one with `dockyard env build FILE`")
+    for e in entries:
+        pin = " pinned" if e.pinned else ""
+        click.echo(f"{e.key}  {e.image:<48} {e.size / 1e6:8.1f} MB  hits {e.hit_count}{pin}")
+
+
+@cache.command("ls")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def cache_ls(as_json: bool) -> None:
+    """List cached environment images (most recently used first)."""
+    _list_entries(as_json)
+
+
+@cache.command("stats")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def cache_stats(as_json: bool) -> None:
+    """How many images the index holds, their size and hits."""
+    index = _open_cache()
+    try:
+        stats = index.stats()
+    finally:
+        index.close()
+    if as_json:
+        emit_json(stats.to_json())
+        return
+    click.echo(f"index    {stats.path}")
+    click.echo(f"entries  {stats.entries} ({stats.pinned} pinned, {stats.leases} building)")
+    click.echo(f"size     {stats.total_bytes / 1e6:.1f} MB")
+    click.echo(f"hits     {stats.hits}")
+
+
+@cache.command("gc")
+@click.option("--keep-bytes", default=None, metavar="SIZE", help="Shrink to at most SIZE (e.g. 20G, 500MiB).")
+@click.option("--keep-days", type=float, default=None, help="Drop images unused for more than N days.")
+@click.option("--dry-run", is_flag=True, help="Say what would be removed; change nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def cache_gc(keep_bytes: str | None, keep_days: float | None, dry_run: bool, as_json: bool) -> None:
+    """Remove least-recently-used images (never pinned ones, never ones a container uses)."""
+    from ..build import collect_garbage, parse_size
+
+    if keep_bytes is None and keep_days is None:
+        raise click.UsageError("give --keep-bytes SIZE and/or --keep-days N")
+    limit = parse_size(keep_bytes) if keep_bytes is not None else None
+    report = collect_garbage(keep_bytes=limit, keep_days=keep_days, dry_run=dry_run)
+    if as_json:
+        emit_json(report.to_json())
+        return
+    verb = "would remove" if dry_run else "removed"
+    for entry in report.removed:
+        click.echo(f"{verb} {entry.image} ({entry.size / 1e6:.1f} MB)")
+    for failure in report.errors:
+        click.echo(f"kept {failure.image}: {failure.error}", err=True)
+    click.echo(f"{verb} {len(report.removed)} image(s), {report.freed_bytes / 1e6:.1f} MB; "
+               f"{report.kept} left ({report.remaining_bytes / 1e6:.1f} MB)")
+
+
+def _set_pin(key: str, pinned: bool) -> None:
+    index = _open_cache()
+    try:
+        found = index.pin(key) if pinned else index.unpin(key)
+    finally:
+        index.close()
+    if not found:
+        raise click.UsageError(f"no cached image with key {key}; see `dockyard cache ls`")
+    click.echo(f"{'pinned' if pinned else 'unpinned'} {key}")
+
+
+@cache.command("pin")
+@click.argument("key")
+def cache_pin(key: str) -> None:
+    """Keep the image of KEY through every GC."""
+    _set_pin(key, True)
+
+
+@cache.command("unpin")
+@click.argument("key")
+def cache_unpin(key: str) -> None:
+    """Let GC remove the image of KEY again."""
+    _set_pin(key, False)

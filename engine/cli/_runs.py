@@ -1,0 +1,246 @@
+"""``dockyard run``, ``runs``, ``gpus`` and ``agent``: submitting and following runs."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from ..errors import DockyardError
+from ._terminal import emit_json
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .. import Run, Workspace
+
+__all__ = ["agent", "gpus_command", "run_command", "runs"]
+
+_WORKSPACE = click.option("--workspace", "workspace_name", default=None, metavar="NAME",
+                          help="Workspace (default: from config.json above the current folder, else 'default').")
+
+
+def workspace_named(name: str | None) -> Workspace:
+    """The workspace ``--workspace`` names, else the one config.json above here names, else ``default``."""
+    from .. import Workspace
+
+    if name:
+        return Workspace(name)
+    try:
+        return Workspace.from_config()
+    except DockyardError:
+        return Workspace("default")
+
+
+def fmt(value: object) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def finish_run(run: Run, as_json: bool) -> None:
+    """After a run ended: its JSON document, or its metrics and why it did not complete; exit 1 then."""
+    doc = run.to_json()
+    if as_json:
+        emit_json(doc)
+    else:
+        for name, values in doc["metrics"].items():
+            click.echo(f"{name:<20} {fmt(values[-1])}  ({len(values)} value{'s' if len(values) != 1 else ''})")
+        if doc["status"] != "Completed":
+            click.echo(f"{run.id} {doc['status']}: {doc['reason']}", err=True)
+    if doc["status"] != "Completed":
+        sys.exit(1)
+
+
+@click.command("run", context_settings={"ignore_unknown_options": True})
+@click.argument("script")
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+@click.option("--source", default=".", show_default=True, help="Source directory (snapshotted; the script is relative to it).")
+@click.option("--env", "env_file", default=None, help="Environment file (default: the default python base image).")
+@click.option("--compute", default=None, help="Compute target (default: local).")
+@click.option("--experiment", default="default", show_default=True, help="Experiment name.")
+@click.option("--gpus", type=click.IntRange(min=0), default=0, show_default=True, help="GPUs the run needs (0 = CPU only).")
+@click.option("--gpu-memory", "gpu_memory", type=click.IntRange(min=0), default=0, help="Minimum memory per GPU, MiB.")
+@click.option("--gpu-name", default=None, help="Only GPUs whose name contains this (e.g. H100).")
+@click.option("--priority", type=int, default=0, show_default=True, help="Higher starts first.")
+@click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Seconds the run may take; lets shorter runs use GPUs reserved for a later start.")
+@click.option("--detach", is_flag=True, help="Submit and return at once.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (waits for the end unless --detach).")
+@_WORKSPACE
+def run_command(script: str, args: tuple[str, ...], source: str, env_file: str | None, compute: str | None,
+                experiment: str, gpus: int, gpu_memory: int, gpu_name: str | None, priority: int,
+                time_limit: float | None, detach: bool, as_json: bool, workspace_name: str | None) -> None:
+    """Run SCRIPT (in --source) in its environment's image and follow its output. Arguments after
+    `--` go to the script."""
+    from .. import Environment, Experiment, ScriptRunConfig
+
+    ws = workspace_named(workspace_name)
+    env = Environment.load(env_file) if env_file else None
+    config = ScriptRunConfig(source_directory=source, script=script, arguments=list(args),
+                             compute_target=compute, environment=env, max_run_duration_seconds=time_limit,
+                             gpus=gpus, gpu_memory_mib=gpu_memory, gpu_name=gpu_name, priority=priority)
+    run = Experiment(ws, experiment).submit(config)
+    if detach:
+        if as_json:
+            emit_json(run.to_json())
+        else:
+            click.echo(f"submitted {run.id}; follow it with `dockyard runs logs -f {run.id}`")
+        return
+    run.wait_for_completion(show_output=not as_json, raise_on_error=False)
+    finish_run(run, as_json)
+
+
+@click.group()
+def runs() -> None:
+    """Submitted runs: list, inspect, follow, cancel."""
+
+
+@runs.command("ls")
+@click.option("--experiment", default=None, help="Only this experiment's runs.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_WORKSPACE
+def runs_ls(experiment: str | None, as_json: bool, workspace_name: str | None) -> None:
+    """List runs, newest first."""
+    found = [run.to_json(metrics=False) for run in workspace_named(workspace_name).get_runs(experiment=experiment)]
+    if as_json:
+        emit_json({"runs": [{k: r[k] for k in ("id", "status", "experiment", "script", "exit_code", "created")}
+                            for r in found]})
+        return
+    if not found:
+        click.echo("no runs yet; start one with `dockyard run SCRIPT`")
+    for r in found:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created"]))
+        code = "" if r["exit_code"] is None else f" exit {r['exit_code']}"
+        click.echo(f"{r['id']:<44} {r['status']:<10} {when}  {r['script']}{code}")
+
+
+@runs.command("show")
+@click.argument("run_id")
+@click.option("--plot", default=None, metavar="FILE", help="Also draw each metric series into a PNG (needs matplotlib).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_WORKSPACE
+def runs_show(run_id: str, plot: str | None, as_json: bool, workspace_name: str | None) -> None:
+    """Show a run: status, times, image, exit code and its metrics (table and sparklines)."""
+    from ._terminal import sparkline
+
+    run = workspace_named(workspace_name).get_run(run_id)
+    doc = run.to_json()
+    if as_json:
+        emit_json(doc)
+    else:
+        details = run.get_details()
+        for key in ("runId", "experiment", "status", "target", "script", "image", "exitCode",
+                    "submittedTimeUtc", "startTimeUtc", "endTimeUtc"):
+            click.echo(f"{key:<18} {details.get(key)}")
+        if doc["reason"]:
+            click.echo(f"{'reason':<18} {doc['reason']}")
+        if doc["metrics"]:
+            click.echo("")
+            click.echo(f"{'metric':<20} {'last':>10} {'min':>10} {'max':>10}  series")
+            for name, values in doc["metrics"].items():
+                numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+                if numbers:
+                    click.echo(f"{name:<20} {fmt(numbers[-1]):>10} {fmt(min(numbers)):>10} "
+                               f"{fmt(max(numbers)):>10}  {sparkline(numbers)}")
+                else:
+                    click.echo(f"{name:<20} {fmt(values[-1]):>10}")
+    if plot:
+        from ._terminal import plot_metrics
+
+        plot_metrics(doc["metrics"], plot, title=run_id)
+        if not as_json:
+            click.echo(f"plot written to {plot}")
+
+
+@runs.command("logs")
+@click.argument("run_id")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new output until the run ends.")
+@_WORKSPACE
+def runs_logs(run_id: str, follow: bool, workspace_name: str | None) -> None:
+    """Print a run's output (stdout and stderr, in order)."""
+    run = workspace_named(workspace_name).get_run(run_id)
+    if follow:
+        run.wait_for_completion(show_output=True, raise_on_error=False)
+        return
+    path = run.get_details()["logFiles"]["logs/std.log"]
+    try:
+        with open(path, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                sys.stdout.buffer.write(chunk)
+    except FileNotFoundError:
+        pass  # the run has printed nothing (yet)
+    sys.stdout.flush()
+
+
+@runs.command("cancel")
+@click.argument("run_id")
+@_WORKSPACE
+def runs_cancel(run_id: str, workspace_name: str | None) -> None:
+    """Cancel a run (queued: at once; running: its container or process is stopped)."""
+    run = workspace_named(workspace_name).get_run(run_id)
+    run.cancel()
+    click.echo(f"cancel requested for {run_id} (now {run.get_status()})")
+
+
+@click.command("gpus")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_WORKSPACE
+def gpus_command(as_json: bool, workspace_name: str | None) -> None:
+    """The machine's GPUs (or declared virtual ones), who holds each, and the one queue of runs
+    (every workspace's) waiting for them."""
+    from ..compute import gpu_status
+
+    status = gpu_status(workspace_named(workspace_name).home)
+    doc: dict[str, Any] = status.to_json()
+    if as_json:
+        emit_json(doc)
+        return
+    if not status.discovery.gpus:
+        click.echo(f"no GPUs: {status.discovery.reason}")
+        click.echo("(for development, declare virtual ones: DOCKYARD_GPUS=4 dockyard gpus)")
+    for g in doc["gpus"]:
+        tag = " (virtual)" if g["virtual"] else ""
+        holder = g["holder"] or "free"
+        click.echo(f"{g['index']:>2}  {g['uuid']:<42} {g['name']}{tag}  {g['memory_mib']} MiB  {holder}")
+    for position, q in enumerate(doc["queue"], start=1):
+        click.echo(f"waiting #{position}: {q['run']} ({q['workspace']}) needs {q['gpus']} GPU(s): {q['reason']}")
+
+
+@click.group()
+def agent() -> None:
+    """The machine's background agent that starts and follows runs (started automatically on submit)."""
+
+
+@agent.command("start")
+@_WORKSPACE
+def agent_start(workspace_name: str | None) -> None:
+    """Start the agent unless it runs (one per dockyard home, for every workspace)."""
+    from ..compute import ensure_agent
+
+    status = ensure_agent(workspace_named(workspace_name).home)
+    if not status.running:
+        raise DockyardError("the agent did not start", hint=f"read {status.log}")
+    click.echo(f"agent running (pid {status.pid}); log: {status.log}")
+
+
+@agent.command("stop")
+@_WORKSPACE
+def agent_stop(workspace_name: str | None) -> None:
+    """Stop the agent; running runs go on and the next agent adopts them."""
+    from ..compute import stop_agent
+
+    click.echo("agent stopped" if stop_agent(workspace_named(workspace_name).home) else "no agent was running")
+
+
+@agent.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_WORKSPACE
+def agent_status_command(as_json: bool, workspace_name: str | None) -> None:
+    """Whether the agent runs, its pid and log."""
+    from ..compute import agent_status
+
+    status = agent_status(workspace_named(workspace_name).home)
+    if as_json:
+        emit_json(status.to_json())
+    else:
+        state = f"running (pid {status.pid})" if status.running else "not running"
+        click.echo(f"agent {state}; log: {status.log}")

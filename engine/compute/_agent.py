@@ -1,0 +1,192 @@
+"""The agent: the one background process of a dockyard home. It serves every workspace under it,
+starting queued runs when their compute target has room, following them and recording how they end.
+
+Crash safety comes from where state lives, not from the agent: a run's output goes straight from
+the container (or process) into files under its run folder, its metrics into an append-only file,
+its exit code into Docker (or, for local processes, a file the wrapper shell writes). A restarted
+agent therefore adopts running containers and processes, resumes metric ingestion at the recorded
+offset, and marks runs whose container or process vanished ``Failed`` with the reason.
+
+Two agents never run at once: each holds an exclusive ``flock`` on ``<home>/agent.lock``. An agent
+of the old layout (one per workspace, holding ``<workspace folder>/agent.lock``) is stopped when
+this one starts; its runs keep running and are adopted like any others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import os
+import signal
+import sys
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from .._home import dockyard_home, workspace_folders
+from ..dockerd import EngineClient
+from ..errors import DockyardError
+from ..runs import LOCAL_KIND, ComputeRecord, RunStatus, RunStore
+from ._backend import AgentRun, RunEvents, backend_class
+from ._control import agent_files, lock_holder
+from ._targets import LOCAL_COMPUTE, default_max_nodes
+
+__all__ = ["Agent", "main"]
+
+_OLD_AGENT_GRACE_S = 10.0
+
+
+class Agent:
+    """One reconcile loop over every workspace of a home. Use :meth:`serve` (holds the lock) or :meth:`step`."""
+
+    def __init__(self, home: Path | None = None, *, engine: EngineClient | None = None, poll: float = 0.2) -> None:
+        self.home = Path(home) if home is not None else dockyard_home()
+        self.engine = engine or EngineClient.from_env()
+        self.poll = poll
+        self._stores: dict[Path, RunStore] = {}
+        self._backends: dict[str, Any] = {}
+        self._stop = threading.Event()
+        self._wake = threading.Event()  # set by SIGUSR1 (a submit) or by a run that just ended
+        self._log_lock = threading.Lock()
+        self.events = RunEvents(self.store, self.log)
+
+    def log(self, message: str) -> None:
+        with self._log_lock:
+            sys.stdout.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {message}\n")
+            sys.stdout.flush()
+
+    def store(self, workspace: Path) -> RunStore:
+        """The run store of a workspace folder, opened once for the agent's life."""
+        workspace = Path(workspace)
+        found = self._stores.get(workspace)
+        if found is None:
+            found = self._stores[workspace] = RunStore(workspace)
+        return found
+
+    def backend(self, kind: str) -> Any:
+        """The backend serving compute targets of ``kind``. Raises: InputError: no such backend."""
+        found = self._backends.get(kind)
+        if found is None:
+            found = self._backends[kind] = backend_class(kind)(
+                home=self.home, events=self.events, engine=self.engine, wake=self._wake.set)
+        return found
+
+    # -- serving --------------------------------------------------------------------------------
+
+    def serve(self) -> int:
+        """Hold the agent lock and loop until SIGTERM/SIGINT. Returns 0, or 1 if another agent runs."""
+        files = agent_files(self.home)
+        self.home.mkdir(parents=True, exist_ok=True)
+        lock = open(files.lock, "a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.log(f"another agent already serves {self.home}; exiting")
+            return 1
+        files.pid.write_text(str(os.getpid()))
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: (self._stop.set(), self._wake.set()))
+        signal.signal(signal.SIGUSR1, lambda *_: self._wake.set())
+        self.log(f"agent {os.getpid()} serving every workspace of {self.home}")
+        self._retire_old_agents()
+        threading.Thread(target=self._prewarm, name="prewarm", daemon=True).start()
+        while not self._stop.is_set():
+            try:
+                self.step()
+            except Exception as exc:  # noqa: BLE001 - the agent keeps serving whatever one pass hit
+                self.log(f"pass failed: {type(exc).__name__}: {exc}")
+            # Polling is the fallback; submits (SIGUSR1) and run exits wake the loop at once.
+            self._wake.wait(self.poll)
+            self._wake.clear()
+        self.log("agent stopping; running runs keep running and will be adopted")
+        for backend in self._backends.values():
+            backend.close()
+        return 0
+
+    def _prewarm(self) -> None:
+        try:
+            self.backend(LOCAL_KIND).prewarm()
+        except Exception as exc:  # noqa: BLE001 - only a head start; the first run retries it
+            self.log(f"prewarm failed: {type(exc).__name__}: {exc}")
+
+    def _retire_old_agents(self) -> None:
+        """Stop agents of the old layout (one per workspace); their runs are adopted by this one."""
+        for folder in workspace_folders(self.home):
+            lock, pid_file = folder / "agent.lock", folder / "agent.pid"
+            held, pid = lock_holder(lock, pid_file)
+            if not held:
+                continue
+            self.log(f"stopping the old per-workspace agent of {folder} (pid {pid}); adopting its runs")
+            if pid:
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + _OLD_AGENT_GRACE_S
+            while lock_holder(lock, pid_file)[0] and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if lock_holder(lock, pid_file)[0] and pid:
+                try:
+                    os.kill(pid, signal.SIGKILL)  # it ignored SIGTERM: runs survive it either way
+                except ProcessLookupError:
+                    pass
+            pid_file.unlink(missing_ok=True)
+
+    # -- one pass -------------------------------------------------------------------------------
+
+    def _collect(self) -> tuple[list[AgentRun], list[AgentRun]]:
+        """Every workspace's queued and running runs, oldest first, each with its compute target."""
+        queued: list[AgentRun] = []
+        running: list[AgentRun] = []
+        for folder in workspace_folders(self.home):
+            store = self.store(folder)
+            targets: dict[str, ComputeRecord] = {}
+            for record in store.unfinished():
+                target = targets.get(record.compute)
+                if target is None:
+                    target = store.compute(record.compute)
+                    if target is None:  # the implicit `local`, or a target deleted meanwhile
+                        target = ComputeRecord(record.compute, default_max_nodes() if record.compute == LOCAL_COMPUTE else 0)
+                    targets[record.compute] = target
+                (running if record.status == RunStatus.RUNNING else queued).append(AgentRun(folder, record, target))
+        queued.sort(key=lambda r: (r.record.created, r.id))
+        return queued, running
+
+    def step(self) -> None:
+        """Follow running runs, honour cancels, start what fits, in every workspace."""
+        queued, running = self._collect()
+        for run in running:
+            try:
+                self.backend(run.target.kind).poll(run)
+            except DockyardError as exc:
+                self.log(f"{run.id}: following it failed: {exc}")
+        by_kind: dict[str, tuple[list[AgentRun], list[AgentRun]]] = defaultdict(lambda: ([], []))
+        for run in queued:
+            if run.record.cancel_requested:
+                self.events.canceled(run)
+                continue
+            by_kind[run.target.kind][0].append(run)
+        for run in running:
+            by_kind[run.target.kind][1].append(run)
+        for kind, (waiting, active) in by_kind.items():
+            try:
+                backend = self.backend(kind)
+            except DockyardError as exc:
+                for run in waiting:
+                    self.events.waiting(run, exc.message)
+                continue
+            backend.dispatch(waiting, active)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dockyard.compute._agent", description="dockyard's run agent")
+    parser.add_argument("--home", default=None, help="the dockyard home whose workspaces it serves")
+    parser.add_argument("--poll", type=float, default=0.2)
+    args = parser.parse_args(argv)
+    return Agent(Path(args.home) if args.home else None, poll=args.poll).serve()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

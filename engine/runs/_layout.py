@@ -1,0 +1,116 @@
+"""The run folder: the one module that knows what lives where in it, on the host and in a container.
+
+::
+
+    <workspace folder>/runs/<run id>/
+        work/       the source snapshot, materialised (the script's working directory)
+        outputs/    what the script writes to ./outputs (kept after the run)
+        meta/       std.log (stdout and stderr, in order), metrics.jsonl, exit_code (processes)
+
+Inside a container the same folders are bind-mounted at fixed paths (``CONTAINER_*``), and
+dockyard's own package is mounted read-only for the in-run API. Runs expose their files under
+Azure ML's names: ``outputs/…`` and ``logs/std.log``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+__all__ = [
+    "CONTAINER_LIB",
+    "CONTAINER_META",
+    "CONTAINER_WORK",
+    "LOG_NAME",
+    "RunFolder",
+]
+
+CONTAINER_WORK = "/workspace"
+CONTAINER_META = "/dockyard/meta"
+#: dockyard's package is mounted at ``<CONTAINER_LIB>/dockyard`` and this folder is on PYTHONPATH.
+CONTAINER_LIB = "/opt/dockyard/lib"
+#: The name under which a run's output is listed (Azure ML's).
+LOG_NAME = "logs/std.log"
+_TAIL_BYTES = 64 * 1024
+
+
+class RunFolder:
+    """The folder of one run (nothing is created until :meth:`prepare`)."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+        self.work = self.root / "work"
+        self.outputs = self.root / "outputs"
+        self.meta = self.root / "meta"
+        self.log = self.meta / "std.log"
+        self.metrics = self.meta / "metrics.jsonl"
+        self.exit_code = self.meta / "exit_code"
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.root)!r})"
+
+    def prepare(self) -> None:
+        """Create ``meta/`` and ``outputs/`` (``work/`` is made by materialising the snapshot)."""
+        self.meta.mkdir(parents=True, exist_ok=True)
+        self.outputs.mkdir(parents=True, exist_ok=True)
+
+    # -- in a container ---------------------------------------------------------------------------
+
+    @property
+    def container_log(self) -> str:
+        return f"{CONTAINER_META}/std.log"
+
+    @property
+    def container_metrics(self) -> str:
+        return f"{CONTAINER_META}/metrics.jsonl"
+
+    def container_binds(self, library: Path) -> list[str]:
+        """Docker bind specs: work, outputs, meta, and dockyard's package (read-only) at ``library``."""
+        return [
+            f"{self.work}:{CONTAINER_WORK}",
+            f"{self.outputs}:{CONTAINER_WORK}/outputs",
+            f"{self.meta}:{CONTAINER_META}",
+            f"{library}:{CONTAINER_LIB}/dockyard:ro",
+        ]
+
+    # -- files as a run lists them ----------------------------------------------------------------
+
+    def file_names(self) -> list[str]:
+        """``outputs/…`` files, then ``logs/std.log`` when the run printed anything."""
+        names = sorted(
+            "outputs/" + p.relative_to(self.outputs).as_posix() for p in self.outputs.rglob("*") if p.is_file()
+        )
+        if self.log.exists():
+            names.append(LOG_NAME)
+        return names
+
+    def path_of(self, name: str) -> Path | None:
+        """The host path of a listed file name, or None when the run has no such file."""
+        if name == LOG_NAME:
+            return self.log if self.log.exists() else None
+        return self.root / name if name in self.file_names() else None
+
+    # -- the output log ---------------------------------------------------------------------------
+
+    def log_size(self) -> int:
+        try:
+            return self.log.stat().st_size
+        except OSError:
+            return 0
+
+    def read_log(self, offset: int = 0, limit: int = -1) -> bytes:
+        """Bytes of the log from ``offset`` (b"" when there is no log yet)."""
+        try:
+            with open(self.log, "rb") as fh:
+                fh.seek(offset)
+                return fh.read(limit)
+        except FileNotFoundError:
+            return b""
+
+    def log_tail(self, lines: int = 30) -> str:
+        """The last ``lines`` lines of the output (read from the end: logs may be gigabytes)."""
+        size = self.log_size()
+        if not size:
+            return ""
+        data = self.read_log(max(0, size - _TAIL_BYTES)).decode("utf-8", errors="replace")
+        return "\n".join(data.splitlines()[-lines:])

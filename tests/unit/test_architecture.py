@@ -1,0 +1,76 @@
+"""The rooms' import contracts (import-linter, in pyproject.toml) hold, and would catch a breach."""
+
+from __future__ import annotations
+
+import ast
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _lint_imports(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    exe = shutil.which("lint-imports", path=str(Path(sys.executable).parent))
+    if exe is None:
+        pytest.fail("lint-imports is missing: it comes with the test extra (pip install -e '.[test]')")
+    return subprocess.run([exe, "--no-cache", "--no-logo", *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def test_every_contract_is_kept() -> None:
+    out = _lint_imports()
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "broken" not in out.stdout.lower().replace("0 broken", "")
+
+
+# Each pair is a real import of today's tree, declared forbidden: the checker must see it.
+_BREACHES = {
+    "compute imports runs": ("dockyard.compute", "dockyard.runs"),
+    "the CLI imports the facade": ("dockyard.cli", "dockyard._workflow"),
+    "build imports the environment model": ("dockyard.build", "dockyard._environment"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_BREACHES))
+def test_a_contract_broken_on_purpose_fails(tmp_path: Path, name: str) -> None:
+    source, target = _BREACHES[name]
+    config = tmp_path / "contracts.ini"
+    config.write_text(
+        "[importlinter]\nroot_package = dockyard\n\n"
+        "[importlinter:contract:breach]\n"
+        f"name = {name}, on purpose\ntype = forbidden\nsource_modules =\n    {source}\nforbidden_modules =\n    {target}\n"
+    )
+    out = _lint_imports(str(config), cwd=tmp_path)
+    assert out.returncode != 0, out.stdout
+    assert "BROKEN" in out.stdout and target in out.stdout
+
+
+def _imported_modules(path: Path, package: str) -> set[str]:
+    """Absolute names of what ``path`` (a module of ``package``) imports, resolving relative imports."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = package.split(".")
+            base = base[: len(base) - node.level + 1] if node.level else []
+            module = ".".join([*base, node.module] if node.module else base) if node.level else node.module or ""
+            found |= {module} | {f"{module}.{a.name}" for a in node.names}
+    return found
+
+
+def test_nothing_imports_the_cli() -> None:
+    """Only the entry points (``python -m dockyard`` and the console script) start the CLI; the
+    layers contract covers the rooms, this covers every other module too (cache, proto, inits)."""
+    importers = []
+    for path in (ROOT / "engine").rglob("*.py"):
+        rel = path.relative_to(ROOT / "engine")
+        if rel.parts[0] == "cli" or rel.as_posix() == "__main__.py":
+            continue
+        package = ".".join(["dockyard", *rel.parent.parts]) if rel.name != "__init__.py" or rel.parent.parts else "dockyard"
+        if any(m == "dockyard.cli" or m.startswith("dockyard.cli.") for m in _imported_modules(path, package)):
+            importers.append(rel.as_posix())
+    assert importers == []
