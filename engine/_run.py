@@ -13,7 +13,7 @@ import time
 TYPE_CHECKING = False  # not `from typing import ...`: keep the in-run import path minimal
 
 if TYPE_CHECKING:  # pragma: no cover
-    from typing import IO, Any
+    from typing import Any, Callable
 
     from ._workflow import Experiment, Workspace
     from .runs import RunFolder, RunRecord, RunStatus, RunStore
@@ -149,39 +149,17 @@ class Run:
         Raises:
             RunFailed: the run Failed and ``raise_on_error`` (exit code and log tail attached).
         """
-        store = self._store()
-        folder = self._folder()
-        workspace = self.experiment.workspace
         out = sys.stdout
-        offset = 0
-        workspace.wake_agent()  # a killed agent must not leave us waiting forever
-        started = revived = time.monotonic()
-        version = None
-        status = None
-        try:
-            if show_output:
-                out.write("RunId: {}\n".format(self.id))
-                out.flush()
-            while True:
-                now = store.data_version()
-                if now != version:  # something was committed since the last look
-                    version, status = now, store.status_of(self.id)
-                if show_output:
-                    offset = self._stream(folder, offset, out)
-                if status is not None and status.final:
-                    break
-                elapsed = time.monotonic() - started
-                if time.monotonic() - revived > _REVIVE_EVERY_S:
-                    workspace.wake_agent()
-                    revived = time.monotonic()
-                time.sleep(min(_LAST_POLL_S, _FIRST_POLL_S + elapsed / 100))
-            if show_output:
-                offset = self._stream(folder, offset, out)
-                out.write("\nExecution Summary\n=================\nRunId: {}\nStatus: {}\n".format(self.id, status))
-                out.flush()
-        except KeyboardInterrupt:
-            out.write("\ndetached from {}; it keeps running (dockyard runs logs -f {})\n".format(self.id, self.id))
+
+        def text(chunk: str) -> None:
+            out.write(chunk)
             out.flush()
+
+        self.experiment.workspace.wake_agent()  # a killed agent must not leave us waiting forever
+        try:
+            status = self.follow(show_output, text=text, log=lambda data: text(data.decode("utf-8", "replace")))
+        except KeyboardInterrupt:
+            text("\ndetached from {}; it keeps running (dockyard runs logs -f {})\n".format(self.id, self.id))
             return self.get_details()
         details = self.get_details()
         if raise_on_error and status == "Failed":
@@ -192,19 +170,48 @@ class Run:
                 "run {} failed: {}".format(self.id, record.reason or "exit code {}".format(record.exit_code)),
                 run_id=self.id,
                 exit_code_of_run=record.exit_code,
-                log_tail=folder.log_tail(_TAIL_LINES),
+                log_tail=self._folder().log_tail(_TAIL_LINES),
             )
         return details
 
-    @staticmethod
-    def _stream(folder: RunFolder, offset: int, out: IO[str]) -> int:
-        if folder.log_size() <= offset:  # one stat: nothing new
-            return offset
-        chunk = folder.read_log(offset)
-        if chunk:
-            out.write(chunk.decode("utf-8", errors="replace"))
-            out.flush()
-        return offset + len(chunk)
+    def follow(self, show_output: bool, *, text: Callable[[str], None], log: Callable[[bytes], None],
+               offset: int = 0, header: bool = True, revive: bool = True) -> RunStatus:
+        """Wait for the end (dockyard's own; :meth:`wait_for_completion` is built on it).
+
+        With ``show_output``, the run's output from byte ``offset`` goes to ``log`` as it is
+        written, framed by Azure ML's header (unless ``header`` is False) and summary, which go to
+        ``text``. ``revive`` restarts a killed agent while waiting. Returns the final status.
+
+        One store connection and the log file's size are watched: a look is one ``PRAGMA
+        data_version`` (the row is read only after a commit) and one ``stat``.
+        """
+        store = self._store()
+        folder = self._folder()
+        started = revived = time.monotonic()
+        version = None
+        status = None
+        if show_output and header:
+            text("RunId: {}\n".format(self.id))
+        while True:
+            now = store.data_version()
+            if now != version:  # something was committed since the last look
+                version, status = now, store.status_of(self.id)
+            if show_output and folder.log_size() > offset:
+                chunk = folder.read_log(offset)
+                offset += len(chunk)
+                log(chunk)
+            if status is not None and status.final:
+                break
+            if revive and time.monotonic() - revived > _REVIVE_EVERY_S:
+                self.experiment.workspace.wake_agent()
+                revived = time.monotonic()
+            time.sleep(min(_LAST_POLL_S, _FIRST_POLL_S + (time.monotonic() - started) / 100))
+        if show_output:
+            chunk = folder.read_log(offset)
+            if chunk:
+                log(chunk)
+            text("\nExecution Summary\n=================\nRunId: {}\nStatus: {}\n".format(self.id, status))
+        return status
 
     def get_file_names(self) -> list[str]:
         """Files the run produced: ``outputs/…`` and ``logs/std.log``."""

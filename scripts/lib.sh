@@ -64,6 +64,9 @@ ensure_venv() {
     tail -n 30 "$VENV/pip-install.log" >&2
     die "the editable install of dockyard failed" "the full pip log is $VENV/pip-install.log"
   fi
+  # Byte-compile the symlink tree as pip does an installed package: with PYTHONDONTWRITEBYTECODE
+  # set, nothing else would, and every dockyard process would compile its modules again.
+  "$VENV/bin/python" -m compileall -q "$ROOT"/build/__editable__*/dockyard >/dev/null 2>&1 || true
   echo "$want" > "$stamp"
 }
 

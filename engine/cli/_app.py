@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-import traceback
+from collections.abc import Callable
 
 import click
 
@@ -38,10 +38,21 @@ def main(argv: list[str] | None = None) -> None:
     Exit codes: 0 success, 1 the job failed, 2 bad input or usage, 3 environment problem.
     """
     args = list(sys.argv[1:] if argv is None else argv)
+    guarded(args, lambda: cli.main(args=args, prog_name="dockyard", standalone_mode=False))
+
+
+def resume_run(args: list[str], workspace: str, run_id: str, offset: int, *, detached: bool) -> None:
+    """Finish a ``dockyard run`` that the agent's front door queued and then stopped serving
+    (the agent went away, or Ctrl-C): follow it here from output byte ``offset``."""
+    guarded(args, lambda: _runs.resume(args, workspace, run_id, offset, detached=detached))
+
+
+def guarded(args: list[str], call: Callable[[], object]) -> None:
+    """Run ``call`` and map what it raises onto one message and an exit code (never a traceback)."""
     debug = _wants("--debug", args) or os.environ.get("DOCKYARD_DEBUG") == "1"
     as_json = _wants("--json", args)
     try:
-        cli.main(args=args, prog_name="dockyard", standalone_mode=False)
+        call()
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.ClickException as exc:
@@ -66,6 +77,8 @@ def main(argv: list[str] | None = None) -> None:
 def _report(exc: BaseException, code: int, hint: str, debug: bool, as_json: bool) -> None:
     message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
     if debug:
+        import traceback  # only when asked: it costs every process an import otherwise
+
         traceback.print_exception(exc, file=sys.stderr)
     if as_json:
         emit_json({"error": {"type": type(exc).__name__, "message": message, "hint": hint, "exit_code": code}})

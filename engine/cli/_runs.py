@@ -9,45 +9,16 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from ..errors import DockyardError
+from ._common import detached_line, finish_run, fmt, submitted_line, workspace_named
 from ._terminal import emit_json
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .. import Run, Workspace
+    from .. import Run
 
 __all__ = ["agent", "gpus_command", "run_command", "runs"]
 
 _WORKSPACE = click.option("--workspace", "workspace_name", default=None, metavar="NAME",
                           help="Workspace (default: from config.json above the current folder, else 'default').")
-
-
-def workspace_named(name: str | None) -> Workspace:
-    """The workspace ``--workspace`` names, else the one config.json above here names, else ``default``."""
-    from .. import Workspace
-
-    if name:
-        return Workspace(name)
-    try:
-        return Workspace.from_config()
-    except DockyardError:
-        return Workspace("default")
-
-
-def fmt(value: object) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def finish_run(run: Run, as_json: bool) -> None:
-    """After a run ended: its JSON document, or its metrics and why it did not complete; exit 1 then."""
-    doc = run.to_json()
-    if as_json:
-        emit_json(doc)
-    else:
-        for name, values in doc["metrics"].items():
-            click.echo(f"{name:<20} {fmt(values[-1])}  ({len(values)} value{'s' if len(values) != 1 else ''})")
-        if doc["status"] != "Completed":
-            click.echo(f"{run.id} {doc['status']}: {doc['reason']}", err=True)
-    if doc["status"] != "Completed":
-        sys.exit(1)
 
 
 @click.command("run", context_settings={"ignore_unknown_options": True})
@@ -83,10 +54,48 @@ def run_command(script: str, args: tuple[str, ...], source: str, env_file: str |
         if as_json:
             emit_json(run.to_json())
         else:
-            click.echo(f"submitted {run.id}; follow it with `dockyard runs logs -f {run.id}`")
+            _echo(submitted_line(run.id))
         return
     run.wait_for_completion(show_output=not as_json, raise_on_error=False)
-    finish_run(run, as_json)
+    exit_after(run, as_json)
+
+
+def _echo(text: str) -> None:
+    click.echo(text, nl=False)
+
+
+def _echo_err(text: str) -> None:
+    click.echo(text, nl=False, err=True)
+
+
+def resume(argv: list[str], workspace: str, run_id: str, offset: int, *, detached: bool) -> None:
+    """Follow a run the agent's front door queued, from output byte ``offset``, and end like ``run``."""
+    from .. import Workspace
+    from ._remote import parse_run_args
+
+    parsed = parse_run_args(argv)
+    as_json, detach = (parsed.as_json, parsed.detach) if parsed else (False, False)
+    run = Workspace(workspace).get_run(run_id)
+    if detach:
+        return
+    if not detached:
+        try:
+            run.follow(not as_json, text=_echo, log=_echo_bytes, offset=offset, header=False)
+        except KeyboardInterrupt:
+            _echo(detached_line(run_id))
+    exit_after(run, as_json)
+
+
+def _echo_bytes(data: bytes) -> None:
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
+
+
+def exit_after(run: Run, as_json: bool) -> None:
+    """Print how the run ended and exit 1 unless it Completed (``dockyard run``'s last step)."""
+    code = finish_run(run, as_json, _echo, _echo_err)
+    if code:
+        sys.exit(code)
 
 
 @click.group()

@@ -23,6 +23,9 @@ _EXPORTS = {
     "LocalBackend": "._local",
     "LOCAL_COMPUTE": "._targets",
     "default_max_nodes": "._targets",
+    "FrontDoor": "._frontdoor",
+    "Reply": "._frontdoor",
+    "Request": "._frontdoor",
     "GpuStatus": "._gpuview",
     "QueuedGpuRun": "._gpuview",
     "gpu_status": "._gpuview",
@@ -34,6 +37,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ._agent import Agent
     from ._backend import AgentRun, ComputeBackend, RunEvents, backend_class
     from ._control import AgentStatus, agent_status, ensure_agent, stop_agent
+    from ._frontdoor import FrontDoor, Reply, Request
     from ._gpuview import GpuStatus, QueuedGpuRun, gpu_status
     from ._local import LocalBackend
     from ._targets import LOCAL_COMPUTE, default_max_nodes

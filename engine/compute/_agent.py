@@ -25,12 +25,14 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from .. import _wire
 from .._home import dockyard_home, workspace_folders
 from ..dockerd import EngineClient
 from ..errors import DockyardError
 from ..runs import LOCAL_KIND, ComputeRecord, RunStatus, RunStore
 from ._backend import AgentRun, RunEvents, backend_class
 from ._control import agent_files, lock_holder
+from ._frontdoor import FrontDoor, Handler
 from ._targets import LOCAL_COMPUTE, default_max_nodes
 
 __all__ = ["Agent", "main"]
@@ -41,10 +43,12 @@ _OLD_AGENT_GRACE_S = 10.0
 class Agent:
     """One reconcile loop over every workspace of a home. Use :meth:`serve` (holds the lock) or :meth:`step`."""
 
-    def __init__(self, home: Path | None = None, *, engine: EngineClient | None = None, poll: float = 0.2) -> None:
+    def __init__(self, home: Path | None = None, *, engine: EngineClient | None = None, poll: float = 0.2,
+                 front_door: Handler | None = None) -> None:
         self.home = Path(home) if home is not None else dockyard_home()
         self.engine = engine or EngineClient.from_env()
         self.poll = poll
+        self._front_door_handler = front_door
         self._stores: dict[Path, RunStore] = {}
         self._backends: dict[str, Any] = {}
         self._stop = threading.Event()
@@ -92,6 +96,14 @@ class Agent:
         self.log(f"agent {os.getpid()} serving every workspace of {self.home}")
         self._retire_old_agents()
         threading.Thread(target=self._prewarm, name="prewarm", daemon=True).start()
+        door = None
+        if self._front_door_handler is not None:
+            door = FrontDoor(self.home / _wire.SOCKET_NAME, self._front_door_handler, self.log)
+            try:
+                door.start()
+            except OSError as exc:  # clients then take their own path: slower, never wrong
+                self.log(f"front door unavailable: {exc}")
+                door = None
         while not self._stop.is_set():
             try:
                 self.step()
@@ -101,6 +113,8 @@ class Agent:
             self._wake.wait(self.poll)
             self._wake.clear()
         self.log("agent stopping; running runs keep running and will be adopted")
+        if door is not None:
+            door.close()
         for backend in self._backends.values():
             backend.close()
         return 0
@@ -163,10 +177,7 @@ class Agent:
             except DockyardError as exc:
                 self.log(f"{run.id}: following it failed: {exc}")
         by_kind: dict[str, tuple[list[AgentRun], list[AgentRun]]] = defaultdict(lambda: ([], []))
-        for run in queued:
-            if run.record.cancel_requested:
-                self.events.canceled(run)
-                continue
+        for run in queued:  # a queued run's cancel is its backend's: it may be starting it right now
             by_kind[run.target.kind][0].append(run)
         for run in running:
             by_kind[run.target.kind][1].append(run)
@@ -175,7 +186,10 @@ class Agent:
                 backend = self.backend(kind)
             except DockyardError as exc:
                 for run in waiting:
-                    self.events.waiting(run, exc.message)
+                    if run.record.cancel_requested:
+                        self.events.canceled(run)
+                    else:
+                        self.events.waiting(run, exc.message)
                 continue
             backend.dispatch(waiting, active)
 

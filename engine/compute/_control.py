@@ -20,6 +20,9 @@ from pathlib import Path
 
 __all__ = ["AgentStatus", "agent_files", "agent_status", "ensure_agent", "stop_agent"]
 
+# The agent process is started by module name (not imported): it is the compute room's Agent with
+# the CLI's front door open, so it lives with the CLI.
+AGENT_MODULE = "dockyard.cli._daemon"
 # Registry passwords reach dockyard through variables (``password_env``); a long-lived agent must
 # not inherit them from whichever process happened to start it.
 _SECRET_NAME = re.compile(r"(?i)passw(or)?d")
@@ -99,7 +102,7 @@ def ensure_agent(home: Path, *, wait: float = 10.0, scrub: Iterable[str] = ()) -
     files = agent_files(home)
     with open(files.log, "ab") as log:
         subprocess.Popen(
-            [sys.executable, "-m", "dockyard.compute._agent", "--home", str(home)],
+            [sys.executable, "-m", AGENT_MODULE, "--home", str(home)],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -37,6 +37,10 @@ def _library_dir() -> Path:
     return Path(__file__).resolve().parent.parent
 
 
+class _NotNow(Exception):
+    """A queued run cannot be started this pass (the reason is shown); it stays queued."""
+
+
 def _plan_id(run: AgentRun) -> str:
     # Run ids are unique within a workspace; the plan sees every workspace's runs at once.
     return f"{run.workspace.name}/{run.id}"
@@ -116,8 +120,11 @@ class LocalBackend:
         waiting_gpu: list[AgentRun] = []
         for run in queued:
             target = (str(run.workspace), run.target.name)
-            if run.key in self._preparing:
+            if run.key in self._preparing:  # its thread honours a cancel itself
                 busy[target] += 1
+                continue
+            if run.record.cancel_requested:
+                self.events.canceled(run)
                 continue
             if busy[target] >= run.target.max_nodes:
                 self.events.waiting(run, f"compute target {run.target.name} is full ({run.target.max_nodes} at once)")
@@ -180,6 +187,9 @@ class LocalBackend:
     def _launch(self, run: AgentRun, gpus: tuple[str, ...]) -> None:
         try:
             self._adopt_or_start(run, gpus)
+        except _NotNow as exc:
+            self.leases.release(run.id)  # the next pass tries again
+            self.events.waiting(run, str(exc))
         except DockyardError as exc:
             self.leases.release(run.id)
             tail = getattr(exc, "log_tail", "")
@@ -203,9 +213,12 @@ class LocalBackend:
             launcher = self._launcher(run)
             if run.record.launcher == "process":
                 self.processes.adopt(handle, str(run.record.folder.exit_code))
-            if launcher.poll(handle).state in ("running", "exited"):
+            seen = launcher.poll(handle)
+            if seen.state in ("running", "exited"):
                 self._running(run, handle, "adopted")
                 return
+            if seen.state == "unknown":  # not proven gone: starting it again could run it twice
+                raise _NotNow(f"waiting to learn what became of its earlier start: {seen.reason}")
         self._prepare_and_start(run, gpus)
 
     def _prepare_and_start(self, run: AgentRun, gpus: tuple[str, ...]) -> None:
@@ -267,7 +280,16 @@ class LocalBackend:
         return python or env.python.interpreter_path
 
     def _running(self, run: AgentRun, handle: LaunchHandle, how: str) -> None:
-        self.events.started(run)
+        if not self.events.started(run):
+            # Canceled (or ended) while it was being prepared: what just started must not run on.
+            self.events.log(f"{run.id} was canceled while starting; stopping it")
+            launcher = self._launcher(run)
+            try:
+                launcher.stop(handle, 0)
+                launcher.remove(handle)
+            finally:
+                self.leases.release(run.id)
+            return
         self.events.log(f"{run.id} running {how}")
         self._watch(run, handle)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import json
 import shutil
 import subprocess
 import sys
@@ -74,3 +75,41 @@ def test_nothing_imports_the_cli() -> None:
         if any(m == "dockyard.cli" or m.startswith("dockyard.cli.") for m in _imported_modules(path, package)):
             importers.append(rel.as_posix())
     assert importers == []
+
+
+# The public surface of each room (its package __all__): adding a name is a decision, so is removing one.
+_SURFACES = {
+    "dockyard": ["ComputeTarget", "ContainerRegistry", "DEFAULT_BASE_IMAGE", "DockerSection", "DockyardError",
+                 "Environment", "Experiment", "PythonSection", "Run", "ScriptRunConfig", "Workspace", "__version__"],
+    "dockyard.core": ["ComputeTarget", "Environment", "Experiment", "Run", "ScriptRunConfig", "Workspace"],
+    "dockyard.build": ["BaseImage", "BuildEvent", "BuildKitClient", "Builder", "BuiltImage", "HOST_CA_BUNDLE",
+                       "ImageName", "RenderedBuild", "SolveSpec", "Worker", "base_image_ref", "bootstrap",
+                       "collect_garbage", "ensure_image", "image_tag", "list_base_images", "login_check",
+                       "parse_image_ref", "parse_size", "pull_image", "push_image", "qualify", "render_dockerfile",
+                       "spec_fingerprint"],
+    "dockyard.runs": ["CONTAINER_LIB", "CONTAINER_META", "CONTAINER_WORK", "ComputeRecord", "FINAL", "LOCAL_KIND",
+                      "LOG_NAME", "LauncherKind", "RunFolder", "RunRecord", "RunStatus", "RunStore", "Snapshot",
+                      "SnapshotStore", "new_run_id"],
+    "dockyard.gpu": ["Active", "Gpu", "GpuDiscovery", "GpuRequest", "Lease", "LeaseConflict", "LeaseStore", "Plan",
+                     "Reservation", "RunQueue", "Topology", "Waiting", "check_fits", "discover_gpus", "inventory",
+                     "place", "placement_score", "plan"],
+    "dockyard.launch": ["ContainerLauncher", "LaunchHandle", "LaunchSpec", "Launcher", "Observation",
+                        "ProcessLauncher", "container_name", "pid_alive"],
+    "dockyard.compute": ["Agent", "AgentRun", "AgentStatus", "ComputeBackend", "FrontDoor", "GpuStatus",
+                         "LOCAL_COMPUTE", "LocalBackend", "QueuedGpuRun", "Reply", "Request", "RunEvents",
+                         "agent_status", "backend_class", "default_max_nodes", "ensure_agent", "gpu_status",
+                         "stop_agent"],
+    "dockyard.dockerd": ["API_VERSION", "EngineClient", "EngineInfo", "HttpReply", "translate_docker_error",
+                         "unix_image_id"],
+    "dockyard.cli": ["cli", "main"],
+}
+
+
+@pytest.mark.parametrize("package", sorted(_SURFACES))
+def test_each_room_exposes_exactly_its_surface_and_every_name_resolves(package: str) -> None:
+    code = (f"import importlib, json; p = importlib.import_module({package!r}); "
+            "print(json.dumps([sorted(p.__all__), [n for n in p.__all__ if not hasattr(p, n)]]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    names, missing = json.loads(out.stdout)
+    assert names == sorted(_SURFACES[package])
+    assert missing == []
