@@ -112,17 +112,29 @@ class LocalBackend:
     # -- dispatching ----------------------------------------------------------------------------
 
     def dispatch(self, queued: Sequence[AgentRun], running: Sequence[AgentRun]) -> None:
-        for key, thread in list(self._preparing.items()):
-            if not thread.is_alive():
-                del self._preparing[key]
         self.leases.reclaim(self._holds)
         busy = Counter((str(r.workspace), r.target.name) for r in running)
         waiting_gpu: list[AgentRun] = []
+        listed = {r.key for r in queued}
+        for key, thread in list(self._preparing.items()):
+            if key not in listed and not thread.is_alive():
+                del self._preparing[key]  # this pass already sees what its launch recorded
         for run in queued:
             target = (str(run.workspace), run.target.name)
-            if run.key in self._preparing:  # its thread honours a cancel itself
-                busy[target] += 1
-                continue
+            thread = self._preparing.get(run.key)
+            if thread is not None:
+                if thread.is_alive():  # its thread honours a cancel itself
+                    busy[target] += 1
+                    continue
+                # Its launch ended since: this pass's row may predate what the launch recorded.
+                del self._preparing[run.key]
+                try:
+                    run = self.events.refresh(run)
+                except DockyardError:
+                    continue
+                if run.record.status != RunStatus.QUEUED:
+                    busy[target] += run.record.status == RunStatus.RUNNING
+                    continue
             if run.record.cancel_requested:
                 self.events.canceled(run)
                 continue
