@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ._home import dockyard_home, index_path
+from ._home import WORKSPACES, dockyard_home, index_path, workspace_folders
 from .dockerd import EngineClient
 from .errors import DockyardError
 
@@ -66,26 +68,90 @@ def _check_buildkit(engine: EngineClient, engine_ok: bool) -> Check:
     return Check("buildkit", True, f"{len(workers)} worker(s) over gRPC: {listed}")
 
 
-def _check_index(home: Path) -> Check:
-    path = index_path(home)
-    if not path.exists():
-        parent = next((p for p in (home, *home.parents) if p.exists()), Path("/"))
-        import os
+#: How long doctor waits for a database another process holds locked, and the most it spends
+#: checking one: a busy or huge file is reported as such, never a stalled doctor.
+BUSY_TIMEOUT_S = 1.0
+CHECK_DEADLINE_S = 30.0
 
-        if not os.access(parent, os.W_OK):
-            return Check("index", False, f"{path} cannot be created: {parent} is not writable; set DOCKYARD_HOME")
-        return Check("index", True, f"{path} (not created yet; made on first use)")
+
+@dataclass(frozen=True)
+class _Database:
+    name: str  # the check's name
+    path: Path
+    holds: str  # what is kept in it, in a user's words
+    lost: str  # what moving it aside loses, and how dockyard recovers
+
+
+def _databases(home: Path) -> list[_Database]:
+    """Every SQLite file dockyard keeps in ``home``: the index, the GPU leases, each workspace's runs."""
+    found = [
+        _Database("index", index_path(home), "the image index",
+                  "dockyard starts a new index, filled again as images are built again"),
+        _Database("gpu-leases", home / "gpus.db", "the GPU lease records",
+                  "a new one is made on first use without the lease records "
+                  "(the agent re-derives which run holds each GPU from the engine)"),
+    ]
+    for folder in workspace_folders(home):
+        found.append(_Database(
+            f"runs:{folder.name}", folder / "runs.db", f"the run history of workspace {folder.name!r}",
+            f"a new one is made on first use without the run history of workspace {folder.name!r} "
+            f"(runs, statuses, metrics; the run folders in {folder / 'runs'} stay)",
+        ))
+    return found
+
+
+def _check_database(db: _Database) -> Check:
+    """``PRAGMA quick_check`` on a read-only connection: it never writes, never waits long, never raises."""
+    path = db.path
+    move_aside = (f"stop the agent (`dockyard agent stop`), then move {path.name} aside together with "
+                  f"any {path.name}-wal and {path.name}-shm beside it; {db.lost}")
     try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+        if not path.exists():
+            parent = next((p for p in path.parents if p.exists()), Path("/"))
+            if not os.access(parent, os.W_OK):
+                return Check(db.name, False, f"{path} cannot be created: {parent} is not writable; set DOCKYARD_HOME")
+            return Check(db.name, True, f"{path} (not created yet; made on first use)")
+        if not path.is_file():
+            return Check(db.name, False, f"{path} is not a file; {move_aside}")
+        size = path.stat().st_size
+        wal = path.with_name(f"{path.name}-wal")
+        if size == 0 and not (wal.exists() and wal.stat().st_size):  # (its WAL alone may still hold it all)
+            return Check(db.name, False, f"{path} is empty (0 bytes), so whatever it held ({db.holds}) is gone; "
+                         "dockyard will recreate it on first use", required=False)
+    except OSError as exc:
+        return Check(db.name, False, f"{path} cannot be read ({exc}); check its owner and permissions")
+    deadline = time.monotonic() + CHECK_DEADLINE_S
+    try:
+        conn = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S)
         try:
-            verdict = conn.execute("PRAGMA quick_check").fetchone()[0]
+            conn.set_progress_handler(lambda: time.monotonic() > deadline, 10_000)  # True interrupts it
+            verdict = [str(row[0]).replace("\n", " ") for row in conn.execute("PRAGMA quick_check")]
         finally:
             conn.close()
     except sqlite3.Error as exc:
-        return Check("index", False, f"{path} cannot be read: {exc}; move it aside and it will be recreated")
-    if verdict != "ok":
-        return Check("index", False, f"{path} is damaged ({verdict}); move it aside and it will be recreated")
-    return Check("index", True, f"{path} (healthy, {path.stat().st_size} bytes)")
+        code = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF  # the primary code of an extended one
+        if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+            return Check(db.name, False, f"{path} is busy: another process kept it locked for over "
+                         f"{BUSY_TIMEOUT_S:g} s, so it was not checked; run doctor again", required=False)
+        if code == sqlite3.SQLITE_INTERRUPT:
+            return Check(db.name, False, f"{path} ({size} bytes) was not checked: the check took over "
+                         f"{CHECK_DEADLINE_S:g} s", required=False)
+        if code in (sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_AUTH):
+            return Check(db.name, False, f"{path} cannot be opened ({exc}); check that you can read and write "
+                         "it and its folder (owner, permissions), or set DOCKYARD_HOME")
+        return Check(db.name, False, f"{path} is damaged ({exc}); {move_aside}")
+    if verdict != ["ok"]:
+        more = f", and {len(verdict) - 1} more problem(s)" if len(verdict) > 1 else ""
+        return Check(db.name, False, f"{path} is damaged ({verdict[0] if verdict else 'no verdict'}{more}); "
+                     f"{move_aside}")
+    return Check(db.name, True, f"{path} (healthy, {size} bytes)")
+
+
+def _check_databases(home: Path) -> list[Check]:
+    checks = [_check_database(db) for db in _databases(home)]
+    if not any(c.name.startswith("runs:") for c in checks):
+        checks.append(Check("runs", True, f"{home / WORKSPACES} (no run store yet; the first run makes one)"))
+    return checks
 
 
 def _check_gpus() -> Check:
@@ -126,7 +192,7 @@ def run_doctor(engine: EngineClient | None = None, home: Path | None = None) -> 
         (
             engine_check,
             _check_buildkit(engine, engine_check.ok),
-            _check_index(home or dockyard_home()),
+            *_check_databases(home or dockyard_home()),
             _check_gpus(),
             _check_base_images(engine, engine_check.ok),
         )

@@ -31,12 +31,21 @@ class SqliteFile:
         # One connection per process, shared by the agent's threads: a transaction is not
         # re-entrant across threads, so each holds this lock for its whole statement or transaction.
         self._lock = threading.RLock()
+        #: True when the file was already there with 0 bytes the first time it was opened: the
+        #: schema made it anew, so whatever it held is gone. Callers (the agent) log it; a file
+        #: that was not there at all is simply new and leaves this False.
+        self.was_empty = False
 
     def _upgrade(self, conn: sqlite3.Connection) -> None:
         """Bring an older file up to date (after ``schema`` ran); nothing by default."""
 
     def _db(self) -> sqlite3.Connection:
         if self._conn is None or self._pid != os.getpid():  # a forked child opens its own
+            if not self._pid:  # the first open of this object, not a forked child's reopen
+                try:
+                    self.was_empty = self.path.stat().st_size == 0
+                except OSError:  # not there yet (or unreadable: the open below says so)
+                    self.was_empty = False
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 conn = sqlite3.connect(self.path, timeout=10, isolation_level=None, check_same_thread=False)

@@ -15,16 +15,18 @@ __all__ = ["base", "cache", "doctor", "env"]
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def doctor(as_json: bool) -> None:
-    """Check the engine, BuildKit, the index, GPUs and base images; say how to fix what is missing."""
+    """Check the engine, BuildKit, every database (index, GPU leases, run stores), GPUs and base images;
+    say how to fix what is missing."""
     from .._doctor import run_doctor
 
     report = run_doctor()
     if as_json:
         emit_json(report.to_json())
     else:
+        width = max([12, *(len(check.name) for check in report.checks)])
         for check in report.checks:
             mark = "ok " if check.ok else ("FAIL" if check.required else "warn")
-            click.echo(f"[{mark:<4}] {check.name:<12} {check.detail}")
+            click.echo(f"[{mark:<4}] {check.name:<{width}} {check.detail}")
         click.echo("healthy" if report.ok else "not healthy: fix the FAIL lines above")
     if not report.ok:
         sys.exit(3)

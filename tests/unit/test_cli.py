@@ -40,9 +40,9 @@ def test_doctor_json_without_engine(tmp_path: Path):
     report = json.loads(out.stdout)  # exactly one JSON object on stdout
     assert report["ok"] is False
     checks = {c["name"]: c for c in report["checks"]}
-    assert set(checks) >= {"engine", "buildkit", "index", "gpus", "base-images"}
+    assert set(checks) >= {"engine", "buildkit", "index", "gpu-leases", "runs", "gpus", "base-images"}
     assert checks["engine"]["ok"] is False and "DOCKER_HOST" in checks["engine"]["detail"]
-    assert checks["index"]["ok"] is True
+    assert checks["index"]["ok"] is True and checks["gpu-leases"]["ok"] is True
     for check in report["checks"]:
         assert set(check) >= {"name", "ok", "detail"}
 
@@ -74,5 +74,7 @@ def test_bad_flavor_is_usage_error():
 def test_damaged_index_fails_doctor(tmp_path: Path):
     (tmp_path / "index.db").write_bytes(b"this is not a database" * 100)
     out = dockyard("doctor", "--json", env={"DOCKYARD_HOME": str(tmp_path), "DOCKER_HOST": f"unix://{tmp_path}/x.sock"})
+    assert out.returncode == 3 and "Traceback" not in out.stderr
     checks = {c["name"]: c for c in json.loads(out.stdout)["checks"]}
-    assert checks["index"]["ok"] is False and "move it aside" in checks["index"]["detail"]
+    assert checks["index"]["ok"] is False and checks["index"]["required"] is True
+    assert str(tmp_path / "index.db") in checks["index"]["detail"] and "move index.db aside" in checks["index"]["detail"]
