@@ -602,6 +602,7 @@ class ImageCache:
         heartbeat: float | None = None,
         poll: float = 0.05,
         wait_timeout: float | None = None,
+        on_wait: Callable[[str, int, float], None] | None = None,
     ) -> Iterator[BuildSlot]:
         """Build a key at most once across threads and processes.
 
@@ -609,8 +610,9 @@ class ImageCache:
         False), or the build lease (``slot.must_build`` is True: build, then
         ``slot.record(image=..., image_id=..., ...)``). When another process holds the lease, it
         waits until that process records the entry (a hit) or gives the lease up or dies (then
-        it takes the lease over). If the body raises, or ends without ``record``, the lease is
-        released and nothing is recorded; the exception propagates.
+        it takes the lease over: at once when the holder ran on this machine and its pid is gone,
+        else once its heartbeat is ``lease_timeout`` old). If the body raises, or ends without
+        ``record``, the lease is released and nothing is recorded; the exception propagates.
 
         Args:
             key: the content key.
@@ -620,20 +622,25 @@ class ImageCache:
             poll: seconds between checks while waiting for another builder.
             wait_timeout: give up waiting after this many seconds (None: wait as long as the
                 holder keeps its lease alive).
+            on_wait: called as ``on_wait(holder, holder_pid, waited)`` when this process starts
+                waiting for another holder, when the holder changes, and every 5 seconds while it
+                waits (``holder`` is the owner token ``host:pid:random``, ``waited`` seconds so
+                far), e.g. to tell a user what it waits for. An exception it raises ends the wait
+                and propagates (this process holds no lease then).
 
         Yields:
             The :class:`BuildSlot`.
 
         Raises:
             InvalidKey: ``key`` is not a key.
-            CacheInputError: a timing argument is invalid.
+            CacheInputError: a timing argument is invalid, or on_wait is not callable.
             WaitTimeout: another process held the lease past ``wait_timeout``.
             IndexUnavailable: the index could not be read or written.
         """
         hexkey, parts = _key_and_parts(key)
         slot = acquire(
             self._lease_table(), self.lookup, hexkey, parts, lease_timeout=lease_timeout,
-            heartbeat=heartbeat, poll=poll, wait_timeout=wait_timeout,
+            heartbeat=heartbeat, poll=poll, wait_timeout=wait_timeout, on_wait=on_wait,
         )
         try:
             yield slot
@@ -655,7 +662,7 @@ class ImageCache:
             build: any callable returning a :class:`BuildResult`; it runs only in the process
                 that holds the lease.
             **opts: passed on to :meth:`building` (``lease_timeout``, ``heartbeat``, ``poll``,
-                ``wait_timeout``).
+                ``wait_timeout``, ``on_wait``).
 
         Returns:
             ``(entry, built)``: ``built`` is True when this call ran ``build``.

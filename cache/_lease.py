@@ -3,7 +3,9 @@
 A lease is a row in ``leases`` taken in a ``BEGIN IMMEDIATE`` transaction, so exactly one process
 wins. The holder refreshes ``heartbeat`` from a daemon thread; a lease whose heartbeat is older
 than the holder's own ``timeout`` is stale (its process died or stalled) and the next process
-deletes and replaces it in the same transaction. The holder records its entry and deletes its
+deletes and replaces it in the same transaction. A holder on this machine (same host name and pid
+namespace, told by its owner token) whose pid is gone is stale at once: nobody waits out the
+timeout of a build that was killed. The holder records its entry and deletes its
 lease in one transaction, so a waiter sees either the lease or the entry, never neither by
 accident (except when the build failed, which is when it should build itself).
 
@@ -29,11 +31,65 @@ __all__ = ["BuildSlot", "LeaseTable", "acquire", "new_owner"]
 _SELECT_LEASE = "SELECT owner, pid, heartbeat, timeout FROM leases WHERE key = ?"
 
 
-def new_owner() -> str:
-    """A lease owner token unique across hosts, processes and calls: ``host:pid:random``."""
-    import socket  # only builders need it; keeps the read path's imports small
+# Seconds between two ``on_wait`` calls while the same holder keeps building.
+_WAIT_NOTE_EVERY = 5.0
 
-    return f"{socket.gethostname()}:{os.getpid()}:{os.urandom(8).hex()}"
+_here: tuple[str, str] | None = None
+
+
+def _this_machine() -> tuple[str, str]:
+    """(host name, pid namespace id or "") of this process, looked up once."""
+    global _here
+    if _here is None:
+        import socket  # only builders and waiters need it; keeps the read path's imports small
+
+        try:
+            # "pid:[4026531836]": processes share pids only inside one pid namespace (a container
+            # on the host network has the host's name but its own pids).
+            ns = os.readlink("/proc/self/ns/pid").partition("[")[2].rstrip("]")
+        except OSError:
+            ns = ""  # no /proc: pids are never trusted, leases go stale by their heartbeat only
+        _here = (socket.gethostname(), ns)
+    return _here
+
+
+def new_owner() -> str:
+    """A lease owner token unique across hosts, processes and calls: ``host:pid:random``.
+
+    ``random`` starts with the pid namespace's id (``<ns>-<hex>``), so that a waiter can tell
+    whether the holder's pid means the same process to it.
+    """
+    host, ns = _this_machine()
+    return f"{host}:{os.getpid()}:{ns}-{os.urandom(8).hex()}"
+
+
+def _holder_is_here(owner: str) -> bool:
+    """Whether the lease ``owner`` runs on this machine, where its pid can be checked."""
+    host, ns = _this_machine()
+    parts = owner.split(":", 2)
+    return bool(ns) and len(parts) == 3 and parts[0] == host and parts[2].startswith(f"{ns}-")
+
+
+def _pid_gone(pid: int) -> bool:
+    """True only when no live process has ``pid`` (never for one merely owned by another user)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # PermissionError: it exists, under another user
+        return False
+    try:  # a zombie has exited: it will never beat again
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b")", 1)[1].split()[0] == b"Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _holder_dead(owner: str, pid: int) -> bool:
+    """The holder runs on this machine and its process is gone: its lease is stale now."""
+    return _holder_is_here(owner) and _pid_gone(pid)
 
 
 class LeaseTable:
@@ -78,7 +134,7 @@ class LeaseTable:
                     return False, None
                 row = conn.execute(_SELECT_LEASE, (hexkey,)).fetchone()
                 if row is not None:
-                    if now - row[2] <= row[3]:
+                    if now - row[2] <= row[3] and not _holder_dead(row[0], row[1]):
                         return False, (row[0], row[1])
                     # Stale: its holder died or stalled; replace it in this same transaction.
                     conn.execute("DELETE FROM leases WHERE key = ?", (hexkey,))
@@ -92,7 +148,11 @@ class LeaseTable:
             raise _db.translate(exc, self.path, "take a build lease in") from exc
 
     def state(self, hexkey: str) -> tuple[str, int, bool] | None:
-        """``(owner, pid, stale)`` of the lease on a key, or None (a plain read)."""
+        """``(owner, pid, stale)`` of the lease on a key, or None (a plain read).
+
+        Stale: no heartbeat within the holder's timeout, or a holder on this machine whose
+        process is gone.
+        """
         conn = self._conn()
         try:
             row = conn.execute(_SELECT_LEASE, (hexkey,)).fetchone()
@@ -100,7 +160,7 @@ class LeaseTable:
             raise _db.translate(exc, self.path, "read a build lease in") from exc
         if row is None:
             return None
-        return row[0], row[1], time.time() - row[2] > row[3]
+        return row[0], row[1], time.time() - row[2] > row[3] or _holder_dead(row[0], row[1])
 
     def record(
         self,
@@ -352,19 +412,24 @@ def acquire(
     heartbeat: float | None,
     poll: float,
     wait_timeout: float | None,
+    on_wait: Callable[[str, int, float], None] | None = None,
 ) -> BuildSlot:
     """Return a hit, or take the lease, or wait for the holder (see ``ImageCache.building``).
 
-    ``lookup`` is the index's read path (it counts the hit like any other).
+    ``lookup`` is the index's read path (it counts the hit like any other). ``on_wait(holder,
+    holder_pid, waited)`` is called when waiting starts, when the holder changes, and every
+    ``_WAIT_NOTE_EVERY`` seconds while waiting.
 
     Raises:
-        CacheInputError: a timing argument is invalid.
+        CacheInputError: a timing argument is invalid, or on_wait is not callable.
         WaitTimeout: another process held the lease for longer than ``wait_timeout``.
         IndexUnavailable: the index could not be read or written.
     """
     _check_positive("lease_timeout", lease_timeout)
     _check_positive("heartbeat", heartbeat, allow_none=True)
     _check_positive("poll", poll)
+    if on_wait is not None and not callable(on_wait):
+        raise CacheInputError("on_wait must be a callable or None", hint=f"got {on_wait!r}")
     if wait_timeout is not None and (
         isinstance(wait_timeout, bool) or not isinstance(wait_timeout, (int, float))
         or wait_timeout < 0
@@ -381,6 +446,8 @@ def acquire(
         return BuildSlot(leases, key, parts, entry=entry)
     owner = new_owner()
     started = time.monotonic()
+    noted: str | None = None  # the holder the last on_wait call named
+    next_note = started
     while True:
         taken, holder = leases.try_take(key, owner, lease_timeout)
         if taken:
@@ -397,6 +464,9 @@ def acquire(
             waited = time.monotonic() - started
             if wait_timeout is not None and waited >= wait_timeout:
                 raise WaitTimeout(key, holder=holder[0], holder_pid=holder[1], waited=waited)
+            if on_wait is not None and (holder[0] != noted or started + waited >= next_note):
+                on_wait(holder[0], holder[1], waited)  # its exception ends the wait: we hold nothing
+                noted, next_note = holder[0], started + waited + _WAIT_NOTE_EVERY
             time.sleep(poll)
             # Plain reads while someone else builds: no write lock per poll.
             entry = lookup(key)

@@ -132,7 +132,7 @@ class WaitTimeout(CacheError):
 
     Attributes:
         key: the content key (hex).
-        holder: the owner token of the lease (``host:pid:uuid``).
+        holder: the owner token of the lease (``host:pid:random``).
         holder_pid: the process id of the holder.
         waited: seconds spent waiting.
     """
@@ -140,8 +140,8 @@ class WaitTimeout(CacheError):
     def __init__(self, key: str, *, holder: str, holder_pid: int, waited: float) -> None:
         super().__init__(
             f"waited {waited:.1f} s for {key}, still being built by pid {holder_pid} ({holder})",
-            hint="wait longer (wait_timeout) or check that process; a dead holder's lease "
-            "goes stale after lease_timeout",
+            hint="wait longer (wait_timeout) or check that process; a dead holder on this "
+            "machine is taken over at once, one elsewhere once its lease_timeout passes",
         )
         self.key = key
         self.holder = holder

@@ -22,7 +22,7 @@ from ._environment import Environment
 from ._home import WORKSPACES, dockyard_home
 from .compute import LOCAL_COMPUTE
 from .errors import ComputeTargetException, InputError
-from .runs import LOCAL_KIND, RunStatus
+from .runs import LOCAL_KIND, RunStatus, new_run_id
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._run import Run
@@ -37,11 +37,28 @@ __all__ = [
     "Workspace",
 ]
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,254}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+# A workspace name is a folder's name (``workspaces/<name>``): one path component, at most 255
+# bytes on the usual file systems (names are ASCII, so characters are bytes). A compute target's
+# name is only stored, never a path; it keeps the same limit.
+_NAME_MAX = 255
+# A run id, ``<experiment>_<unix seconds>_<8 hex>``, is a folder's name too (``runs/<run id>``):
+# an experiment's name may use only what the rest of the id leaves (10-digit seconds until 2286).
+_RUN_ID_TAIL = len(new_run_id("x")) - len("x")
+_EXPERIMENT_MAX = _NAME_MAX - _RUN_ID_TAIL
 
 
-def _check_name(kind: str, name: object) -> str:
-    if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
+def _check_name(kind: str, name: object, limit: int = _NAME_MAX) -> str:
+    if isinstance(name, str) and len(name) > limit:
+        why = {
+            "experiment": f"its run ids '<experiment>_<unix seconds>_<8 hex>' name folders of at most {_NAME_MAX} bytes",
+            "workspace": f"it names a folder of at most {_NAME_MAX} bytes",
+        }.get(kind, "")
+        raise InputError(
+            f"{kind} name {name[:40]!r}… is {len(name)} characters long; the limit is {limit}",
+            hint=f"use at most {limit} characters" + (f": {why}" if why else ""),
+        )
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
         raise InputError(
             f"{kind} name {name!r} is not valid",
             hint="use letters, digits, '_', '-' or '.', starting with a letter or digit (no '/' or '..')",
@@ -326,7 +343,7 @@ class Experiment:
 
     def __init__(self, workspace: Workspace, name: str, **kwargs: Any) -> None:
         self.workspace = workspace
-        self.name = _check_name("experiment", name)
+        self.name = _check_name("experiment", name, _EXPERIMENT_MAX)
 
     def __repr__(self) -> str:
         return f"Experiment(name={self.name!r}, workspace={self.workspace.name!r})"

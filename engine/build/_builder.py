@@ -222,7 +222,8 @@ class Builder:
             SpecError: the environment is invalid.
             BuildError: the build failed; nothing was recorded.
             RegistryAuthError, RegistryError: the base could not be pulled.
-            EngineUnavailable, BuildKitUnavailable: the engine or BuildKit is down.
+            EngineUnavailable, BuildKitUnavailable: the engine or BuildKit is down, or went away
+                during the build.
         """
         started = time.perf_counter()
         report = progress or (lambda _l: None)
@@ -236,16 +237,51 @@ class Builder:
             report(f"{entry.image} is gone from the engine; rebuilding it")
             self.cache.remove(key)
 
+        # A miss: about to build. BuildKit builds FROM the engine's own copy of each base (it has
+        # no session to pull a private one with), so a base removed within resolve_ttl is
+        # resolved (pulled) again now, and the key recomputed from what that gave.
+        if self._bases_refreshed(env, report):
+            key, _ = self.key_for(env, report)
+            pulled = True
+            if no_cache:
+                self.cache.remove(key)
+            entry = self.cache.lookup(key)
+            if entry is not None and (not verify or self._verified(entry.image, entry.image_id)):
+                return self._done(key, entry.image, entry.image_id, True, "local-hit", started)
+
         from dockyard.cache import BuildSlot
 
         slot: BuildSlot
-        with self.cache.building(key) as slot:
+        with self.cache.building(key, on_wait=_wait_note(key.hex, report)) as slot:
             if not slot.must_build:
                 assert slot.entry is not None
                 return self._done(key, slot.entry.image, slot.entry.image_id, True, "local-hit", started)
             image, image_id, size = self._build(env, key, no_cache=no_cache, on_event=on_event, cancel=cancel)
             slot.record(image=image, image_id=image_id, size=size, parts=dict(key.parts), builder="buildkit")
         return self._done(key, image, image_id, False, "pulled" if pulled else "built", started)
+
+    def _bases_refreshed(self, env: Environment, report: Callable[[str], None]) -> bool:
+        """Resolve again (pull) every base the engine no longer holds: one inspect per base.
+
+        Only on a miss: the hit path never asks the engine about bases. Returns True when a
+        remembered resolution was replaced (the key may have changed).
+
+        Raises:
+            RegistryAuthError, RegistryError: a base could not be pulled again.
+        """
+        if self.buildkit != "docker":
+            return False  # a standalone buildkitd pulls from the registry itself
+        refreshed = False
+        for ref, registry in self._base_refs(env):
+            if self._local_id(ref) is not None:
+                continue
+            report(f"{ref} is gone from the engine; resolving it again")
+            # The remembered resolution is replaced only by a good one: if the pull fails, other
+            # environments' images built on it still hit until resolve_ttl passes.
+            digest, _ = self._resolve_ref(ref, registry, report)
+            self.cache.remember_resolution(ref, digest)
+            refreshed = True
+        return refreshed
 
     def _done(self, key: Any, image: str, image_id: str, cached: bool, source: Any, started: float) -> BuiltImage:
         return BuiltImage(key.hex, image, image_id, cached, source, time.perf_counter() - started)
@@ -292,6 +328,21 @@ class Builder:
             image_id = str(found.get("Id") or image_id)
             size = int(found.get("Size") or 0)
         return tag, image_id, size
+
+
+def _wait_note(key: str, report: Callable[[str], None]) -> Callable[[str, int, float], None]:
+    """``on_wait`` for ``ImageCache.building``: one progress line naming who builds the key."""
+    import socket
+
+    here = socket.gethostname()
+
+    def note(holder: str, pid: int, waited: float) -> None:
+        host = holder.split(":", 1)[0]
+        where = "on this machine" if host == here else f"on {host}"
+        so_far = f", {waited:.0f} s so far" if waited >= 1 else ""
+        report(f"waiting for another build of {key[:12]} (pid {pid} {where}{so_far})…")
+
+    return note
 
 
 def _qualify_or_none(image: str, registry: ContainerRegistry) -> str | None:

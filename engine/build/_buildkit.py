@@ -333,6 +333,29 @@ def _instruction_line(dockerfile: str, step: str) -> int | None:
     return None
 
 
+# What grpc-core says when the transport under a call breaks (the server never sends these).
+_TRANSPORT_GONE = re.compile(
+    r"stream removed|socket closed|connection reset|broken pipe|connection refused|failed to connect|"
+    r"end of tcp stream|connection closed|transport is closing|goaway|rst_stream|unexpected eof",
+    re.I,
+)
+# What only a build that ran and failed says (BuildKit's own error chain).
+_BUILD_SAID = ("failed to solve", "executor failed running", "did not complete successfully", "dockerfile parse error")
+
+
+def _stream_broke(code: grpc.StatusCode | None, details: str) -> bool:
+    """Whether a Solve ended because the connection to the daemon broke, not because the build failed.
+
+    UNAVAILABLE and CANCELLED (when we did not cancel) come from the transport or from the daemon
+    shutting down; UNKNOWN/INTERNAL count only with grpc-core's own wording ("Stream removed").
+    """
+    if any(marker in details.lower() for marker in _BUILD_SAID):
+        return False
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+        return True
+    return code in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, None) and bool(_TRANSPORT_GONE.search(details))
+
+
 def _pump(src: socket.socket, dst: socket.socket) -> None:
     try:
         while chunk := src.recv(65536):
@@ -427,7 +450,8 @@ class BuildKitClient:
 
         Raises:
             BuildError: the build failed (step, exit code, log tail, Dockerfile line attached).
-            BuildKitUnavailable, EngineUnavailable: the daemon could not be reached.
+            BuildKitUnavailable, EngineUnavailable: the daemon could not be reached, or the
+                connection to it broke during the build (the engine went away).
         """
         from dockyard.proto import control_pb2
 
@@ -464,7 +488,8 @@ class BuildKitClient:
             raise
         except grpc.RpcError as exc:
             follower.join(timeout=5)
-            raise self._build_error(exc, tracker, spec.dockerfile) from exc
+            ours = cancel is not None and cancel.is_set()
+            raise self._build_error(exc, tracker, spec.dockerfile, cancelled_by_us=ours) from exc
         follower.join(timeout=5)
         steps, cached = tracker.counts()
         return SolveResult(dict(reply.ExporterResponse), steps, cached)
@@ -480,11 +505,15 @@ class BuildKitClient:
         except Exception as exc:  # noqa: BLE001 - a renderer bug must not hide the build result
             tracker.error = exc
 
-    def _build_error(self, exc: grpc.RpcError, tracker: _StatusTracker, dockerfile: bytes) -> DockyardError:
+    def _build_error(
+        self, exc: grpc.RpcError, tracker: _StatusTracker, dockerfile: bytes, *, cancelled_by_us: bool = False
+    ) -> DockyardError:
         code = exc.code() if hasattr(exc, "code") else None
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED) and not tracker.vertices:
             return self._translate(exc, "Solve")
         details = (exc.details() if hasattr(exc, "details") else "") or str(exc)
+        if not cancelled_by_us and _stream_broke(code, details):
+            return self._went_away(details)
         text = dockerfile.decode(errors="replace")
         failing = tracker.failing()
         step = failing.name if failing else ""
@@ -503,6 +532,26 @@ class BuildKitClient:
             dockerfile_line=line,
             dockerfile=text,
             hint="see the step's last lines above; `dockyard env render FILE` shows the Dockerfile",
+        )
+
+    def _went_away(self, details: str) -> DockyardError:
+        """The error for a build whose connection to the daemon broke half-way (not the build's fault)."""
+        what = f"grpc: {details.strip() or 'connection lost'}"
+        again = "then build again: the steps BuildKit finished are cached, and nothing was recorded"
+        if self._relay is None:
+            return BuildKitUnavailable(
+                f"BuildKit at {self.target} went away during the build ({what})",
+                hint=f"check that buildkitd runs, {again}",
+            )
+        try:
+            self._engine.ping()
+        except EngineUnavailable:
+            down = EngineUnavailable(self._engine.url, f"the Docker Engine went away during the build ({what})")
+            down.hint = f"start it again (`bash scripts/setup-engine` or `systemctl start docker`), {again}"
+            return down
+        return BuildKitUnavailable(
+            f"the Docker Engine at {self._engine.url} went away during the build ({what}) and answers again now",
+            hint=f"it restarted or dropped the connection; {again}",
         )
 
     def disk_usage(self, timeout: float = 30.0) -> list[dict[str, object]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -207,3 +208,196 @@ def test_cli_build_failure_is_one_clear_error(home: Path, tmp_path: Path):
     assert "error: build failed at [2/2] RUN exit 3" in out.stderr
     assert "Traceback" not in out.stderr
 
+
+
+# -- waiting for another builder; the engine going away mid-build -------------------------------
+
+
+def test_a_build_waiting_for_another_process_says_whom_it_waits_for(builder: Builder, tmp_path: Path):
+    env = unique_env(tmp_path)
+    key, _ = builder.key_for(env)
+    has_lease, noted = threading.Event(), threading.Event()
+    notes: list[str] = []
+
+    def note(line: str) -> None:
+        notes.append(line)
+        if line.startswith("waiting for another build"):
+            noted.set()
+
+    def other_builder() -> None:  # holds the lease until the waiter has said what it waits for
+        with ImageCache(builder.cache.path).building(key) as slot:
+            assert slot.must_build
+            has_lease.set()
+            noted.wait(10)
+            slot.record(image=BUSYBOX, image_id="sha256:" + "0" * 64, builder="other")
+
+    holder = threading.Thread(target=other_builder)
+    holder.start()
+    assert has_lease.wait(10)
+    try:
+        got = builder.ensure_image(env, progress=note)
+    finally:
+        holder.join()
+    assert (got.source, got.image) == ("local-hit", BUSYBOX)  # the other builder's result
+    expected = f"waiting for another build of {key.hex[:12]} (pid {os.getpid()} on this machine)…"
+    assert expected in notes, notes
+
+
+class _Relay:
+    """A unix-socket relay to the real engine that the test cuts (as if the engine went away)."""
+
+    def __init__(self, path: str, target: str = "/var/run/docker.sock") -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(path)
+        self.sock.listen(16)
+        self.target = target
+        self.closed = False
+        self.conns: list[socket.socket] = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.closed:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            if self.closed:
+                conn.close()
+                return
+            up = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            up.connect(self.target)
+            with self.lock:
+                self.conns += [conn, up]
+            for a, b in ((conn, up), (up, conn)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(a: socket.socket, b: socket.socket) -> None:
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            try:
+                b.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+    def cut(self) -> None:
+        """Break every open connection (shutdown wakes a pump blocked in recv; close alone does not)."""
+        with self.lock:
+            conns, self.conns = self.conns, []
+        for c in conns:
+            for step in (lambda c=c: c.shutdown(socket.SHUT_RDWR), c.close):
+                try:
+                    step()
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        """Cut, and answer nothing any more: the engine is gone."""
+        self.closed = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accept loop
+        except OSError:
+            pass
+        self.sock.close()
+        self.cut()
+
+
+def _cut_when_started(action) -> object:  # type: ignore[no-untyped-def]
+    """on_event that runs ``action`` once, when the sleeping step has printed "started"."""
+    done = threading.Event()
+
+    def watch(event: object) -> None:
+        if getattr(event, "kind", "") == "log" and "started" in getattr(event, "text", "") and not done.is_set():
+            done.set()
+            action()
+
+    watch.done = done  # type: ignore[attr-defined]
+    return watch
+
+
+@pytest.mark.parametrize("engine_after", ["gone", "back"])
+def test_the_engine_going_away_mid_build_is_an_environment_problem(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, engine_after: str
+):
+    from dockyard.errors import BuildKitUnavailable, EngineUnavailable, EnvironmentProblem
+
+    relay_path = tmp_path / "engine.sock"
+    relay = _Relay(str(relay_path))
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{relay_path}")
+    builder = Builder(home)
+    env = unique_env(tmp_path, dockerfile=f"FROM {BUSYBOX}\nRUN echo started; sleep 20\n")
+    watch = _cut_when_started(relay.close if engine_after == "gone" else relay.cut)
+    began = time.monotonic()
+    try:
+        with pytest.raises(EnvironmentProblem) as info:
+            builder.ensure_image(env, on_event=watch)
+        key, _ = builder.key_for(env) if engine_after == "back" else (None, None)
+    finally:
+        relay.close()
+        builder.close()
+    assert watch.done.is_set(), "the step never started"  # type: ignore[attr-defined]
+    assert time.monotonic() - began < 18, "the build was not cut"
+    err = info.value
+    assert not isinstance(err, BuildError) and err.exit_code == 3
+    assert type(err) is (EngineUnavailable if engine_after == "gone" else BuildKitUnavailable)
+    assert "Docker Engine" in err.message and "went away during the build" in err.message, err.message
+    assert "build again" in err.hint and "nothing was recorded" in err.hint
+    cache = ImageCache(home / "index.db")
+    assert cache.stats().leases == 0  # the lease was released: the next build starts at once
+    if key is not None:
+        assert cache.lookup(key) is None
+
+
+def test_a_failing_step_through_the_same_relay_is_still_a_build_error(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    relay_path = tmp_path / "engine.sock"
+    relay = _Relay(str(relay_path))
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{relay_path}")
+    builder = Builder(home)
+    env = unique_env(tmp_path, dockerfile=f"FROM {BUSYBOX}\nRUN echo started; exit 5\n")
+    try:
+        with pytest.raises(BuildError) as info:
+            builder.ensure_image(env)
+    finally:
+        relay.close()
+        builder.close()
+    assert info.value.exit_code == 1 and info.value.exit_code_of_step == 5
+
+
+def test_cli_build_whose_engine_goes_away_exits_3_with_one_clear_error(home: Path, tmp_path: Path):
+    relay_path = tmp_path / "engine.sock"
+    relay = _Relay(str(relay_path))
+    spec = tmp_path / "env.yml"
+    spec.write_text(
+        "name: cut\ndocker:\n  base_dockerfile: |\n"
+        f"    FROM {BUSYBOX}\n    RUN echo started; sleep 20\n"
+        f"  build_args:\n    RUN_ID: {uuid.uuid4().hex}\n"
+    )
+    env = {**os.environ, "DOCKYARD_HOME": str(home), "DOCKER_HOST": f"unix://{relay_path}"}
+    proc = subprocess.Popen([sys.executable, "-m", "dockyard", "env", "build", str(spec), "--progress", "plain"],
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+    lines: list[str] = []
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            lines.append(line)
+            if "started" in line and "echo" not in line:
+                relay.close()
+                break
+        rest = proc.stderr.read()
+        proc.wait(timeout=60)
+    finally:
+        relay.close()
+        proc.kill()
+        proc.wait()
+    stderr = "".join(lines) + rest
+    assert proc.returncode == 3, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "went away during the build" in errors[0], stderr
+    assert "Traceback" not in stderr and "Stream removed" not in errors[0].split("(grpc:")[0]

@@ -181,3 +181,49 @@ def test_waiter_times_out_naming_the_holder(tmp_path: Path) -> None:
     finally:
         hung.kill()
         hung.wait()
+
+
+def test_a_builder_killed_on_this_machine_is_taken_over_at_once_not_after_its_lease(tmp_path: Path) -> None:
+    # A 30 s lease: a waiter that waited out the heartbeat timeout would take 30 s or more.
+    db, counter, ready = tmp_path / "index.db", tmp_path / "builds.txt", tmp_path / "ready"
+    key = _key("kill-at-once")
+    hung = _spawn("hang", db, key, counter, "--ready", str(ready), "--lease-timeout", "30")
+    procs = [hung]
+    try:
+        deadline = time.monotonic() + 15
+        while not ready.exists():
+            assert hung.poll() is None, hung.communicate()
+            assert time.monotonic() < deadline, "the hanging builder never took the lease"
+            time.sleep(0.01)
+        waiter = _spawn("build", db, key, counter, "--lease-timeout", "30")
+        procs.append(waiter)
+        time.sleep(1.0)  # the waiter is past start-up and waiting on the live lease
+        assert waiter.poll() is None and _lines(counter) == [f"hang {hung.pid}"]
+        os.kill(hung.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        hung.wait(timeout=10)
+        code, out, err = _finish(waiter, timeout=60)
+        assert code == 0, err
+        assert json.loads(out)["built"] is True
+        assert time.monotonic() - killed < 5, "the waiter waited for the dead holder's lease timeout"
+
+        # A builder that starts after the holder died takes the lease on its first try.
+        key2 = _key("kill-at-once-2")
+        ready.unlink()
+        hung2 = _spawn("hang", db, key2, counter, "--ready", str(ready), "--lease-timeout", "30")
+        procs.append(hung2)
+        while not ready.exists():
+            assert hung2.poll() is None and time.monotonic() < deadline + 15
+            time.sleep(0.01)
+        os.kill(hung2.pid, signal.SIGKILL)
+        hung2.wait(timeout=10)
+        started = time.monotonic()
+        code, out, err = _finish(_spawn("build", db, key2, counter, "--lease-timeout", "30"), timeout=60)
+        assert code == 0, err
+        assert json.loads(out)["built"] is True and time.monotonic() - started < 5
+        assert _rows(db, "leases") == [] and len(_rows(db, "entries")) == 2
+        assert _integrity(db) == "ok"
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()

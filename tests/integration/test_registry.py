@@ -247,3 +247,58 @@ def json_dump(obj: object) -> str:
     import json
 
     return json.dumps(obj)
+
+
+def test_a_private_base_removed_within_the_resolve_ttl_is_pulled_again_before_building(
+    seeded: Seeded, engine: EngineClient, tmp_path, engine_resources, monkeypatch: pytest.MonkeyPatch
+):
+    from dockyard import Environment
+    from dockyard.build._builder import Builder
+
+    def env_with(registry: ContainerRegistry) -> Environment:
+        env = Environment(f"t-{uuid.uuid4().hex[:8]}")
+        env.docker.base_image = seeded.repo_tag
+        env.docker.base_image_registry = registry
+        env.docker.build_args = {"RUN_ID": uuid.uuid4().hex}  # a new key each time: a miss
+        return env
+
+    monkeypatch.setenv("DOCKYARD_RESOLVE_TTL", "3600")  # the first resolution stays remembered
+    builder = Builder(tmp_path / "home")
+    try:
+        first_env = env_with(_credentials(seeded.registry))
+        first = builder.ensure_image(first_env)
+        engine_resources.track_image(first.image)
+        assert first.source == "pulled"
+        _untag(engine, seeded.full)  # the base leaves the engine; the index still trusts it
+
+        # A hit never asks the engine about its base: still one index read + one engine request.
+        inspected: list[str] = []
+        real_inspect = EngineClient.inspect_image
+
+        def counting(self: EngineClient, ref: str, *args, **kwargs):  # type: ignore[no-untyped-def]
+            inspected.append(ref)
+            return real_inspect(self, ref, *args, **kwargs)
+
+        monkeypatch.setattr(EngineClient, "inspect_image", counting)
+        assert builder.ensure_image(first_env).source == "local-hit"
+        assert inspected == []
+
+        # A miss checks each base (one inspect) and pulls the missing one again, with the credentials.
+        notes: list[str] = []
+        second = builder.ensure_image(env_with(_credentials(seeded.registry)), progress=notes.append)
+        engine_resources.track_image(second.image)
+        assert second.source == "pulled" and not second.cached
+        assert inspected.count(seeded.full) >= 1
+        assert any(f"{seeded.full} is gone from the engine" in n for n in notes), notes
+        assert engine.image_labels(seeded.full) is not None, "the base was not pulled again"
+
+        # Without credentials the build fails with the registry's own refusal, not BuildKit's
+        # "no active sessions".
+        _untag(engine, seeded.full)
+        with pytest.raises(RegistryAuthError) as info:
+            builder.ensure_image(env_with(ContainerRegistry(address=seeded.registry.address)))
+        assert seeded.registry.address in str(info.value)
+        _assert_no_secret(info.value, seeded.registry.password)
+    finally:
+        builder.close()
+        _untag(engine, seeded.full)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
+import os
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -18,6 +22,7 @@ from dockyard.cache import (
     WaitTimeout,
     compute_key,
 )
+from dockyard.cache._lease import new_owner
 
 KEY = compute_key(KeyParts("dockyard/base:bookworm-python3", pip=["torch==2.3.0"]))
 
@@ -267,3 +272,152 @@ def test_threads_of_one_process_build_once(cache: ImageCache) -> None:
     for t in threads:
         t.join()
     assert len(calls) == 1 and sorted(out) == [False] * 5 + [True]
+
+
+# -- a dead holder on this machine; saying what a waiter waits for ------------------------------
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has exited and been reaped."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _here(pid: int) -> str:
+    """An owner token naming ``pid`` on this machine (host name and pid namespace as ours)."""
+    host, _, rest = new_owner().split(":", 2)
+    return f"{host}:{pid}:{rest}"
+
+
+def test_a_dead_holder_on_this_machine_is_taken_over_at_once(cache: ImageCache) -> None:
+    pid = _dead_pid()
+    # A fresh heartbeat and a long timeout: only the dead pid can make it stale.
+    _put_lease(cache, owner=_here(pid), pid=pid, heartbeat=time.time(), timeout=60.0)
+    started = time.monotonic()
+    with cache.building(KEY, wait_timeout=2.0, poll=0.01) as slot:
+        assert slot.must_build
+        ((_, owner, lease_pid, *_),) = _leases(cache)
+        assert owner == slot.owner and lease_pid == os.getpid()
+        slot.record(image="img", image_id="id")
+    assert time.monotonic() - started < 1.0
+
+
+def test_a_waiter_takes_over_as_soon_as_a_holder_on_this_machine_dies(cache: ImageCache) -> None:
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        _put_lease(cache, owner=_here(holder.pid), pid=holder.pid, heartbeat=time.time() + 3600, timeout=60.0)
+        threading.Timer(0.3, holder.kill).start()  # killed, not reaped: a zombie until wait()
+        started = time.monotonic()
+        with cache.building(KEY, wait_timeout=5.0, poll=0.01) as slot:
+            assert slot.must_build
+            slot.record(image="img", image_id="id")
+        assert 0.25 < time.monotonic() - started < 2.0
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_live_holder_on_this_machine_is_waited_for(cache: ImageCache) -> None:
+    _put_lease(cache, owner=_here(os.getpid()), pid=os.getpid(), heartbeat=time.time(), timeout=60.0)
+    with pytest.raises(WaitTimeout), cache.building(KEY, wait_timeout=0.2, poll=0.02):
+        pytest.fail("must wait")
+
+
+def test_a_holder_owned_by_another_user_counts_as_alive(
+    cache: ImageCache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pid = _dead_pid()
+    real_kill = os.kill
+
+    def kill(target: int, sig: int) -> None:
+        if target == pid:
+            raise PermissionError(1, "Operation not permitted")  # exists, but is not ours
+        real_kill(target, sig)
+
+    monkeypatch.setattr(os, "kill", kill)
+    _put_lease(cache, owner=_here(pid), pid=pid, heartbeat=time.time(), timeout=60.0)
+    with pytest.raises(WaitTimeout) as info, cache.building(KEY, wait_timeout=0.2, poll=0.02):
+        pytest.fail("must wait")
+    assert info.value.holder_pid == pid
+
+
+@pytest.mark.parametrize("where", ["another host", "another pid namespace", "an older token"])
+def test_a_dead_pid_elsewhere_is_not_trusted(cache: ImageCache, where: str) -> None:
+    pid = _dead_pid()
+    host, _, rest = _here(pid).split(":", 2)
+    owner = {
+        "another host": f"not-{host}:{pid}:{rest}",
+        "another pid namespace": f"{host}:{pid}:1{rest}",  # same pids mean other processes there
+        "an older token": f"{host}:{pid}:{os.urandom(8).hex()}",  # says nothing of its namespace
+    }[where]
+    _put_lease(cache, owner=owner, pid=pid, heartbeat=time.time(), timeout=60.0)
+    with pytest.raises(WaitTimeout), cache.building(KEY, wait_timeout=0.2, poll=0.02):
+        pytest.fail("must wait for the heartbeat timeout")
+
+
+def test_on_wait_says_whom_it_waits_for_at_once_then_every_few_seconds(
+    cache: ImageCache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dockyard.cache import _lease
+
+    assert 1.0 <= _lease._WAIT_NOTE_EVERY <= 10.0  # "every few seconds"
+    monkeypatch.setattr(_lease, "_WAIT_NOTE_EVERY", 0.1)
+    _put_lease(cache, owner="other:99:x", pid=99, heartbeat=time.time() + 3600, timeout=60.0)
+    calls: list[tuple[str, int, float]] = []
+    with pytest.raises(WaitTimeout), cache.building(
+        KEY, wait_timeout=0.45, poll=0.01, on_wait=lambda *a: calls.append(a)
+    ):
+        pytest.fail("must wait")
+    assert calls, "on_wait was never called"
+    assert calls[0][:2] == ("other:99:x", 99) and calls[0][2] < 0.05  # at once
+    assert 3 <= len(calls) <= 6, calls
+    waited = [c[2] for c in calls]
+    assert all(b - a >= 0.09 for a, b in itertools.pairwise(waited)), waited
+
+
+def test_on_wait_names_the_new_holder_when_the_lease_changes_hands(cache: ImageCache) -> None:
+    _put_lease(cache, owner="first:1:x", pid=1, heartbeat=time.time() + 3600, timeout=60.0)
+
+    def hand_over() -> None:
+        time.sleep(0.15)
+        conn = sqlite3.connect(cache.path)
+        with conn:
+            conn.execute("UPDATE leases SET owner = 'second:2:x', pid = 2")
+        conn.close()
+
+    t = threading.Thread(target=hand_over)
+    t.start()
+    calls: list[tuple[str, int, float]] = []
+    with pytest.raises(WaitTimeout), cache.building(
+        KEY, wait_timeout=0.5, poll=0.01, on_wait=lambda *a: calls.append(a)
+    ):
+        pytest.fail("must wait")
+    t.join()
+    assert [c[:2] for c in calls] == [("first:1:x", 1), ("second:2:x", 2)]
+
+
+def test_on_wait_is_not_called_without_a_wait(cache: ImageCache) -> None:
+    calls: list[object] = []
+    with cache.building(KEY, on_wait=calls.append) as slot:  # a miss: takes the lease
+        slot.record(image="img", image_id="id")
+    with cache.building(KEY, on_wait=calls.append) as slot:  # a hit
+        assert not slot.must_build
+    assert calls == []
+
+
+def test_an_exception_from_on_wait_ends_the_wait(cache: ImageCache) -> None:
+    _put_lease(cache, owner="other:99:x", pid=99, heartbeat=time.time() + 3600, timeout=60.0)
+
+    def stop(holder: str, pid: int, waited: float) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt), cache.building(KEY, on_wait=stop):
+        pytest.fail("must not get a slot")
+    ((_, owner, *_),) = _leases(cache)
+    assert owner == "other:99:x"  # the holder's lease is untouched
+
+
+def test_a_non_callable_on_wait_is_refused(cache: ImageCache) -> None:
+    with pytest.raises(CacheInputError, match="on_wait"), cache.building(KEY, on_wait="print"):  # type: ignore[arg-type]
+        pass
