@@ -381,7 +381,7 @@ class Experiment:
 
             builder = Builder(ws.home)
             try:
-                builder.resolve_base(env)
+                builder.pull_bases(env)  # also when a remembered resolution outlived the image
             finally:
                 builder.close()
         snapshot = SnapshotStore(ws.home / "snapshots").take(source)

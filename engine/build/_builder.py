@@ -145,6 +145,17 @@ class Builder:
         combined = hashlib.sha256("\n".join(sorted(f"{r}@{d}" for r, d in resolved.items())).encode()).hexdigest()
         return f"sha256:{combined}", pulled, resolved
 
+    def pull_bases(self, env: Environment, progress: Callable[[str], None] | None = None) -> None:
+        """Make sure the engine holds every base ``env`` builds from, pulling (with the registry's
+        credentials, which only this process may hold) what it lacks, whatever was remembered.
+
+        Raises:
+            RegistryAuthError, RegistryError: a base could not be pulled.
+        """
+        report = progress or (lambda _l: None)
+        self.resolve_base(env, report)
+        self._bases_refreshed(env, report)
+
     def _base_refs(self, env: Environment) -> list[tuple[str, ContainerRegistry | None]]:
         """The images a build starts from, each with the registry credentials that apply to it."""
         from ._registry import parse_image_ref, qualify

@@ -54,12 +54,26 @@ class Agent:
         self._stop = threading.Event()
         self._wake = threading.Event()  # set by SIGUSR1 (a submit) or by a run that just ended
         self._log_lock = threading.Lock()
+        self._logged: dict[str, tuple[str, float]] = {}
+        self._warned_empty: set[Path] = set()
         self.events = RunEvents(self.store, self.log)
 
     def log(self, message: str) -> None:
+        """One line in the agent's log. Never raises: a full disk must not kill the agent."""
         with self._log_lock:
-            sys.stdout.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {message}\n")
-            sys.stdout.flush()
+            try:
+                sys.stdout.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {message}\n")
+                sys.stdout.flush()
+            except (OSError, ValueError):
+                pass
+
+    def log_once(self, topic: str, message: str, every: float = 60.0) -> None:
+        """Log ``message`` unless the same one was logged for ``topic`` within ``every`` seconds."""
+        now = time.monotonic()
+        last = self._logged.get(topic)
+        if last is None or last[0] != message or now - last[1] > every:
+            self._logged[topic] = (message, now)
+            self.log(message)
 
     def store(self, workspace: Path) -> RunStore:
         """The run store of a workspace folder, opened once for the agent's life."""
@@ -108,7 +122,7 @@ class Agent:
             try:
                 self.step()
             except Exception as exc:  # noqa: BLE001 - the agent keeps serving whatever one pass hit
-                self.log(f"pass failed: {type(exc).__name__}: {exc}")
+                self.log_once("pass", f"pass failed: {type(exc).__name__}: {exc}")
             # Polling is the fallback; submits (SIGUSR1) and run exits wake the loop at once.
             self._wake.wait(self.poll)
             self._wake.clear()
@@ -156,8 +170,19 @@ class Agent:
         running: list[AgentRun] = []
         for folder in workspace_folders(self.home):
             store = self.store(folder)
+            try:
+                records = store.unfinished()
+            except DockyardError as exc:  # one damaged workspace must not stop the others
+                self.log_once(f"store:{folder}", f"workspace {folder.name} cannot be read: {exc}")
+                continue
+            if store.was_empty and store.path not in self._warned_empty:
+                self._warned_empty.add(store.path)
+                self.log(f"warning: {store.path} was an empty file (0 bytes) when opened: "
+                         "whatever runs it held are gone")
+            for damaged in store.damaged:
+                self.log_once(f"damaged:{folder}:{damaged}", f"workspace {folder.name}: {damaged}")
             targets: dict[str, ComputeRecord] = {}
-            for record in store.unfinished():
+            for record in records:
                 target = targets.get(record.compute)
                 if target is None:
                     target = store.compute(record.compute)
@@ -175,7 +200,7 @@ class Agent:
             try:
                 self.backend(run.target.kind).poll(run)
             except DockyardError as exc:
-                self.log(f"{run.id}: following it failed: {exc}")
+                self.log_once(f"poll:{run.id}", f"{run.id}: following it failed: {exc}")
         by_kind: dict[str, tuple[list[AgentRun], list[AgentRun]]] = defaultdict(lambda: ([], []))
         for run in queued:  # a queued run's cancel is its backend's: it may be starting it right now
             by_kind[run.target.kind][0].append(run)
@@ -189,7 +214,7 @@ class Agent:
                     if run.record.cancel_requested:
                         self.events.canceled(run)
                     else:
-                        self.events.waiting(run, exc.message)
+                        self.events.note(run, exc.message)
                 continue
             backend.dispatch(waiting, active)
 

@@ -68,8 +68,9 @@ class RunEvents:
         except DockyardError:
             return None
 
-    def waiting(self, run: AgentRun, reason: str) -> None:
-        """Why a queued run has not started (shown by ``dockyard gpus`` and ``runs show``)."""
+    def note(self, run: AgentRun, reason: str) -> None:
+        """Why a queued run has not started, or what a running one waits for ("" clears it); shown by
+        ``dockyard gpus`` and ``runs show``. Written only when it changes."""
         if run.record.reason != reason:
             self._store(run).update(run.id, reason=reason)
 

@@ -77,8 +77,12 @@ def agent_status(home: Path) -> AgentStatus:
     return AgentStatus(running, pid if running else None, str(files.log))
 
 
+# A run's own variables, when a run itself submits (the agent must not pass for that run).
+_RUN_VARIABLES = ("DOCKYARD_RUN_ID", "DOCKYARD_METRICS_FILE", "DOCKYARD_EXPERIMENT")
+
+
 def _agent_environment(scrub: Iterable[str]) -> dict[str, str]:
-    drop = set(scrub)
+    drop = {*scrub, *_RUN_VARIABLES}
     return {k: v for k, v in os.environ.items() if k not in drop and not _SECRET_NAME.search(k)}
 
 

@@ -4,6 +4,16 @@ It decides which queued runs start now — each compute target's ``max_nodes``, 
 (:func:`dockyard.gpu.plan`) over the GPU runs of every workspace, in one queue ordered by priority
 then submit time — leases their GPUs, prepares each run on a thread (snapshot, image) and hands it
 to a launcher (container or local process), then follows it to its true end.
+
+What it believes comes from what holds the resource:
+
+* A GPU lease is released only when the run's holder is proven gone: its container or process,
+  found by the run's label or environment, is absent or exited. A holder that cannot be asked
+  (the engine is down) keeps its lease.
+* A run is started at most once per attempt: a holder that an earlier agent started (found by
+  the recorded handle, or by the run's container name or process environment) is adopted.
+* While the engine is unreachable, running runs stay ``Running`` (with the reason shown) and
+  keep their GPUs; their true exit is collected when it answers. Queued runs wait for it.
 """
 
 from __future__ import annotations
@@ -19,16 +29,20 @@ from typing import Any
 
 from .._environment import Environment
 from ..dockerd import EngineClient
-from ..errors import DockyardError
+from ..errors import BuildKitUnavailable, DockyardError, EngineUnavailable, EnvironmentProblem
 from ..gpu import Lease, LeaseConflict, LeaseStore
-from ..launch import ContainerLauncher, LaunchHandle, LaunchSpec, ProcessLauncher
+from ..launch import BindMount, ContainerLauncher, LaunchHandle, LaunchSpec, Observation, ProcessLauncher
 from ..runs import CONTAINER_LIB, CONTAINER_WORK, RunStatus, SnapshotStore
 from ._backend import AgentRun, RunEvents
 
-__all__ = ["ENGINE_GRACE_S", "LocalBackend"]
+__all__ = ["LocalBackend"]
 
-# How long the engine may be unreachable before running container runs are marked Failed.
-ENGINE_GRACE_S = float(os.environ.get("DOCKYARD_ENGINE_GRACE_S", "15"))
+# Below this much free space under a run's folder, its output cannot be written.
+_DISK_LOW_BYTES = 1 << 20
+# Exit codes of a container stopped by its engine (SIGTERM, then SIGKILL) rather than ending itself.
+_STOPPED_CODES = (137, 143)
+# How near an observed engine outage a container must have ended to have been stopped by it.
+_OUTAGE_SLACK_S = 30.0
 
 
 def _library_dir() -> Path:
@@ -44,6 +58,16 @@ class _NotNow(Exception):
 def _plan_id(run: AgentRun) -> str:
     # Run ids are unique within a workspace; the plan sees every workspace's runs at once.
     return f"{run.workspace.name}/{run.id}"
+
+
+def _pythonpath(library: str, env: Environment) -> str:
+    """dockyard's in-run API first, then whatever the environment itself puts on PYTHONPATH."""
+    declared = env.environment_variables.get("PYTHONPATH", "")
+    return os.pathsep.join(p for p in (library, declared) if p)
+
+
+def _clock(t: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(t))
 
 
 class LocalBackend:
@@ -68,7 +92,9 @@ class LocalBackend:
         self._watching: set[tuple[str, str]] = set()
         self._stopping: set[tuple[str, str]] = set()
         self._python_of: dict[str, str] = {}  # image id -> its interpreter (labels never change)
-        self._engine_down_since: float | None = None
+        self._engine_down_since: float | None = None  # wall clock
+        self._outages: list[tuple[float, float]] = []  # (from, to), wall clock, most recent last
+        self._disk_low: dict[tuple[str, str], str] = {}  # run -> what was seen while it ran
 
     def close(self) -> None:
         if self._builder is not None:
@@ -101,24 +127,47 @@ class LocalBackend:
         """Pay the one-off imports (docker SDK, the builder) before the first run asks for them."""
         _ = self.containers.api, self.builder
 
-    def _holds(self, lease: Lease) -> bool:
-        """A lease stays while its run is being launched or runs; ended or vanished runs lose it."""
-        key = (lease.holder, lease.run_id)
-        thread = self._preparing.get(key)
-        if thread is not None and thread.is_alive():
-            return True
-        return self.events.status(Path(lease.holder), lease.run_id) == RunStatus.RUNNING
+    # -- who holds the GPUs -------------------------------------------------------------------
+
+    def _reclaim(self) -> None:
+        """Release the leases whose holder is proven gone; keep every other (unknown keeps)."""
+        live: dict[str, set[str] | None] = {}
+
+        def live_runs(kind: str) -> set[str] | None:
+            if kind not in live:  # asked at most once per pass, and only when a lease needs it
+                live[kind] = (self.containers if kind == "container" else self.processes).live_runs()
+            return live[kind]
+
+        def holds(lease: Lease) -> bool:
+            key = (lease.holder, lease.run_id)
+            thread = self._preparing.get(key)
+            if (thread is not None and thread.is_alive()) or key in self._watching:
+                return True  # being launched, or its holder's exit has not been seen yet
+            containers = live_runs("container")
+            return containers is None or lease.run_id in containers or lease.run_id in (live_runs("process") or ())
+
+        for gpu in self.leases.reclaim(holds):
+            self.events.log(f"GPU {gpu} released: its run's holder is gone")
 
     # -- dispatching ----------------------------------------------------------------------------
 
     def dispatch(self, queued: Sequence[AgentRun], running: Sequence[AgentRun]) -> None:
-        self.leases.reclaim(self._holds)
+        gpu_trouble = ""
+        try:
+            self._reclaim()
+            held = self.leases.held()
+        except EnvironmentProblem as exc:  # a damaged lease store stops GPU runs, not the others
+            gpu_trouble, held = f"the GPU leases cannot be read: {exc.message} (run `dockyard doctor`)", {}
+            self.events.log(gpu_trouble)
+        leased: dict[str, list[str]] = {}
+        for gpu, run_id in held.items():
+            leased.setdefault(run_id, []).append(gpu)
         busy = Counter((str(r.workspace), r.target.name) for r in running)
-        waiting_gpu: list[AgentRun] = []
         listed = {r.key for r in queued}
         for key, thread in list(self._preparing.items()):
             if key not in listed and not thread.is_alive():
                 del self._preparing[key]  # this pass already sees what its launch recorded
+        waiting_gpu: list[AgentRun] = []
         for run in queued:
             target = (str(run.workspace), run.target.name)
             thread = self._preparing.get(run.key)
@@ -139,26 +188,34 @@ class LocalBackend:
                 self.events.canceled(run)
                 continue
             if busy[target] >= run.target.max_nodes:
-                self.events.waiting(run, f"compute target {run.target.name} is full ({run.target.max_nodes} at once)")
+                self.events.note(run, f"compute target {run.target.name} is full ({run.target.max_nodes} at once)")
                 continue
             if run.record.gpu_count:
-                waiting_gpu.append(run)
+                if gpu_trouble:
+                    self.events.note(run, gpu_trouble)
+                elif run.id in leased:
+                    # An earlier agent granted these GPUs and may have started the run on them.
+                    busy[target] += 1
+                    self._spawn(run, tuple(sorted(leased[run.id])))
+                else:
+                    waiting_gpu.append(run)
                 continue
             busy[target] += 1
             self._spawn(run, ())
         if waiting_gpu:
-            self._start_gpu_runs(waiting_gpu, running, busy)
+            self._start_gpu_runs(waiting_gpu, running, busy, held)
 
-    def _start_gpu_runs(self, waiting: list[AgentRun], running: Sequence[AgentRun], busy: Counter) -> None:
+    def _start_gpu_runs(self, waiting: list[AgentRun], running: Sequence[AgentRun], busy: Counter,
+                        held: dict[str, str]) -> None:
         """One plan over every workspace's waiting GPU runs: one queue, priority then submit time."""
         from ..gpu import Active, GpuRequest, Waiting, plan
 
         found, topology = self._gpu_state()
         if topology is None:
             for run in waiting:
-                self.events.waiting(run, f"needs {run.record.gpu_count} GPU(s); this machine has none")
+                self.events.note(run, f"needs {run.record.gpu_count} GPU(s); this machine has none")
             return
-        free = frozenset(g.uuid for g in found.gpus) - set(self.leases.held())
+        free = frozenset(g.uuid for g in found.gpus) - set(held)
         active = []
         for r in running:
             if r.record.gpus:
@@ -172,12 +229,12 @@ class LocalBackend:
             run = by_id[plan_id]
             target = (str(run.workspace), run.target.name)
             if busy[target] >= run.target.max_nodes:
-                self.events.waiting(run, f"compute target {run.target.name} is full ({run.target.max_nodes} at once)")
+                self.events.note(run, f"compute target {run.target.name} is full ({run.target.max_nodes} at once)")
                 continue
             try:
                 self.leases.grant(run.id, gpus, str(run.workspace))
             except LeaseConflict:
-                continue  # taken meanwhile (a lease left by an older agent): the next pass re-plans
+                continue  # taken meanwhile: the next pass re-plans
             try:
                 self.events.granted(run, gpus)
             except DockyardError:
@@ -187,7 +244,7 @@ class LocalBackend:
             self._spawn(run, tuple(gpus))
         for plan_id, reason in decision.reasons.items():
             if plan_id in by_id:
-                self.events.waiting(by_id[plan_id], reason)
+                self.events.note(by_id[plan_id], reason)
 
     def _spawn(self, run: AgentRun, gpus: tuple[str, ...]) -> None:
         thread = threading.Thread(target=self._launch, args=(run, gpus), name=f"launch-{run.id}", daemon=True)
@@ -196,48 +253,89 @@ class LocalBackend:
 
     # -- launching ------------------------------------------------------------------------------
 
+    def _release(self, run: AgentRun) -> None:
+        try:
+            self.leases.release(run.id)
+        except EnvironmentProblem as exc:
+            self.events.log(f"{run.id}: its GPU leases could not be released now ({exc.message}); "
+                            "the next pass releases them once its holder is proven gone")
+
     def _launch(self, run: AgentRun, gpus: tuple[str, ...]) -> None:
         try:
             self._adopt_or_start(run, gpus)
         except _NotNow as exc:
-            self.leases.release(run.id)  # the next pass tries again
-            self.events.waiting(run, str(exc))
+            self._release(run)  # nothing holds them: the next pass plans again
+            self.events.note(run, str(exc))
+        except (EngineUnavailable, BuildKitUnavailable) as exc:
+            # Not the run's fault, and not final: it waits for the engine (the reason says so).
+            self._release(run)
+            self.events.note(run, f"waiting for the Docker Engine: {exc.message}")
         except DockyardError as exc:
-            self.leases.release(run.id)
+            self._release(run)
             tail = getattr(exc, "log_tail", "")
             self.events.failed_to_start(run, f"{exc}" + (f"\n{tail}" if tail else ""))
             self.events.log(f"{run.id} failed to start: {exc}")
         except Exception as exc:  # noqa: BLE001 - a bug must fail one run, not the agent
-            self.leases.release(run.id)
+            self._release(run)
             self.events.failed_to_start(run, f"internal error: {type(exc).__name__}: {exc}")
             self.events.log(f"{run.id} failed to start (internal): {exc!r}")
 
     def _handle(self, run: AgentRun) -> LaunchHandle | None:
         record = run.record
         if record.launcher == "process":
-            return LaunchHandle("process", str(record.pid)) if record.pid else None
-        return LaunchHandle("container", record.container_id) if record.container_id else None
+            return LaunchHandle("process", str(record.pid), record.id) if record.pid else None
+        return LaunchHandle("container", record.container_id, record.id) if record.container_id else None
 
-    def _adopt_or_start(self, run: AgentRun, gpus: tuple[str, ...]) -> None:
-        """At most once per attempt: a holder an earlier agent started is adopted, not started again."""
+    def _existing_holder(self, run: AgentRun) -> LaunchHandle | None:
+        """A holder an earlier attempt started: by its recorded handle, else by the run's name/environment.
+
+        Raises:
+            _NotNow: the engine cannot say (starting again could run the script twice).
+        """
+        launcher = self._launcher(run)
         handle = self._handle(run)
         if handle is not None:
-            launcher = self._launcher(run)
             if run.record.launcher == "process":
                 self.processes.adopt(handle, str(run.record.folder.exit_code))
             seen = launcher.poll(handle)
             if seen.state in ("running", "exited"):
-                self._running(run, handle, "adopted")
-                return
-            if seen.state == "unknown":  # not proven gone: starting it again could run it twice
+                return handle
+            if seen.state == "unknown":
                 raise _NotNow(f"waiting to learn what became of its earlier start: {seen.reason}")
+        try:
+            found = launcher.find(run.id)
+        except (EngineUnavailable, EnvironmentProblem) as exc:
+            raise _NotNow(f"waiting to learn whether it was started already: {exc.message}") from exc
+        if found is not None and run.record.launcher == "process":
+            self.processes.adopt(found, str(run.record.folder.exit_code))
+        return found
+
+    def _adopt_or_start(self, run: AgentRun, gpus: tuple[str, ...]) -> None:
+        """At most once per attempt: a holder an earlier agent started is adopted, not started again."""
+        found = self._existing_holder(run)
+        if found is not None:
+            if found.ref != (run.record.container_id or str(run.record.pid or "")):
+                self._recorded(run, found, run.record.image)
+            self._running(run, found, "adopted")
+            return
         self._prepare_and_start(run, gpus)
+
+    def _recorded(self, run: AgentRun, handle: LaunchHandle, image: str) -> None:
+        """The holder exists: record it (before it can do anything) with the GPUs it holds."""
+        if handle.kind == "process":
+            self.events.launched(run, pid=int(handle.ref), image="(local process)")
+        else:
+            self.events.launched(run, container_id=handle.ref, image=image)
+        try:
+            self.leases.note_holder(run.id, f"{handle.kind}:{handle.ref}")
+        except EnvironmentProblem as exc:
+            self.events.log(f"{run.id}: its holder could not be noted in the lease audit: {exc.message}")
 
     def _prepare_and_start(self, run: AgentRun, gpus: tuple[str, ...]) -> None:
         record = run.record
         folder = record.folder
         if folder.work.exists():
-            shutil.rmtree(folder.work)  # a launch interrupted by a crash: start clean
+            shutil.rmtree(folder.work)  # an attempt that never started: start clean
         self.snapshots.materialize(record.snapshot, folder.work)
         folder.prepare()
         env = Environment.from_dict(record.environment)
@@ -250,37 +348,35 @@ class LocalBackend:
         }
         if record.launcher == "process":
             # Local processes are isolated by CUDA alone; "" hides every GPU from a CPU-only run.
-            lib_parent = str(_library_dir().parent)
             variables.update({
                 "CUDA_VISIBLE_DEVICES": ",".join(gpus),
                 "DOCKYARD_METRICS_FILE": str(folder.metrics),
-                "PYTHONPATH": os.pathsep.join(p for p in (lib_parent, os.environ.get("PYTHONPATH", "")) if p),
+                "PYTHONPATH": _pythonpath(str(_library_dir().parent), env),
             })
             spec = LaunchSpec(record.id, (env.python.interpreter_path, record.script, *record.arguments), variables,
                               str(folder.work), str(folder.log), exit_code_path=str(folder.exit_code))
-            handle = self.processes.launch(
-                spec, on_created=lambda h: self.events.launched(run, pid=int(h.ref), image="(local process)"))
+            handle = self.processes.launch(spec, on_created=lambda h: self._recorded(run, h, ""))
             self._running(run, handle, f"as local process {handle.ref}")
             return
         built = self.builder.ensure_image(env, progress=lambda line: self.events.log(f"{record.id}: {line}"))
         if self.events.cancel_requested(run):
-            self.leases.release(run.id)
+            self._release(run)
             self.events.canceled(run)
             return
         virtual = self._gpu_state()[0].virtual if gpus else False
         variables.update({
             # NVIDIA's runtime reads NVIDIA_VISIBLE_DEVICES; "void" gives a CPU-only run no GPU.
             "NVIDIA_VISIBLE_DEVICES": ",".join(gpus) if gpus else "void",
-            "PYTHONPATH": CONTAINER_LIB,
+            "PYTHONPATH": _pythonpath(CONTAINER_LIB, env),
             "DOCKYARD_METRICS_FILE": folder.container_metrics,
         })
+        mounts = tuple(BindMount(src, dst, ro) for src, dst, ro in folder.container_mounts(_library_dir()))
         spec = LaunchSpec(
             record.id, (self._python(built, env), record.script, *record.arguments), variables, CONTAINER_WORK,
-            folder.container_log, image=built.image, binds=tuple(folder.container_binds(_library_dir())),
+            folder.container_log, image=built.image, mounts=mounts,
             labels={"dockyard.workspace": str(run.workspace)}, device_ids=gpus if gpus and not virtual else (),
         )
-        handle = self.containers.launch(
-            spec, on_created=lambda h: self.events.launched(run, container_id=h.ref, image=built.image))
+        handle = self.containers.launch(spec, on_created=lambda h: self._recorded(run, h, built.image))
         self._running(run, handle, f"in container {handle.ref[:12]} ({built.image})")
 
     def _python(self, built: Any, env: Environment) -> str:
@@ -292,15 +388,17 @@ class LocalBackend:
         return python or env.python.interpreter_path
 
     def _running(self, run: AgentRun, handle: LaunchHandle, how: str) -> None:
-        if not self.events.started(run):
+        if not self.events.started(run) and self.events.status(run.workspace, run.id) != RunStatus.RUNNING:
             # Canceled (or ended) while it was being prepared: what just started must not run on.
             self.events.log(f"{run.id} was canceled while starting; stopping it")
             launcher = self._launcher(run)
             try:
                 launcher.stop(handle, 0)
                 launcher.remove(handle)
-            finally:
-                self.leases.release(run.id)
+            except DockyardError as exc:
+                self.events.log(f"{run.id}: stopping it failed ({exc}); its GPUs stay leased until it is gone")
+                return
+            self._release(run)
             return
         self.events.log(f"{run.id} running {how}")
         self._watch(run, handle)
@@ -326,35 +424,83 @@ class LocalBackend:
     # -- following ------------------------------------------------------------------------------
 
     def poll(self, run: AgentRun) -> None:
-        self.events.ingest_metrics(run)
+        try:
+            self.events.ingest_metrics(run)
+        except EnvironmentProblem as exc:  # e.g. a full disk: following the run matters more
+            self.events.log(f"{run.id}: its metrics could not be stored now: {exc.message}")
+        launcher = self._launcher(run)
         handle = self._handle(run)
         if handle is None:
-            self._finish(run, None, "the run has no container (it was lost while starting)")
-            return
-        launcher = self._launcher(run)
+            try:
+                handle = launcher.find(run.id)
+            except EnvironmentProblem as exc:
+                self._engine_unreachable(run, exc.message)
+                return
+            if handle is None:
+                self._finish(run, None, "the run has no container or process (it was lost while starting)")
+                return
+            self._recorded(run, handle, run.record.image)
         if run.record.launcher == "process":
             self.processes.adopt(handle, str(run.record.folder.exit_code))
         seen = launcher.poll(handle)
         if seen.state == "unknown":
-            now = time.monotonic()
-            self._engine_down_since = self._engine_down_since or now
-            if now - self._engine_down_since > ENGINE_GRACE_S:
-                self._finish(run, None, f"the Docker Engine became unreachable: {seen.reason}")
+            self._engine_unreachable(run, seen.reason)
             return
         if run.record.launcher == "container":
-            self._engine_down_since = None
+            self._engine_answers(run)
+        self._check_disk(run)
         if seen.state == "running":
             if run.record.cancel_requested:
                 self._stop(run, handle)
             else:
                 self._watch(run, handle)  # an adopted run: follow its exit too
             return
-        self._finish(run, seen.exit_code, seen.reason)
+        self._finish(run, seen.exit_code, self._reason(run, seen))
         if seen.state == "exited":
             try:
                 launcher.remove(handle)  # after the end is recorded: a waiter hears of it first
             except DockyardError as exc:
                 self.events.log(f"{run.id}: could not remove its container: {exc}")
+
+    def _engine_unreachable(self, run: AgentRun, reason: str) -> None:
+        now = time.time()
+        if self._engine_down_since is None:
+            self._engine_down_since = now
+            self.events.log(f"the Docker Engine is unreachable: {reason}; runs keep their GPUs until it answers")
+        self.events.note(run, f"the Docker Engine is unreachable since {_clock(self._engine_down_since)} ({reason}); "
+                              "the run is followed again when it answers, and keeps its GPUs")
+
+    def _engine_answers(self, run: AgentRun) -> None:
+        if self._engine_down_since is not None:
+            self._outages = [*self._outages[-19:], (self._engine_down_since, time.time())]
+            self.events.log(f"the Docker Engine answers again (unreachable since {_clock(self._engine_down_since)})")
+            self._engine_down_since = None
+        if run.record.reason.startswith("the Docker Engine is unreachable"):
+            self.events.note(run, "")
+
+    def _check_disk(self, run: AgentRun) -> None:
+        """Remember a full disk under a running run's folder: its output then cannot be written."""
+        try:
+            stats = os.statvfs(run.record.folder.root)
+        except OSError:
+            return
+        if stats.f_bavail * stats.f_frsize < _DISK_LOW_BYTES:
+            self._disk_low.setdefault(run.key, f"no space left on device under {run.record.folder.root}")
+
+    def _reason(self, run: AgentRun, seen: Observation) -> str:
+        """Why a run ended as it did, in words: the engine's restart, a full disk, or the script."""
+        self._check_disk(run)
+        disk = self._disk_low.get(run.key, "")  # kept until the end is recorded (a full disk may refuse it)
+        code = seen.exit_code
+        if seen.state == "exited" and code in _STOPPED_CODES and seen.finished_at is not None:
+            for start, end in self._outages:
+                if start - _OUTAGE_SLACK_S <= seen.finished_at <= end + _OUTAGE_SLACK_S:
+                    return (f"stopped when the Docker Engine restarted (exit code {code}, at "
+                            f"{_clock(seen.finished_at)}); the script did not finish")
+        if disk and code != 0:
+            what = f"the script exited with code {code}" if code is not None else seen.reason
+            return f"{disk} while it ran, so its output could not all be written ({what})"
+        return seen.reason
 
     def _stop(self, run: AgentRun, handle: LaunchHandle) -> None:
         """Stop a canceled run on a thread: a container gets seconds of grace, the loop none."""
@@ -378,4 +524,5 @@ class LocalBackend:
 
     def _finish(self, run: AgentRun, exit_code: int | None, reason: str = "") -> None:
         self.events.finished(run, exit_code, reason)
-        self.leases.release(run.id)
+        self._disk_low.pop(run.key, None)
+        self._release(run)

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .._sqlite import SqliteFile
+from .._sqlite import SqliteFile, sqlite3
 
 __all__ = ["Lease", "LeaseConflict", "LeaseStore"]
 
@@ -28,10 +28,11 @@ CREATE INDEX IF NOT EXISTS leases_run ON leases(run_id);
 CREATE TABLE IF NOT EXISTS audit (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     t REAL NOT NULL,
-    event TEXT NOT NULL,            -- grant | release | reclaim
+    event TEXT NOT NULL,            -- grant | hold | release | reclaim
     gpu TEXT NOT NULL,
     run_id TEXT NOT NULL,
-    holder TEXT NOT NULL
+    holder TEXT NOT NULL,
+    ref TEXT NOT NULL DEFAULT ''    -- hold: what holds the devices ("container:<id>", "process:<pid>")
 );
 """
 
@@ -56,6 +57,10 @@ class LeaseStore(SqliteFile):
 
     def __init__(self, home: Path) -> None:
         super().__init__(Path(home) / "gpus.db")
+
+    def _upgrade(self, conn: sqlite3.Connection) -> None:
+        if "ref" not in {row[1] for row in conn.execute("PRAGMA table_info(audit)")}:
+            conn.execute("ALTER TABLE audit ADD COLUMN ref TEXT NOT NULL DEFAULT ''")
 
     def leases(self) -> list[Lease]:
         return [Lease(*r) for r in self._read("SELECT gpu, run_id, holder, granted FROM leases ORDER BY gpu")]
@@ -83,6 +88,15 @@ class LeaseStore(SqliteFile):
                 conn.execute("INSERT INTO leases (gpu, run_id, holder, granted) VALUES (?, ?, ?, ?)", (gpu, run_id, holder, now))
                 conn.execute("INSERT INTO audit (t, event, gpu, run_id, holder) VALUES (?, 'grant', ?, ?, ?)", (now, gpu, run_id, holder))
 
+    def note_holder(self, run_id: str, ref: str) -> None:
+        """Audit what holds ``run_id``'s GPUs (a container or process), once it exists."""
+        now = time.time()
+        with self._tx() as conn:
+            rows = conn.execute("SELECT gpu, holder FROM leases WHERE run_id = ?", (run_id,)).fetchall()
+            for gpu, holder in rows:
+                conn.execute("INSERT INTO audit (t, event, gpu, run_id, holder, ref) VALUES (?, 'hold', ?, ?, ?, ?)",
+                             (now, gpu, run_id, holder, ref))
+
     def release(self, run_id: str, *, event: str = "release") -> list[str]:
         """Release every GPU ``run_id`` holds; returns them (idempotent)."""
         now = time.time()
@@ -109,3 +123,8 @@ class LeaseStore(SqliteFile):
     def audit(self) -> list[tuple[float, str, str, str]]:
         """(t, event, gpu, run_id) in order."""
         return [tuple(r) for r in self._read("SELECT t, event, gpu, run_id FROM audit ORDER BY seq")]  # type: ignore[misc]
+
+    def holders(self) -> list[tuple[float, str, str, str]]:
+        """(t, gpu, run_id, ref) of every 'hold' event, in order: what held each GPU, and since when."""
+        rows = self._read("SELECT t, gpu, run_id, ref FROM audit WHERE event = 'hold' ORDER BY seq")
+        return [tuple(r) for r in rows]  # type: ignore[misc]

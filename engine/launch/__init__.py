@@ -11,6 +11,7 @@ from .._lazy import lazy_exports
 TYPE_CHECKING = False
 
 _EXPORTS = {
+    "BindMount": "._types",
     "LaunchHandle": "._types",
     "LaunchSpec": "._types",
     "Launcher": "._types",
@@ -19,6 +20,7 @@ _EXPORTS = {
     "container_name": "._container",
     "ProcessLauncher": "._process",
     "pid_alive": "._process",
+    "RUN_ID_VARIABLE": "._process",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -6,18 +6,21 @@ errors are translated once, by :func:`dockyard.dockerd.translate_docker_error`.
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Callable
 from typing import Any
 
 from ..dockerd import EngineClient, translate_docker_error
-from ..errors import EngineError, EnvironmentProblem
+from ..errors import EngineError, EngineUnavailable, EnvironmentProblem
 from ._types import LaunchHandle, LaunchSpec, Observation
 
 __all__ = ["ContainerLauncher", "container_name"]
 
 # Each running container has a thread blocked in the engine's wait endpoint, each on a connection.
 _POOL = 64
+# $1 is the log file, the rest the command: data stays data (no path is ever part of the script).
+_WRAPPER = 'log=$1; shift; exec "$@" >>"$log" 2>&1'
 
 
 def container_name(run_id: str) -> str:
@@ -29,7 +32,7 @@ class ContainerLauncher:
 
     The command runs under ``/bin/sh`` with ``exec``, so the script becomes PID 1's process
     image (signals reach it, its exit code is the container's) and its output goes straight into
-    the bind-mounted log file.
+    the bind-mounted log file. Paths and arguments reach it as argv elements, never as shell text.
     """
 
     kind = "container"
@@ -48,21 +51,22 @@ class ContainerLauncher:
             return self._api
 
     def _body(self, spec: LaunchSpec) -> dict[str, Any]:
-        from docker.types import DeviceRequest
+        from docker.types import DeviceRequest, Mount
 
-        script = f'exec "$0" "$@" >>{spec.log_path} 2>&1'
         device_requests = None
         if spec.device_ids:
             # By UUID, never `count`: dockerd's count means "the first N GPUs", whoever uses them.
             device_requests = [DeviceRequest(driver="nvidia", device_ids=list(spec.device_ids), capabilities=[["gpu"]])]
+        # Mounts, not "host:container" bind strings: a ':' or ',' in a path is just a character.
+        mounts = [Mount(m.target, m.source, type="bind", read_only=m.read_only) for m in spec.mounts]
         return {
             "image": spec.image,
-            "command": ["/bin/sh", "-c", script, *spec.argv],
+            "command": ["/bin/sh", "-c", _WRAPPER, "dockyard-run", spec.log_path, *spec.argv],
             "environment": dict(spec.env),
             "working_dir": spec.workdir,
             "labels": {**spec.labels, "dockyard.run": spec.run_id},
             "name": container_name(spec.run_id),
-            "host_config": self.api.create_host_config(binds=list(spec.binds), device_requests=device_requests),
+            "host_config": self.api.create_host_config(mounts=mounts, device_requests=device_requests),
             "use_config_proxy": False,  # the run gets its environment's variables, not the client's proxies
         }
 
@@ -89,7 +93,7 @@ class ContainerLauncher:
                 if exc.status_code != 409:
                     raise
                 existing = self.api.inspect_container(body["name"])
-                handle = LaunchHandle("container", str(existing["Id"]))
+                handle = LaunchHandle("container", str(existing["Id"]), spec.run_id)
                 if (existing.get("State") or {}).get("Status") != "created":
                     on_created(handle)  # it started once already: adopt it
                     return handle
@@ -97,13 +101,17 @@ class ContainerLauncher:
                 container_id = str(self.api.create_container(**body)["Id"])
         except Exception as exc:
             raise translate_docker_error(exc, f"creating the container of run {spec.run_id}") from exc
-        handle = LaunchHandle("container", container_id)
+        handle = LaunchHandle("container", container_id, spec.run_id)
         on_created(handle)  # recorded before start: a crash from here on leaves an adoptable run
         try:
             self.api.start(container_id)
         except Exception as exc:
-            self.remove(handle)  # leave nothing behind
             error = translate_docker_error(exc, f"starting the container of run {spec.run_id}")
+            if not isinstance(error, EngineUnavailable):
+                try:
+                    self.remove(handle)  # leave nothing behind
+                except EngineError:
+                    pass  # best effort: a later adoption finds it "created, never started" and replaces it
             if "nvidia" in str(error).lower():
                 message = getattr(exc, "explanation", None) or str(exc)
                 raise EnvironmentProblem(
@@ -131,7 +139,7 @@ class ContainerLauncher:
         reason = "" if code == 0 else str(state.get("Error") or "")
         if state.get("OOMKilled"):
             reason = "killed: out of memory"
-        return Observation("exited", exit_code=code, reason=reason)
+        return Observation("exited", exit_code=code, reason=reason, finished_at=_timestamp(state.get("FinishedAt")))
 
     def wait(self, handle: LaunchHandle) -> None:
         try:
@@ -147,6 +155,32 @@ class ContainerLauncher:
             if not (isinstance(error, EngineError) and error.status == 404):
                 raise error from exc
 
+    def find(self, run_id: str) -> LaunchHandle | None:
+        """The container of ``run_id`` that ever started (running or exited), else None.
+
+        Raises:
+            EngineUnavailable, EngineError: the engine cannot be asked (unknown is not "none").
+        """
+        import docker.errors
+
+        try:
+            found = self.api.inspect_container(container_name(run_id))
+        except docker.errors.NotFound:
+            return None
+        except Exception as exc:
+            raise translate_docker_error(exc, f"looking for the container of run {run_id}") from exc
+        if (found.get("State") or {}).get("Status") == "created":
+            return None  # never started: it holds nothing and ran nothing
+        return LaunchHandle("container", str(found["Id"]), run_id)
+
+    def live_runs(self) -> set[str] | None:
+        """Runs with a running container on this engine (by their ``dockyard.run`` label)."""
+        try:
+            listed = self.api.containers(filters={"label": "dockyard.run"})
+        except Exception:  # noqa: BLE001 - None means "cannot tell", which keeps every lease
+            return None
+        return {str((c.get("Labels") or {}).get("dockyard.run")) for c in listed}
+
     def remove(self, handle: LaunchHandle) -> None:
         try:
             self.api.remove_container(handle.ref, force=True)
@@ -154,3 +188,18 @@ class ContainerLauncher:
             error = translate_docker_error(exc, "removing a run's container")
             if not (isinstance(error, EngineError) and error.status == 404):
                 raise error from exc
+
+
+_RFC3339 = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)?$")
+
+
+def _timestamp(text: object) -> float | None:
+    """Docker's RFC 3339 times (nanoseconds, 'Z') as seconds since the epoch; None for the zero time."""
+    from datetime import datetime
+
+    found = _RFC3339.match(text) if isinstance(text, str) else None
+    if found is None or text.startswith("0001-"):  # type: ignore[union-attr]
+        return None
+    whole, fraction, zone = found.groups()
+    zone = "+00:00" if zone in (None, "Z") else zone
+    return datetime.fromisoformat(f"{whole}.{(fraction or '0')[:6]:0<6}{zone}").timestamp()

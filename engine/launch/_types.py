@@ -12,9 +12,18 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-__all__ = ["LaunchHandle", "LaunchSpec", "Launcher", "Observation", "State"]
+__all__ = ["BindMount", "LaunchHandle", "LaunchSpec", "Launcher", "Observation", "State"]
 
 State = Literal["running", "exited", "gone", "unknown"]
+
+
+@dataclass(frozen=True)
+class BindMount:
+    """A host folder seen inside a container (any characters in either path: it is not a bind string)."""
+
+    source: str
+    target: str
+    read_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -32,7 +41,7 @@ class LaunchSpec:
         workdir: the working directory.
         log_path: where the output goes.
         image: the image to run (containers only).
-        binds: Docker bind specs ``host:container[:ro]`` (containers only).
+        mounts: host folders bound into the container (containers only).
         labels: container labels, besides ``dockyard.run`` (containers only).
         device_ids: GPU UUIDs given through a Docker device request (real GPUs in containers only).
         exit_code_path: host file the process wrapper writes the exit code to (processes only).
@@ -44,7 +53,7 @@ class LaunchSpec:
     workdir: str
     log_path: str
     image: str | None = None
-    binds: tuple[str, ...] = ()
+    mounts: tuple[BindMount, ...] = ()
     labels: Mapping[str, str] = field(default_factory=dict)
     device_ids: tuple[str, ...] = ()
     exit_code_path: str | None = None
@@ -56,10 +65,12 @@ class LaunchSpec:
 
 @dataclass(frozen=True)
 class LaunchHandle:
-    """What identifies a started run to its launcher: a container id, or a process id."""
+    """What identifies a started run to its launcher: a container id, or a process id, and the run
+    (a process id alone may be reused: the launcher checks the process still belongs to the run)."""
 
     kind: Literal["container", "process"]
     ref: str
+    run_id: str = ""
 
     def __str__(self) -> str:
         return f"{self.kind} {self.ref[:12]}"
@@ -69,15 +80,16 @@ class LaunchHandle:
 class Observation:
     """How a launched run is now.
 
-    ``running``; ``exited`` with its ``exit_code`` (``reason`` when not plainly the script's);
-    ``gone`` (proven absent: removed, never created, a process that left no exit code);
-    ``unknown`` (the holder cannot be asked right now, e.g. the engine is unreachable). Unknown is
-    never taken for gone.
+    ``running``; ``exited`` with its ``exit_code`` (``reason`` when not plainly the script's) and,
+    when the holder says, the wall-clock time it ended (``finished_at``); ``gone`` (proven absent:
+    removed, never started, a process that left no exit code); ``unknown`` (the holder cannot be
+    asked right now, e.g. the engine is unreachable). Unknown is never taken for gone.
     """
 
     state: State
     exit_code: int | None = None
     reason: str = ""
+    finished_at: float | None = None
 
 
 class Launcher(Protocol):
@@ -107,4 +119,12 @@ class Launcher(Protocol):
 
     def remove(self, handle: LaunchHandle) -> None:
         """Forget an exited run's leftovers (a container); idempotent."""
+        ...
+
+    def find(self, run_id: str) -> LaunchHandle | None:
+        """The live holder of ``run_id`` started by any launcher of this kind (adoption after a crash)."""
+        ...
+
+    def live_runs(self) -> set[str] | None:
+        """Every run id with a live holder of this kind on this node; None when that is unknown."""
         ...

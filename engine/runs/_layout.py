@@ -64,13 +64,13 @@ class RunFolder:
     def container_metrics(self) -> str:
         return f"{CONTAINER_META}/metrics.jsonl"
 
-    def container_binds(self, library: Path) -> list[str]:
-        """Docker bind specs: work, outputs, meta, and dockyard's package (read-only) at ``library``."""
+    def container_mounts(self, library: Path) -> list[tuple[str, str, bool]]:
+        """(host folder, container path, read-only): work, outputs, meta, and dockyard's package."""
         return [
-            f"{self.work}:{CONTAINER_WORK}",
-            f"{self.outputs}:{CONTAINER_WORK}/outputs",
-            f"{self.meta}:{CONTAINER_META}",
-            f"{library}:{CONTAINER_LIB}/dockyard:ro",
+            (str(self.work), CONTAINER_WORK, False),
+            (str(self.outputs), f"{CONTAINER_WORK}/outputs", False),
+            (str(self.meta), CONTAINER_META, False),
+            (str(library), f"{CONTAINER_LIB}/dockyard", True),
         ]
 
     # -- files as a run lists them ----------------------------------------------------------------

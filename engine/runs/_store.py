@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .._sqlite import SqliteFile, sqlite3
-from ..errors import RunNotFound
+from ..errors import EnvironmentProblem, RunNotFound
 from ._layout import RunFolder
 
 __all__ = [
@@ -190,6 +190,29 @@ class RunStore(SqliteFile):
         super().__init__(Path(folder) / "runs.db")
         self.folder = Path(folder)
         self.runs_dir = self.folder / "runs"
+        #: What the last listing found damaged (one message per row), after containing it.
+        self.damaged: list[str] = []
+
+    def _records(self, rows: list[tuple[Any, ...]]) -> list[RunRecord]:
+        """Rows as records; a damaged row fails its own run (with the damage as the reason) and is skipped."""
+        found, damaged = [], []
+        for row in rows:
+            try:
+                found.append(RunRecord.from_row(row))
+            except (ValueError, TypeError, KeyError, IndexError) as exc:  # bad JSON, a bad status, a NULL
+                damaged.append(self._contain(str(row[0]), exc))
+        self.damaged = damaged
+        return found
+
+    def _contain(self, run_id: str, exc: Exception) -> str:
+        what = f"its row in {self.path} is damaged ({type(exc).__name__}: {exc})"
+        with self._tx() as conn:
+            conn.execute(
+                "UPDATE runs SET status = 'Failed', reason = ?, ended = COALESCE(ended, ?)"
+                " WHERE id = ? AND status IN ('Queued', 'Running')",
+                (f"{what}; it cannot be started or followed", time.time(), run_id),
+            )
+        return f"run {run_id}: {what}"
 
     def _upgrade(self, conn: sqlite3.Connection) -> None:
         columns = {row[1] for row in conn.execute("PRAGMA table_info(runs)")}
@@ -225,14 +248,20 @@ class RunStore(SqliteFile):
         rows = self._read(f"SELECT {_COLUMNS} FROM runs WHERE id = ?", (run_id,))
         if not rows:
             raise RunNotFound(f"no run with id {run_id!r}", hint="list runs with `dockyard runs ls`")
-        return RunRecord.from_row(rows[0])
+        found = self._records(rows)
+        if not found:
+            raise EnvironmentProblem(self.damaged[0], hint=f"see `dockyard doctor`; the other runs of {self.folder.name} are unaffected")
+        return found[0]
 
     def status_of(self, run_id: str) -> RunStatus:
         """Just the status: one indexed read of one column. Raises: RunNotFound."""
         rows = self._read("SELECT status FROM runs WHERE id = ?", (run_id,))
         if not rows:
             raise RunNotFound(f"no run with id {run_id!r}", hint="list runs with `dockyard runs ls`")
-        return RunStatus(rows[0][0])
+        try:
+            return RunStatus(rows[0][0])
+        except ValueError:
+            return self.get(run_id).status  # contains the damage and says so
 
     def data_version(self) -> int:
         """A number that changes whenever another connection commits to this file (cheap: no table read)."""
@@ -250,17 +279,17 @@ class RunStore(SqliteFile):
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY created DESC LIMIT ?"
-        return [RunRecord.from_row(r) for r in self._read(sql, (*args, limit))]
+        return self._records(self._read(sql, (*args, limit)))
 
     def queued(self) -> list[RunRecord]:
         """Queued runs, oldest first."""
         rows = self._read(f"SELECT {_COLUMNS} FROM runs WHERE status = 'Queued' ORDER BY created")
-        return [RunRecord.from_row(r) for r in rows]
+        return self._records(rows)
 
     def unfinished(self) -> list[RunRecord]:
         """Queued and Running runs, oldest first (what the agent works on)."""
         rows = self._read(f"SELECT {_COLUMNS} FROM runs WHERE status IN ('Queued', 'Running') ORDER BY created")
-        return [RunRecord.from_row(r) for r in rows]
+        return self._records(rows)
 
     def transition(self, run_id: str, to: RunStatus, **fields: Any) -> bool:
         """Move a run to status ``to`` (and set ``fields``) if that edge is allowed; False if not."""

@@ -60,6 +60,8 @@ def audit_is_clean(home: Path) -> None:
             if event == "grant":
                 assert gpu not in holders, f"{gpu} granted to {run_id} while {holders.get(gpu)} held it"
                 holders[gpu] = run_id
+            elif event == "hold":  # what holds the devices, noted under the lease it holds them by
+                assert holders.get(gpu) == run_id, f"{run_id} held {gpu} without its lease ({holders.get(gpu)})"
             else:
                 assert holders.get(gpu) == run_id, f"{event} of {gpu} by {run_id}, holder {holders.get(gpu)}"
                 del holders[gpu]

@@ -195,22 +195,37 @@ def test_two_agents_never_run_at_once(ws: Workspace):
     assert Agent(ws.home).serve() == 1  # the second one refuses and returns
 
 
-def test_engine_down_mid_run_fails_the_run_and_the_agent_keeps_serving(home: Path, tmp_path: Path, monkeypatch):
+def test_an_unreachable_engine_keeps_runs_and_their_true_end_is_collected(home: Path, tmp_path: Path, monkeypatch):
+    """Unknown is not gone: while the engine cannot be asked, the run stays Running (saying why) and a
+    new submit waits Queued; when it answers again, the true exit and metrics are collected."""
     relay_path = tmp_path / "engine.sock"
     relay = _Relay(str(relay_path), "/var/run/docker.sock")
     monkeypatch.setenv("DOCKER_HOST", f"unix://{relay_path}")
-    monkeypatch.setenv("DOCKYARD_ENGINE_GRACE_S", "1")
     ws = Workspace(f"ws{uuid.uuid4().hex[:6]}", home=home)
     try:
-        src = source(tmp_path, "import time\ntime.sleep(60)\n", "long.py")
-        run = Experiment(ws, "exp").submit(ScriptRunConfig(str(src), "long.py", environment=python_env()))
+        src = source(tmp_path, "import time\nfrom dockyard import Run\nr = Run.get_context()\n"
+                               "for i in range(6):\n    r.log('step', i)\n    time.sleep(0.5)\n", "steps.py")
+        exp = Experiment(ws, "exp")
+        run = exp.submit(ScriptRunConfig(str(src), "steps.py", environment=python_env()))
         deadline = time.monotonic() + 60
         while run.get_status() != "Running" and time.monotonic() < deadline:
             time.sleep(0.05)
-        relay.close()  # the engine "goes away" for this agent
-        details = run.wait_for_completion(raise_on_error=False)
-        assert details["status"] == "Failed" and "unreachable" in details["error"]["message"]
+        relay.close()  # the engine "goes away" for this agent; the container runs on
+        while "unreachable" not in ws.store.get(run.id).reason:
+            assert time.monotonic() < deadline + 30, ws.store.get(run.id)
+            time.sleep(0.1)
+        waiting = exp.submit(ScriptRunConfig(str(src), "steps.py", environment=python_env()))
+        time.sleep(4)  # longer than the run: it ends while nobody can see it
+        assert run.get_status() == "Running", "an unreachable engine is not a failed run"
+        assert waiting.get_status() == "Queued" and "Docker Engine" in ws.store.get(waiting.id).reason
         assert agent_status(ws.home).running, "the agent must keep serving"
+        relay_path.unlink()
+        relay = _Relay(str(relay_path), "/var/run/docker.sock")  # the engine answers again
+        for r in (run, waiting):
+            details = r.wait_for_completion(raise_on_error=False)
+            assert details["status"] == "Completed" and details["exitCode"] == 0, details
+            assert r.get_metrics()["step"] == list(range(6))
+        assert ws.store.get(run.id).reason == "", "the outage note is cleared once the engine answers"
     finally:
         relay.close()
         monkeypatch.setenv("DOCKER_HOST", "unix:///var/run/docker.sock")

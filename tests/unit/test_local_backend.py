@@ -85,3 +85,22 @@ def test_one_queue_a_wide_run_is_not_overtaken_by_later_narrow_ones(backend):
     store.transition("busy", RunStatus.COMPLETED, ended=time.time(), exit_code=0)
     local.dispatch(agent_runs(store, folder, ["wide", "narrow"]), [])
     assert spawned == [("wide", ("VIRTUAL-GPU-0", "VIRTUAL-GPU-1", "VIRTUAL-GPU-2", "VIRTUAL-GPU-3"))]
+
+
+@pytest.mark.parametrize(
+    ("live", "kept"),
+    [
+        (None, True),  # the engine cannot say: unknown keeps the lease
+        (set(), False),  # proven gone: released
+        ({"r1"}, True),  # its container runs, whatever the run's row says
+    ],
+    ids=["engine-unknown", "gone", "container-live"],
+)
+def test_a_lease_is_released_only_when_its_holder_is_proven_gone(backend, monkeypatch, live, kept):
+    local, store, folder, _spawned = backend
+    record(store, "r1", 1, 1.0)  # Queued: as left by an agent killed between start and Running
+    local.leases.grant("r1", ["VIRTUAL-GPU-0"], str(folder))
+    monkeypatch.setattr(local.containers, "live_runs", lambda: live)
+    monkeypatch.setattr(local.processes, "live_runs", lambda: set())
+    local._reclaim()
+    assert ("VIRTUAL-GPU-0" in local.leases.held()) is kept
