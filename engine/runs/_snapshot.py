@@ -329,22 +329,33 @@ class SnapshotStore:
         if total > budget:
             raise _too_large(source, entries, total, budget, ignore_name)
 
-        records: list[dict[str, Any]] = []
-        for entry in entries:
-            if entry.kind == "file":
-                blob, size = self._store_blob(entry)
-                mode = "755" if entry.executable else "644"
-                records.append({"path": entry.path, "type": "file", "blob": blob, "size": size, "mode": mode})
-            elif entry.kind == "link":
-                records.append({"path": entry.path, "type": "link", "target": entry.target})
-            else:
-                records.append({"path": entry.path, "type": "dir"})
-        body = {"schema": _SCHEMA, "entries": records, "skipped": skipped}
-        data = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
-        snapshot_id = xxhash.xxh3_128_hexdigest(data)
-        manifest = self._manifests / f"{snapshot_id}.json"
-        if not self._holds(manifest, data):
-            self._write(manifest, [data], 0o444)
+        # New blobs and the manifest are written to temp files first and published together at the
+        # end (renames need no space): a take that fails (a full disk) leaves no orphan blob behind.
+        staged: list[tuple[Path, Path]] = []
+        try:
+            records: list[dict[str, Any]] = []
+            for entry in entries:
+                if entry.kind == "file":
+                    blob, size = self._store_blob(entry, staged)
+                    mode = "755" if entry.executable else "644"
+                    records.append({"path": entry.path, "type": "file", "blob": blob, "size": size, "mode": mode})
+                elif entry.kind == "link":
+                    records.append({"path": entry.path, "type": "link", "target": entry.target})
+                else:
+                    records.append({"path": entry.path, "type": "dir"})
+            body = {"schema": _SCHEMA, "entries": records, "skipped": skipped}
+            data = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+            snapshot_id = xxhash.xxh3_128_hexdigest(data)
+            manifest = self._manifests / f"{snapshot_id}.json"
+            manifest_tmp = None if self._holds(manifest, data) else self._write_tmp(manifest.parent, [data], 0o444)
+        except BaseException:
+            for tmp, _final in staged:
+                tmp.unlink(missing_ok=True)
+            raise
+        for tmp, final in staged:
+            self._publish(tmp, final)
+        if manifest_tmp is not None:
+            self._publish(manifest_tmp, manifest)
         return _summary(snapshot_id, body)
 
     def get(self, snapshot_id: str) -> Snapshot:
@@ -423,8 +434,11 @@ class SnapshotStore:
     def _blob_path(self, digest: str) -> Path:
         return self._blobs / digest[:2] / digest
 
-    def _store_blob(self, entry: _Entry) -> tuple[str, int]:
-        """Store one file's content unless an equal blob is there; return (hash, size) of what is stored."""
+    def _store_blob(self, entry: _Entry, staged: list[tuple[Path, Path]]) -> tuple[str, int]:
+        """Stage one file's content unless an equal blob is there; return (hash, size) of what is stored.
+
+        A new blob is written to a temp file and appended to ``staged`` as (temp, final path).
+        """
         try:
             with _open_regular(entry.source) as fh:
                 hasher = xxhash.xxh3_128()
@@ -462,7 +476,7 @@ class SnapshotStore:
         with fh:
             tmp = self._write_tmp(self._blobs, counted(), 0o444)
         digest = hasher.hexdigest()
-        self._publish(tmp, self._blob_path(digest))
+        staged.append((tmp, self._blob_path(digest)))
         return digest, size
 
     def _holds(self, path: Path, data: bytes) -> bool:
@@ -470,9 +484,6 @@ class SnapshotStore:
             return path.read_bytes() == data
         except OSError:
             return False
-
-    def _write(self, path: Path, chunks: Any, mode: int) -> None:
-        self._publish(self._write_tmp(path.parent, chunks, mode), path)
 
     def _write_tmp(self, folder: Path, chunks: Any, mode: int) -> Path:
         """Write ``chunks`` to a fresh temp file in ``folder`` (same filesystem as its target)."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -19,6 +18,7 @@ from dockyard.build._buildkit import BuildKitClient
 from dockyard.cache import ImageCache
 from dockyard.dockerd import EngineClient
 from dockyard.errors import BuildError
+from helpers.relay import EngineRelay
 
 pytestmark = pytest.mark.engine
 
@@ -243,70 +243,6 @@ def test_a_build_waiting_for_another_process_says_whom_it_waits_for(builder: Bui
     assert expected in notes, notes
 
 
-class _Relay:
-    """A unix-socket relay to the real engine that the test cuts (as if the engine went away)."""
-
-    def __init__(self, path: str, target: str = "/var/run/docker.sock") -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.bind(path)
-        self.sock.listen(16)
-        self.target = target
-        self.closed = False
-        self.conns: list[socket.socket] = []
-        self.lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while not self.closed:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            if self.closed:
-                conn.close()
-                return
-            up = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            up.connect(self.target)
-            with self.lock:
-                self.conns += [conn, up]
-            for a, b in ((conn, up), (up, conn)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pump(a: socket.socket, b: socket.socket) -> None:
-        try:
-            while data := a.recv(65536):
-                b.sendall(data)
-        except OSError:
-            pass
-        finally:
-            try:
-                b.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
-
-    def cut(self) -> None:
-        """Break every open connection (shutdown wakes a pump blocked in recv; close alone does not)."""
-        with self.lock:
-            conns, self.conns = self.conns, []
-        for c in conns:
-            for step in (lambda c=c: c.shutdown(socket.SHUT_RDWR), c.close):
-                try:
-                    step()
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        """Cut, and answer nothing any more: the engine is gone."""
-        self.closed = True
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accept loop
-        except OSError:
-            pass
-        self.sock.close()
-        self.cut()
-
-
 def _cut_when_started(action) -> object:  # type: ignore[no-untyped-def]
     """on_event that runs ``action`` once, when the sleeping step has printed "started"."""
     done = threading.Event()
@@ -327,7 +263,7 @@ def test_the_engine_going_away_mid_build_is_an_environment_problem(
     from dockyard.errors import BuildKitUnavailable, EngineUnavailable, EnvironmentProblem
 
     relay_path = tmp_path / "engine.sock"
-    relay = _Relay(str(relay_path))
+    relay = EngineRelay(str(relay_path))
     monkeypatch.setenv("DOCKER_HOST", f"unix://{relay_path}")
     builder = Builder(home)
     env = unique_env(tmp_path, dockerfile=f"FROM {BUSYBOX}\nRUN echo started; sleep 20\n")
@@ -357,7 +293,7 @@ def test_a_failing_step_through_the_same_relay_is_still_a_build_error(
     home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
     relay_path = tmp_path / "engine.sock"
-    relay = _Relay(str(relay_path))
+    relay = EngineRelay(str(relay_path))
     monkeypatch.setenv("DOCKER_HOST", f"unix://{relay_path}")
     builder = Builder(home)
     env = unique_env(tmp_path, dockerfile=f"FROM {BUSYBOX}\nRUN echo started; exit 5\n")
@@ -372,7 +308,7 @@ def test_a_failing_step_through_the_same_relay_is_still_a_build_error(
 
 def test_cli_build_whose_engine_goes_away_exits_3_with_one_clear_error(home: Path, tmp_path: Path):
     relay_path = tmp_path / "engine.sock"
-    relay = _Relay(str(relay_path))
+    relay = EngineRelay(str(relay_path))
     spec = tmp_path / "env.yml"
     spec.write_text(
         "name: cut\ndocker:\n  base_dockerfile: |\n"

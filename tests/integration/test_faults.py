@@ -193,3 +193,20 @@ def test_paths_are_never_shell_text(tmp_path: Path, monkeypatch, kind: str):
         assert not marker.exists(), "a path was executed as shell text"
     finally:
         stop_agent(home)
+
+
+def test_a_snapshot_that_does_not_fit_leaves_no_orphan_blob(small_disk: Path, tmp_path: Path):
+    from dockyard.errors import EnvironmentProblem
+    from dockyard.runs import SnapshotStore
+
+    src = tmp_path / "big-src"
+    src.mkdir()
+    (src / "a-small.bin").write_bytes(os.urandom(1 << 20))
+    (src / "b-large.bin").write_bytes(os.urandom(24 << 20))  # more than the 16 MiB disk holds
+    store = SnapshotStore(small_disk / "snapshots")
+    with pytest.raises(EnvironmentProblem, match=r"(?i)no space|disk"):
+        store.take(src)
+    left = [p for p in (small_disk / "snapshots").rglob("*") if p.is_file()]
+    assert left == [], f"a failed snapshot left {left}"
+    (src / "b-large.bin").unlink()
+    assert store.take(src).files == 1, "the store works again once the snapshot fits"

@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -17,6 +15,7 @@ import pytest
 from dockyard import Environment, Experiment, Run, ScriptRunConfig, Workspace
 from dockyard.compute import agent_status, stop_agent
 from dockyard.errors import ComputeTargetException, InputError, RunFailed, RunNotFound
+from helpers.relay import EngineRelay
 
 pytestmark = pytest.mark.engine
 
@@ -199,7 +198,7 @@ def test_an_unreachable_engine_keeps_runs_and_their_true_end_is_collected(home: 
     """Unknown is not gone: while the engine cannot be asked, the run stays Running (saying why) and a
     new submit waits Queued; when it answers again, the true exit and metrics are collected."""
     relay_path = tmp_path / "engine.sock"
-    relay = _Relay(str(relay_path), "/var/run/docker.sock")
+    relay = EngineRelay(str(relay_path))
     monkeypatch.setenv("DOCKER_HOST", f"unix://{relay_path}")
     ws = Workspace(f"ws{uuid.uuid4().hex[:6]}", home=home)
     try:
@@ -220,7 +219,7 @@ def test_an_unreachable_engine_keeps_runs_and_their_true_end_is_collected(home: 
         assert waiting.get_status() == "Queued" and "Docker Engine" in ws.store.get(waiting.id).reason
         assert agent_status(ws.home).running, "the agent must keep serving"
         relay_path.unlink()
-        relay = _Relay(str(relay_path), "/var/run/docker.sock")  # the engine answers again
+        relay = EngineRelay(str(relay_path))  # the engine answers again
         for r in (run, waiting):
             details = r.wait_for_completion(raise_on_error=False)
             assert details["status"] == "Completed" and details["exitCode"] == 0, details
@@ -231,66 +230,6 @@ def test_an_unreachable_engine_keeps_runs_and_their_true_end_is_collected(home: 
         monkeypatch.setenv("DOCKER_HOST", "unix:///var/run/docker.sock")
         stop_agent(ws.home)
         _remove_run_containers(ws)
-
-
-class _Relay:
-    """A unix-socket relay to the real engine that the test can cut."""
-
-    def __init__(self, path: str, target: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.bind(path)
-        self.sock.listen(16)
-        self.target = target
-        self.closed = False
-        self.conns: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while not self.closed:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            if self.closed:  # accepted while closing: the engine is gone for this one too
-                conn.close()
-                return
-            up = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            up.connect(self.target)
-            self.conns += [conn, up]
-            for a, b in ((conn, up), (up, conn)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pump(a: socket.socket, b: socket.socket) -> None:
-        try:
-            while data := a.recv(65536):
-                b.sendall(data)
-        except OSError:
-            pass
-        finally:
-            try:
-                b.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
-
-    def close(self) -> None:
-        self.closed = True
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accept loop; close alone does not
-        except OSError:
-            pass
-        self.sock.close()
-        for c in self.conns:
-            try:
-                # shutdown, not only close: it wakes a pump blocked in recv on it, so a kept-alive
-                # (pooled) client connection is cut too, as when the engine really goes away.
-                c.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            try:
-                c.close()
-            except OSError:
-                pass
 
 
 def test_oversized_snapshot_is_refused_before_anything_is_queued(ws: Workspace, tmp_path: Path, monkeypatch):
