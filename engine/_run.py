@@ -30,6 +30,11 @@ _LAST_POLL_S = 0.05
 _REVIVE_EVERY_S = 2.0
 
 
+def _to_stderr(line: str) -> None:
+    sys.stderr.write(line)
+    sys.stderr.flush()
+
+
 class Run:
     """A run of an experiment (Azure ML's ``Run``).
 
@@ -157,7 +162,8 @@ class Run:
 
         self.experiment.workspace.wake_agent()  # a killed agent must not leave us waiting forever
         try:
-            status = self.follow(show_output, text=text, log=lambda data: text(data.decode("utf-8", "replace")))
+            status = self.follow(show_output, text=text, log=lambda data: text(data.decode("utf-8", "replace")),
+                                 note=_to_stderr if show_output else None)
         except KeyboardInterrupt:
             text("\ndetached from {}; it keeps running (dockyard runs logs -f {})\n".format(self.id, self.id))
             return self.get_details()
@@ -175,12 +181,15 @@ class Run:
         return details
 
     def follow(self, show_output: bool, *, text: Callable[[str], None], log: Callable[[bytes], None],
-               offset: int = 0, header: bool = True, revive: bool = True) -> RunStatus:
+               offset: int = 0, header: bool = True, revive: bool = True,
+               note: Callable[[str], None] | None = None) -> RunStatus:
         """Wait for the end (dockyard's own; :meth:`wait_for_completion` is built on it).
 
         With ``show_output``, the run's output from byte ``offset`` goes to ``log`` as it is
         written, framed by Azure ML's header (unless ``header`` is False) and summary, which go to
-        ``text``. ``revive`` restarts a killed agent while waiting. Returns the final status.
+        ``text``. ``note`` hears what the run waits for, each time it changes ("Queued: waiting for
+        the Docker Engine: …"). ``revive`` restarts a killed agent while waiting. Returns the final
+        status.
 
         One store connection and the log file's size are watched: a look is one ``PRAGMA
         data_version`` (the row is read only after a commit) and one ``stat``.
@@ -190,12 +199,23 @@ class Run:
         started = revived = time.monotonic()
         version = None
         status = None
+        said = ""
         if show_output and header:
             text("RunId: {}\n".format(self.id))
         while True:
             now = store.data_version()
             if now != version:  # something was committed since the last look
-                version, status = now, store.status_of(self.id)
+                version = now
+                if note is None:
+                    status = store.status_of(self.id)
+                else:
+                    record = store.get(self.id)
+                    status = record.status
+                    waits = record.reason if not status.final else ""
+                    if waits != said:
+                        said = waits
+                        if waits:
+                            note("{}: {}\n".format(status, waits))
             if show_output and folder.log_size() > offset:
                 chunk = folder.read_log(offset)
                 offset += len(chunk)

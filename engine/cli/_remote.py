@@ -139,6 +139,7 @@ def _run(request: Request, reply: Reply, a: RunArgs, workspace: Callable[[RunArg
         reply.stdout(json.dumps(run.to_json()) + "\n" if a.as_json else submitted_line(run.id))
         reply.exit(0)
         return
-    run.follow(not a.as_json, text=reply.stdout, log=reply.log, revive=False)
+    run.follow(not a.as_json, text=reply.stdout, log=reply.log, revive=False,
+               note=None if a.as_json else reply.stderr)
     reply.exit(finish_run(run, a.as_json, reply.stdout, reply.stderr))
 

@@ -80,7 +80,8 @@ def resume(argv: list[str], workspace: str, run_id: str, offset: int, *, detache
         return
     if not detached:
         try:
-            run.follow(not as_json, text=_echo, log=_echo_bytes, offset=offset, header=False)
+            run.follow(not as_json, text=_echo, log=_echo_bytes, offset=offset, header=False,
+                       note=None if as_json else _echo_err)
         except KeyboardInterrupt:
             _echo(detached_line(run_id))
     exit_after(run, as_json)

@@ -95,8 +95,11 @@ class LocalBackend:
         self._engine_down_since: float | None = None  # wall clock
         self._outages: list[tuple[float, float]] = []  # (from, to), wall clock, most recent last
         self._disk_low: dict[tuple[str, str], str] = {}  # run -> what was seen while it ran
+        self._closing = False
 
     def close(self) -> None:
+        """The agent stops: launches still on their way are left to the next agent (never failed)."""
+        self._closing = True
         if self._builder is not None:
             self._builder.close()
         self.leases.close()
@@ -264,21 +267,27 @@ class LocalBackend:
         try:
             self._adopt_or_start(run, gpus)
         except _NotNow as exc:
-            self._release(run)  # nothing holds them: the next pass plans again
-            self.events.note(run, str(exc))
+            self._not_started(run, note=str(exc))
         except (EngineUnavailable, BuildKitUnavailable) as exc:
             # Not the run's fault, and not final: it waits for the engine (the reason says so).
-            self._release(run)
-            self.events.note(run, f"waiting for the Docker Engine: {exc.message}")
+            self._not_started(run, note=f"waiting for the Docker Engine: {exc.message}")
         except DockyardError as exc:
-            self._release(run)
             tail = getattr(exc, "log_tail", "")
-            self.events.failed_to_start(run, f"{exc}" + (f"\n{tail}" if tail else ""))
-            self.events.log(f"{run.id} failed to start: {exc}")
+            self._not_started(run, failure=f"{exc}" + (f"\n{tail}" if tail else ""))
         except Exception as exc:  # noqa: BLE001 - a bug must fail one run, not the agent
-            self._release(run)
-            self.events.failed_to_start(run, f"internal error: {type(exc).__name__}: {exc}")
-            self.events.log(f"{run.id} failed to start (internal): {exc!r}")
+            self._not_started(run, failure=f"internal error: {type(exc).__name__}: {exc}")
+
+    def _not_started(self, run: AgentRun, *, note: str = "", failure: str = "") -> None:
+        """A launch that did not start its run: the run waits again (``note``) or fails (``failure``),
+        unless the agent is stopping under it; the next agent then takes it over as it stands."""
+        if self._closing:
+            return
+        self._release(run)  # nothing holds them
+        if failure:
+            self.events.failed_to_start(run, failure)
+            self.events.log(f"{run.id} failed to start: {failure.splitlines()[0]}")
+        else:
+            self.events.note(run, note)
 
     def _handle(self, run: AgentRun) -> LaunchHandle | None:
         record = run.record

@@ -107,6 +107,20 @@ def test_a_garbled_lease_store_stops_gpu_runs_only_and_says_why(ws, tmp_path, mo
         assert time.monotonic() < deadline, ws.store.get(gpu_run.id)
         time.sleep(0.1)
     assert gpu_run.get_status() == "Queued"
+    # A foreground `dockyard run` that cannot start says why, instead of waiting in silence.
+    (tmp_path / "env.yml").write_text("name: local\ndocker:\n  enabled: false\npython:\n"
+                                      f"  interpreter_path: {sys.executable}\n")
+    client = subprocess.Popen([sys.executable, "-m", "dockyard", "run", "ok.py", "--source", str(src), "--env",
+                               str(tmp_path / "env.yml"), "--gpus", "1", "--workspace", ws.name],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = ""
+        while "GPU leases cannot be read" not in line:
+            line = client.stderr.readline()
+            assert line or client.poll() is None, "the client ended without saying why its run waits"
+    finally:
+        client.kill()
+        client.wait(10)
     doctor = subprocess.run([sys.executable, "-m", "dockyard", "doctor", "--json"], capture_output=True, text=True,
                             timeout=120)
     checks = {c["name"]: c for c in json.loads(doctor.stdout)["checks"]}
