@@ -61,6 +61,13 @@ class RunEvents:
         """The run as stored now. Raises: RunNotFound."""
         return AgentRun(run.workspace, self._store(run).get(run.id), run.target)
 
+    def record(self, workspace: Path, run_id: str) -> RunRecord | None:
+        """A run's stored row, or None when its workspace or row is gone (or damaged)."""
+        try:
+            return self._store_of(Path(workspace)).get(run_id)
+        except DockyardError:
+            return None
+
     def status(self, workspace: Path, run_id: str) -> RunStatus | None:
         """A run's stored status, or None when its workspace or row is gone."""
         try:

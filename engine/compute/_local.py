@@ -146,8 +146,13 @@ class LocalBackend:
             thread = self._preparing.get(key)
             if (thread is not None and thread.is_alive()) or key in self._watching:
                 return True  # being launched, or its holder's exit has not been seen yet
-            containers = live_runs("container")
-            return containers is None or lease.run_id in containers or lease.run_id in (live_runs("process") or ())
+            record = self.events.record(Path(lease.holder), lease.run_id)
+            kinds = (record.launcher,) if record is not None else ("container", "process")
+            for kind in kinds:
+                found = live_runs(kind)
+                if found is None or lease.run_id in found:
+                    return True  # alive, or its holder cannot be asked: unknown keeps the lease
+            return False
 
         for gpu in self.leases.reclaim(holds):
             self.events.log(f"GPU {gpu} released: its run's holder is gone")

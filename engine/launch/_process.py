@@ -28,8 +28,10 @@ RUN_ID_VARIABLE = "DOCKYARD_RUN_ID"
 _WRAPPER = 'log=$1 code=$2; shift 2; "$@" >>"$log" 2>&1; echo $? 1<>"$code"'
 _PLACEHOLDER = " " * 15 + "\n"
 # What a local process inherits from the agent besides its environment's declared variables and
-# dockyard's own: enough to find programs and behave like a login's shell, and nothing secret.
-_INHERITED = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "SHELL")
+# dockyard's own: enough to find programs and libraries (the host's CUDA and driver libraries
+# included) and behave like a login's shell, and nothing secret.
+_INHERITED = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "SHELL",
+              "LD_LIBRARY_PATH")
 
 
 def pid_alive(pid: int | None) -> bool:

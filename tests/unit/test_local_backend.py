@@ -13,10 +13,10 @@ from dockyard.dockerd import EngineClient
 from dockyard.runs import ComputeRecord, RunRecord, RunStatus, RunStore
 
 
-def record(store: RunStore, run_id: str, gpus: int, created: float) -> RunRecord:
+def record(store: RunStore, run_id: str, gpus: int, created: float, launcher: str = "process") -> RunRecord:
     rec = RunRecord(
         id=run_id, experiment="exp", status=RunStatus.QUEUED, script="t.py", arguments=(), source_dir="/src",
-        snapshot="0" * 32, environment={"name": "e"}, compute="local", launcher="process", image="", gpus=(),
+        snapshot="0" * 32, environment={"name": "e"}, compute="local", launcher=launcher, image="", gpus=(),
         exit_code=None, reason="", container_id="", pid=None, created=created, started=None, ended=None,
         cancel_requested=False, metrics_offset=0, run_dir=str(store.folder_of(run_id).root),
         gpu_request={"count": gpus},
@@ -34,6 +34,10 @@ def backend(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     local = LocalBackend(home=tmp_path / "home", events=events, engine=EngineClient.parse("unix:///nonexistent.sock"))
     spawned: list[tuple[str, tuple[str, ...]]] = []
     monkeypatch.setattr(local, "_spawn", lambda run, gpus: spawned.append((run.id, gpus)))
+    # What holds the GPUs, as the launchers would find it: the runs a test declares alive.
+    local.alive = set()  # type: ignore[attr-defined]
+    monkeypatch.setattr(local.processes, "live_runs", lambda: set(local.alive))
+    monkeypatch.setattr(local.containers, "live_runs", lambda: set())
     yield local, store, folder, spawned
     local.close()
 
@@ -50,6 +54,7 @@ def test_a_run_whose_launch_ended_after_the_pass_read_it_is_not_started_again(ba
     local.leases.grant("r1", ["VIRTUAL-GPU-0", "VIRTUAL-GPU-1"], str(folder))
     store.update("r1", gpus=["VIRTUAL-GPU-0", "VIRTUAL-GPU-1"], pid=99999)
     store.transition("r1", RunStatus.RUNNING, started=time.time())  # ...and its launch ends after that read
+    local.alive.add("r1")
     done = threading.Thread(target=lambda: None)
     done.start()
     done.join()
@@ -74,6 +79,7 @@ def test_one_queue_a_wide_run_is_not_overtaken_by_later_narrow_ones(backend):
     local, store, folder, spawned = backend
     record(store, "busy", 1, 0.0)
     store.transition("busy", RunStatus.RUNNING, started=time.time())
+    local.alive.add("busy")
     local.leases.grant("busy", ["VIRTUAL-GPU-0"], str(folder))  # one GPU busy: the wide run must wait
     running = agent_runs(store, folder, ["busy"])
     record(store, "wide", 4, 1.0)
@@ -83,24 +89,28 @@ def test_one_queue_a_wide_run_is_not_overtaken_by_later_narrow_ones(backend):
     assert store.get("narrow").reason and store.get("wide").reason, "a waiting run says why"
     local.leases.release("busy")
     store.transition("busy", RunStatus.COMPLETED, ended=time.time(), exit_code=0)
+    local.alive.discard("busy")
     local.dispatch(agent_runs(store, folder, ["wide", "narrow"]), [])
     assert spawned == [("wide", ("VIRTUAL-GPU-0", "VIRTUAL-GPU-1", "VIRTUAL-GPU-2", "VIRTUAL-GPU-3"))]
 
 
 @pytest.mark.parametrize(
-    ("live", "kept"),
+    ("launcher", "containers", "processes", "kept"),
     [
-        (None, True),  # the engine cannot say: unknown keeps the lease
-        (set(), False),  # proven gone: released
-        ({"r1"}, True),  # its container runs, whatever the run's row says
+        ("container", None, set(), True),  # the engine cannot say: unknown keeps the lease
+        ("container", set(), set(), False),  # proven gone: released
+        ("container", {"r1"}, set(), True),  # its container runs, whatever the run's row says
+        ("process", None, set(), False),  # a process run is not the engine's to vouch for
+        ("process", None, {"r1"}, True),  # its wrapper process lives
     ],
-    ids=["engine-unknown", "gone", "container-live"],
+    ids=["engine-unknown", "gone", "container-live", "process-gone-engine-unknown", "process-live"],
 )
-def test_a_lease_is_released_only_when_its_holder_is_proven_gone(backend, monkeypatch, live, kept):
+def test_a_lease_is_released_only_when_its_holder_is_proven_gone(backend, monkeypatch, launcher, containers,
+                                                                  processes, kept):
     local, store, folder, _spawned = backend
-    record(store, "r1", 1, 1.0)  # Queued: as left by an agent killed between start and Running
+    record(store, "r1", 1, 1.0, launcher)  # Queued: as left by an agent killed between start and Running
     local.leases.grant("r1", ["VIRTUAL-GPU-0"], str(folder))
-    monkeypatch.setattr(local.containers, "live_runs", lambda: live)
-    monkeypatch.setattr(local.processes, "live_runs", lambda: set())
+    monkeypatch.setattr(local.containers, "live_runs", lambda: containers)
+    monkeypatch.setattr(local.processes, "live_runs", lambda: processes)
     local._reclaim()
     assert ("VIRTUAL-GPU-0" in local.leases.held()) is kept
