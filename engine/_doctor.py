@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ._home import WORKSPACES, dockyard_home, index_path, workspace_folders
+from ._sqlite import EMPTY_MARK
 from .dockerd import EngineClient
 from .errors import DockyardError
 
@@ -101,7 +102,25 @@ def _databases(home: Path) -> list[_Database]:
 
 
 def _check_database(db: _Database) -> Check:
-    """``PRAGMA quick_check`` on a read-only connection: it never writes, never waits long, never raises."""
+    """``PRAGMA quick_check`` on a read-only connection: it never writes, never waits long, never raises.
+
+    A database found empty and made anew (its 0-byte file kept aside beside it) is a warning
+    until that file is deleted, whatever the new one's health.
+    """
+    checked = _quick_check(db)
+    try:
+        marks = sorted(db.path.parent.glob(f"{db.path.name}.{EMPTY_MARK}*"))
+    except OSError:
+        marks = []
+    if not marks or not checked.ok:
+        return checked
+    when = marks[-1].name.rsplit("-", 1)[-1]
+    found = time.strftime("%Y-%m-%d %H:%M", time.localtime(int(when))) if when.isdigit() else "once"
+    return Check(db.name, False, f"{db.path} was found empty (0 bytes) on {found} and made anew, so whatever it "
+                 f"held ({db.holds}) is gone; delete {marks[-1]} once you have read this", required=False)
+
+
+def _quick_check(db: _Database) -> Check:
     path = db.path
     move_aside = (f"stop the agent (`dockyard agent stop`), then move {path.name} aside together with "
                   f"any {path.name}-wal and {path.name}-shm beside it; {db.lost}")

@@ -107,7 +107,7 @@ class Run:
             "endTimeUtc": iso(r.ended),
             "logFiles": {"logs/std.log": str(folder.log)},
         }
-        if r.status in ("Failed", "Canceled"):
+        if r.status in (r.status.FAILED, r.status.CANCELED):
             details["error"] = {"message": r.reason, "exitCode": r.exit_code, "logTail": folder.log_tail(_TAIL_LINES)}
         return details
 
@@ -168,7 +168,7 @@ class Run:
             text("\ndetached from {}; it keeps running (dockyard runs logs -f {})\n".format(self.id, self.id))
             return self.get_details()
         details = self.get_details()
-        if raise_on_error and status == "Failed":
+        if raise_on_error and status == status.FAILED:
             from .errors import RunFailed
 
             record = self._record()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import _sqlite3 as sqlite3
 import os
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,7 +16,10 @@ from typing import Any
 
 from .errors import EnvironmentProblem
 
-__all__ = ["SqliteFile", "sqlite3"]
+__all__ = ["EMPTY_MARK", "SqliteFile", "sqlite3"]
+
+#: ``<name>.was-empty-<unix time>``: a database found with 0 bytes, kept aside as evidence.
+EMPTY_MARK = "was-empty-"
 
 
 class SqliteFile:
@@ -31,9 +35,9 @@ class SqliteFile:
         # One connection per process, shared by the agent's threads: a transaction is not
         # re-entrant across threads, so each holds this lock for its whole statement or transaction.
         self._lock = threading.RLock()
-        #: True when the file was already there with 0 bytes the first time it was opened: the
-        #: schema made it anew, so whatever it held is gone. Callers (the agent) log it; a file
-        #: that was not there at all is simply new and leaves this False.
+        #: True when the file was already there with 0 bytes the first time it was opened: it was
+        #: set aside (see :meth:`_set_aside_if_empty`) and made anew, so whatever it held is gone.
+        #: Callers (the agent) log it; a file that was not there at all is new and leaves this False.
         self.was_empty = False
 
     def _upgrade(self, conn: sqlite3.Connection) -> None:
@@ -42,10 +46,7 @@ class SqliteFile:
     def _db(self) -> sqlite3.Connection:
         if self._conn is None or self._pid != os.getpid():  # a forked child opens its own
             if not self._pid:  # the first open of this object, not a forked child's reopen
-                try:
-                    self.was_empty = self.path.stat().st_size == 0
-                except OSError:  # not there yet (or unreadable: the open below says so)
-                    self.was_empty = False
+                self.was_empty = self._set_aside_if_empty()
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 conn = sqlite3.connect(self.path, timeout=10, isolation_level=None, check_same_thread=False)
@@ -57,6 +58,24 @@ class SqliteFile:
                 raise self._error(f"cannot open the {self.what} {self.path}: {exc}") from exc
             self._conn, self._pid = conn, os.getpid()
         return self._conn
+
+    def _set_aside_if_empty(self) -> bool:
+        """A file that is there with 0 bytes (and no WAL holding its pages) lost whatever it held:
+        keep it aside as ``<name>.was-empty-<unix time>`` — ``dockyard doctor`` reports it until it is
+        deleted — and let the schema make a new one. Returns whether that happened."""
+        try:
+            if self.path.stat().st_size != 0:
+                return False
+        except OSError:  # not there yet (or unreadable: the open says so)
+            return False
+        wal = self.path.with_name(f"{self.path.name}-wal")
+        if wal.exists() and wal.stat().st_size:
+            return False  # its pages are all in the WAL still: not empty
+        try:
+            os.replace(self.path, self.path.with_name(f"{self.path.name}.{EMPTY_MARK}{int(time.time())}"))
+        except OSError:
+            pass  # then it is only made anew in place; `was_empty` still says so
+        return True
 
     def _error(self, message: str) -> EnvironmentProblem:
         return EnvironmentProblem(message, hint="check that DOCKYARD_HOME is writable and the file is not damaged")

@@ -173,7 +173,7 @@ class Workspace:
 
         if not (self.directory / "runs.db").exists() or agent_status(self.home).running:
             return
-        if self.store.list(statuses=("Queued", "Running"), limit=1):
+        if self.store.list(statuses=(RunStatus.QUEUED, RunStatus.RUNNING), limit=1):
             ensure_agent(self.home)
 
 

@@ -232,3 +232,23 @@ def test_sqlite_file_records_a_zero_length_file(tmp_path: Path):
     fresh.list()
     assert fresh.was_empty is False, "a file that was not there is new, not emptied"
     fresh.close()
+
+
+def test_an_emptied_run_store_stays_loud_after_it_was_made_anew(
+    home: Path, engine_up: None, capsys: pytest.CaptureFixture[str]
+):
+    path = home / "workspaces" / "default" / "runs.db"
+    path.parent.mkdir(parents=True)
+    path.touch()
+    store = RunStore(path.parent)
+    assert store.list() == [] and store.was_empty  # the first opener (the agent, a CLI) made it anew
+    store.close()
+    marks = list(path.parent.glob("runs.db.was-empty-*"))
+    assert len(marks) == 1 and marks[0].stat().st_size == 0, "the empty file is kept aside as evidence"
+    code, stdout = doctor_in_process(capsys, "--json")
+    runs = checks_of(stdout)["runs:default"]
+    assert code == 0 and runs["ok"] is False and runs["required"] is False
+    assert "was found empty (0 bytes)" in str(runs["detail"]) and str(marks[0]) in str(runs["detail"])
+    marks[0].unlink()  # read and acknowledged
+    _code, stdout = doctor_in_process(capsys, "--json")
+    assert checks_of(stdout)["runs:default"]["ok"] is True
