@@ -96,6 +96,7 @@ class LocalBackend:
         self._outages: list[tuple[float, float]] = []  # (from, to), wall clock, most recent last
         self._disk_low: dict[tuple[str, str], str] = {}  # run -> what was seen while it ran
         self._closing = False
+        self._said_trouble = ""
 
     def close(self) -> None:
         """The agent stops: launches still on their way are left to the next agent (never failed)."""
@@ -166,7 +167,9 @@ class LocalBackend:
             held = self.leases.held()
         except EnvironmentProblem as exc:  # a damaged lease store stops GPU runs, not the others
             gpu_trouble, held = f"the GPU leases cannot be read: {exc.message} (run `dockyard doctor`)", {}
-            self.events.log(gpu_trouble)
+            if gpu_trouble != self._said_trouble:  # once, not every pass
+                self.events.log(gpu_trouble)
+        self._said_trouble = gpu_trouble
         leased: dict[str, list[str]] = {}
         for gpu, run_id in held.items():
             leased.setdefault(run_id, []).append(gpu)
