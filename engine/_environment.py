@@ -90,7 +90,9 @@ class ContainerRegistry:
 
 @dataclass
 class DockerSection:
-    """``environment.docker``: what image to start from and how to build it."""
+    """``environment.docker``: what image to start from and how to build it, and (run time only,
+    not part of the image's key) ``shm_size`` (``"2g"`` by default, as Azure ML) and the allowed
+    ``docker run`` ``arguments``."""
 
     enabled: bool = True
     base_image: str | None = None
@@ -98,6 +100,8 @@ class DockerSection:
     base_image_registry: ContainerRegistry = field(default_factory=ContainerRegistry)
     platform: str = "linux/amd64"
     build_args: dict[str, str] = field(default_factory=dict)
+    shm_size: str | int | None = None
+    arguments: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -241,6 +245,10 @@ class Environment:
             docker["platform"] = self.docker.platform
         if self.docker.build_args:
             docker["build_args"] = dict(self.docker.build_args)
+        if self.docker.shm_size is not None:
+            docker["shm_size"] = self.docker.shm_size
+        if self.docker.arguments:
+            docker["arguments"] = list(self.docker.arguments)
         python: dict[str, Any] = {"user_managed_dependencies": self.python.user_managed_dependencies}
         if self.python.interpreter_path != "python3":
             python["interpreter_path"] = self.python.interpreter_path
@@ -363,7 +371,8 @@ _FIELD_OF_PART = {
 # -- the file form's schema -----------------------------------------------------------------------
 
 _TOP = {"name", "version", "docker", "python", "environment_variables"}
-_DOCKER = {"enabled", "base_image", "base_dockerfile", "base_image_registry", "platform", "build_args"}
+_DOCKER = {"enabled", "base_image", "base_dockerfile", "base_image_registry", "platform", "build_args", "shm_size",
+           "arguments"}
 _REGISTRY = {"address", "username", "password_env", "password"}
 _PYTHON = {
     "user_managed_dependencies",
@@ -478,6 +487,10 @@ def _from_mapping(data: Any, *, source: str | None, lines: dict[tuple[str, ...],
         env.docker.platform = r.typed(docker["platform"], ("docker", "platform"), str, "os/arch")
     if "build_args" in docker:
         env.docker.build_args = r.str_map(docker["build_args"], ("docker", "build_args"))
+    if docker.get("shm_size") is not None:
+        env.docker.shm_size = r.typed(docker["shm_size"], ("docker", "shm_size"), (str, int), "a size like 2g")
+    if "arguments" in docker:
+        env.docker.arguments = r.strings(docker["arguments"], ("docker", "arguments"))
     reg = r.mapping(docker.get("base_image_registry"), ("docker", "base_image_registry"), _REGISTRY)
     if "password" in reg:
         raise r.error(

@@ -59,6 +59,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "ENV_EXPERIMENT",
+    "ENV_INPUT_DATASETS",
     "ENV_METRICS_FILE",
     "ENV_RUN_ID",
     "KINDS",
@@ -76,6 +77,7 @@ __all__ = [
 ENV_RUN_ID = "DOCKYARD_RUN_ID"
 ENV_METRICS_FILE = "DOCKYARD_METRICS_FILE"
 ENV_EXPERIMENT = "DOCKYARD_EXPERIMENT"
+ENV_INPUT_DATASETS = "DOCKYARD_INPUT_DATASETS"
 MAX_NAME_LENGTH = 255
 KINDS = ("log", "log_list", "log_row", "log_table", "tag")
 
@@ -177,6 +179,18 @@ class RunContext:
     def experiment(self) -> _ExperimentName:
         """The experiment's name: a ``str`` that also has ``.name`` (Azure's ``run.experiment.name``)."""
         return self._experiment
+
+    @property
+    def input_datasets(self) -> dict:
+        """The run's datasets by name: the path each is at (Azure's ``run.input_datasets``; {} offline)."""
+        raw = os.environ.get(ENV_INPUT_DATASETS, "")
+        if not raw:
+            return {}
+        try:
+            found = json.loads(raw)
+        except ValueError:
+            return {}
+        return dict(found) if isinstance(found, dict) else {}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(id={self._id!r}, experiment={str(self._experiment)!r})"

@@ -20,9 +20,10 @@ from typing import TYPE_CHECKING, Any
 
 from ._environment import Environment
 from ._home import WORKSPACES, dockyard_home
+from ._runtime import DockerConfiguration, check_mount, parse_docker_arguments, parse_mount, parse_shm_size
 from .compute import LOCAL_COMPUTE
 from .errors import ComputeTargetException, InputError
-from .runs import LOCAL_KIND, RunStatus, new_run_id
+from .runs import DATASETS_ROOT, LOCAL_KIND, RunRuntime, RunStatus, new_run_id
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._run import Run
@@ -279,13 +280,30 @@ class _ComputeStatus:
 
 
 class ScriptRunConfig:
-    """What to run: a script in a source directory, in an environment, on a compute target."""
+    """What to run: a script in a source directory, in an environment, on a compute target.
+
+    Azure ML's arguments, plus dockyard's own keywords: ``gpus``, ``gpu_memory_mib``, ``gpu_name``,
+    ``priority`` (the GPU request) and ``mounts`` (``"HOST:CONTAINER[:ro|rw]"`` strings). Datasets
+    (``ds.as_named_input(name).as_mount()``) in ``arguments`` become the path the data is at.
+    Azure-only arguments that mean nothing here are accepted with a warning; unknown ones are an
+    error.
+    """
 
     def __init__(self, source_directory: str | os.PathLike[str] = ".", script: str | None = None,
                  arguments: Iterable[object] | None = None, run_config: Any = None, _telemetry_values: Any = None,
                  compute_target: ComputeTarget | str | None = None, environment: Environment | None = None,
-                 max_run_duration_seconds: int | None = None, *, gpus: int = 0, gpu_memory_mib: int = 0,
-                 gpu_name: str | None = None, priority: int = 0, **kwargs: Any) -> None:
+                 distributed_job_config: Any = None, resume_from: Any = None,
+                 max_run_duration_seconds: int | None = None, command: Any = None,
+                 docker_runtime_config: DockerConfiguration | None = None, *, gpus: int = 0,
+                 gpu_memory_mib: int = 0, gpu_name: str | None = None, priority: int = 0,
+                 mounts: Iterable[str] = (), **kwargs: Any) -> None:
+        if kwargs:
+            raise InputError(f"ScriptRunConfig got unknown arguments: {', '.join(sorted(kwargs))}",
+                             hint="see help(ScriptRunConfig) for what it takes")
+        ignored = [name for name, value in (("run_config", run_config), ("distributed_job_config", distributed_job_config),
+                                            ("resume_from", resume_from), ("command", command)) if value is not None]
+        if ignored:
+            warnings.warn(f"ScriptRunConfig: {', '.join(ignored)} (Azure ML only) are ignored here", stacklevel=2)
         self.source_directory = str(source_directory)
         # dockyard's own: GPUs wanted (0 = CPU only), their minimum memory and name, queue priority.
         # max_run_duration_seconds (Azure's) is the time limit the scheduler backfills with.
@@ -294,10 +312,55 @@ class ScriptRunConfig:
         self.gpu_name = gpu_name
         self.priority = priority
         self.script = script
-        self.arguments = [str(a) for a in (arguments or [])]
+        self.arguments = list(arguments or [])  # datasets stay objects until submit places them
         self.compute_target = compute_target
         self.environment = environment
         self.max_run_duration_seconds = max_run_duration_seconds
+        self.docker_runtime_config = docker_runtime_config
+        self.mounts = [str(m) for m in mounts]
+
+    def _runtime(self, env: Environment, container: bool) -> tuple[list[str], RunRuntime]:
+        """The script's arguments (datasets replaced by their paths) and the container's setup.
+
+        Raises:
+            InputError: a dataset or mount path that does not exist or may not be mounted, a dataset
+                name used twice, a docker argument dockyard does not pass, a bad size.
+        """
+        from ._data import DatasetConsumptionConfig, FileDataset
+
+        docker = self.docker_runtime_config
+        given = parse_docker_arguments([*env.docker.arguments, *(docker.arguments if docker else [])])
+        mounts = [*given["mounts"], *(parse_mount(m) for m in self.mounts)]
+        datasets: dict[str, str] = {}
+        arguments: list[str] = []
+        for value in self.arguments:
+            if isinstance(value, FileDataset):
+                value = value.as_mount()
+            if not isinstance(value, DatasetConsumptionConfig):
+                arguments.append(str(value))
+                continue
+            name = value.name or f"input_{len(datasets) + 1}"
+            if name in datasets:
+                raise InputError(f"dataset name {name!r} is used twice in one run",
+                                 hint="give each dataset its own name with as_named_input(name)")
+            source = Path(value.dataset.path)
+            target = value.path_on_compute or f"{DATASETS_ROOT}/{name}"
+            if source.is_file() and not value.path_on_compute:
+                target = f"{target}/{source.name}"
+            mount = check_mount(source, target, True, what=f"dataset {name!r}")
+            mounts.append(mount)
+            datasets[name] = mount.target if container else mount.source
+            arguments.append(datasets[name])
+        seen: set[str] = set()
+        for mount in mounts:
+            if mount.target in seen:
+                raise InputError(f"two mounts share the container path {mount.target}", hint="give each its own path")
+            seen.add(mount.target)
+        shm = given["shm_size"] or parse_shm_size(
+            (docker.shm_size if docker and docker.shm_size is not None else env.docker.shm_size), "shm_size")
+        runtime = RunRuntime(mounts=tuple(mounts) if container else (), shm_size=shm, ulimits=tuple(given["ulimits"]),
+                             ipc=given["ipc"], variables=given["variables"], datasets=datasets)
+        return arguments, runtime
 
     def _validate(self) -> tuple[Path, str]:
         source = Path(self.source_directory).expanduser()
@@ -371,9 +434,12 @@ class Experiment:
             )
         env = config.environment or Environment("default")
         env.validate()
+        docker = config.docker_runtime_config
+        container = bool(env.docker.enabled) and not (docker is not None and docker.use_docker is False)
+        arguments, runtime = config._runtime(env, container)
         gpu_request = config._gpu_request()
         registry = env.docker.base_image_registry
-        if env.docker.enabled and registry.address and registry.password is not None:
+        if container and registry.address and registry.password is not None:
             # The password (set in code, or in this process's environment) is not available to the
             # agent, a long-lived process: pull the base now; the agent's build then finds it in
             # the engine. Nothing stores the password.
@@ -391,11 +457,12 @@ class Experiment:
         ws.store.insert(
             RunRecord(
                 id=run_id, experiment=self.name, status=RunStatus.QUEUED, script=script,
-                arguments=tuple(config.arguments), source_dir=str(source), snapshot=snapshot.id,
+                arguments=tuple(arguments), source_dir=str(source), snapshot=snapshot.id,
                 environment=env.to_dict(), compute=str(compute),
-                launcher="container" if env.docker.enabled else "process", image="", gpus=(), exit_code=None,
+                launcher="container" if container else "process", image="", gpus=(), exit_code=None,
                 reason="", container_id="", pid=None, created=time.time(), started=None, ended=None,
                 cancel_requested=False, metrics_offset=0, run_dir=str(run_dir), gpu_request=gpu_request,
+                runtime=runtime.to_dict(),
             )
         )
         ensure_agent(ws.home, scrub=[registry.password_env] if registry.password_env else [])

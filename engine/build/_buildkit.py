@@ -107,6 +107,17 @@ class BuildEvent:
     text: str = ""
     seconds: float | None = None
 
+    def plain(self) -> str:
+        """The event as one plain line (``docker build --progress plain``-like), for logs and pipes."""
+        if self.kind == "log":
+            return f"    | {self.text}"
+        if self.state == "started":
+            return self.name
+        label = {"cached": "CACHED", "error": "ERROR"}.get(self.state)
+        if label is None:
+            label = f"{self.seconds:.1f}s" if self.state == "done" and self.seconds is not None else self.state
+        return f"{self.name}  {label}"
+
 
 _STEP = re.compile(r"^\[(?:[^\]]*\s)?(\d+)/(\d+)\]\s")
 

@@ -34,21 +34,28 @@ _WORKSPACE = click.option("--workspace", "workspace_name", default=None, metavar
 @click.option("--priority", type=int, default=0, show_default=True, help="Higher starts first.")
 @click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Seconds the run may take; lets shorter runs use GPUs reserved for a later start.")
+@click.option("--mount", "mounts", multiple=True, metavar="HOST:CONTAINER[:ro|rw]",
+              help="Mount a host folder or file into the run (read-only unless :rw); repeat for more.")
+@click.option("--shm-size", default=None, metavar="SIZE", help="Size of /dev/shm (default 2g, as Azure ML).")
 @click.option("--detach", is_flag=True, help="Submit and return at once.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (waits for the end unless --detach).")
 @_WORKSPACE
 def run_command(script: str, args: tuple[str, ...], source: str, env_file: str | None, compute: str | None,
                 experiment: str, gpus: int, gpu_memory: int, gpu_name: str | None, priority: int,
-                time_limit: float | None, detach: bool, as_json: bool, workspace_name: str | None) -> None:
+                time_limit: float | None, mounts: tuple[str, ...], shm_size: str | None, detach: bool,
+                as_json: bool, workspace_name: str | None) -> None:
     """Run SCRIPT (in --source) in its environment's image and follow its output. Arguments after
     `--` go to the script."""
     from .. import Environment, Experiment, ScriptRunConfig
+    from ..core.runconfig import DockerConfiguration
 
     ws = workspace_named(workspace_name)
     env = Environment.load(env_file) if env_file else None
+    docker = DockerConfiguration(shm_size=shm_size) if shm_size else None
     config = ScriptRunConfig(source_directory=source, script=script, arguments=list(args),
                              compute_target=compute, environment=env, max_run_duration_seconds=time_limit,
-                             gpus=gpus, gpu_memory_mib=gpu_memory, gpu_name=gpu_name, priority=priority)
+                             gpus=gpus, gpu_memory_mib=gpu_memory, gpu_name=gpu_name, priority=priority,
+                             mounts=mounts, docker_runtime_config=docker)
     run = Experiment(ws, experiment).submit(config)
     if detach:
         if as_json:

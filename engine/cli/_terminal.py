@@ -97,23 +97,17 @@ class BuildProgress:
             self._json({"event": kind, **{k: getattr(ev, k) for k in ("name", "state", "index", "total", "text", "seconds")}})
             return
         name, state = getattr(ev, "name", ""), getattr(ev, "state", "")
+        line = ev.plain()  # type: ignore[attr-defined]
+        if self.mode == "plain":
+            sys.stderr.write(f"{line}\n")
         if kind == "log":
-            if self.mode == "plain":
-                sys.stderr.write(f"    | {getattr(ev, 'text', '')}\n")
             self._log = getattr(ev, "text", "")
         elif state == "started":
             self._current, self._log = name, ""
-            if self.mode == "plain":
-                sys.stderr.write(f"{name}\n")
         else:
-            secs = getattr(ev, "seconds", None)
-            label = {"cached": "CACHED", "error": "ERROR", "done": f"{secs:.1f}s" if secs is not None else "done"}.get(state, state)
-            line = f"{name}  {label}"
             self._done.append(line)
             if self._current == name:
                 self._current = ""
-            if self.mode == "plain":
-                sys.stderr.write(f"{line}\n")
         if self.mode == "plain":
             sys.stderr.flush()
         self._refresh()

@@ -18,6 +18,7 @@ What it believes comes from what holds the resource:
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import threading
@@ -32,7 +33,7 @@ from ..dockerd import EngineClient
 from ..errors import BuildKitUnavailable, DockyardError, EngineUnavailable, EnvironmentProblem
 from ..gpu import Lease, LeaseConflict, LeaseStore
 from ..launch import BindMount, ContainerLauncher, LaunchHandle, LaunchSpec, Observation, ProcessLauncher
-from ..runs import CONTAINER_LIB, CONTAINER_WORK, RunStatus, SnapshotStore
+from ..runs import CONTAINER_LIB, CONTAINER_WORK, RunRuntime, RunStatus, SnapshotStore
 from ._backend import AgentRun, RunEvents
 
 __all__ = ["LocalBackend"]
@@ -49,6 +50,49 @@ def _library_dir() -> Path:
     """dockyard's own package folder, mounted read-only into containers for the in-run API."""
     # resolve(): an editable install is a tree of symlinks; the container needs the real folder.
     return Path(__file__).resolve().parent.parent
+
+
+class _BuildLog:
+    """A build a run waits for, written into the run's own output as it happens (as Azure ML keeps
+    an image-build log with the run), and announced in the agent's log. A cache hit writes nothing."""
+
+    def __init__(self, path: Path, announce: Callable[[str], None]) -> None:
+        self._path = path
+        self._announce = announce
+        self._fh: Any = None
+
+    def _write(self, line: str) -> None:
+        try:
+            if self._fh is None:
+                self._announce("building its environment's image (its progress is in the run's output)")
+                self._fh = open(self._path, "ab", buffering=0)  # closed by done() or failed()
+                self._fh.write(b"dockyard: building the environment's image before the run starts\n")
+            self._fh.write(line.encode("utf-8", "replace") + b"\n")
+        except OSError:
+            pass  # a full disk: the build goes on, its output is only for reading
+
+    def note(self, line: str) -> None:
+        self._write(f"dockyard: {line}")
+
+    def event(self, event: Any) -> None:
+        self._write(event.plain())
+
+    def done(self, built: Any) -> None:
+        if self._fh is not None:
+            self._write(f"dockyard: {built.image} built in {built.seconds:.1f}s; the run starts")
+            self._announce(f"built {built.image} in {built.seconds:.1f}s")
+            self._close()
+
+    def failed(self, error: Exception) -> None:
+        self._write(f"dockyard: the build failed: {error}")
+        self._close()
+
+    def _close(self) -> None:
+        try:
+            self._fh.close()
+        except (OSError, AttributeError):
+            pass
+        self._fh = None
 
 
 class _NotNow(Exception):
@@ -356,13 +400,17 @@ class LocalBackend:
         self.snapshots.materialize(record.snapshot, folder.work)
         folder.prepare()
         env = Environment.from_dict(record.environment)
+        runtime = RunRuntime.from_dict(record.runtime)
         variables = {
             **env.environment_variables,
+            **runtime.variables,
             "DOCKYARD_RUN_ID": record.id,
             "DOCKYARD_EXPERIMENT": record.experiment,
             "PYTHONUNBUFFERED": "1",
             "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
         }
+        if runtime.datasets:  # Run.get_context().input_datasets reads them
+            variables["DOCKYARD_INPUT_DATASETS"] = json.dumps(dict(runtime.datasets))
         if record.launcher == "process":
             # Local processes are isolated by CUDA alone; "" hides every GPU from a CPU-only run.
             variables.update({
@@ -375,7 +423,13 @@ class LocalBackend:
             handle = self.processes.launch(spec, on_created=lambda h: self._recorded(run, h, ""))
             self._running(run, handle, f"as local process {handle.ref}")
             return
-        built = self.builder.ensure_image(env, progress=lambda line: self.events.log(f"{record.id}: {line}"))
+        build_log = _BuildLog(folder.log, lambda line: self.events.log(f"{record.id}: {line}"))
+        try:
+            built = self.builder.ensure_image(env, progress=build_log.note, on_event=build_log.event)
+        except DockyardError as exc:
+            build_log.failed(exc)
+            raise
+        build_log.done(built)
         if self.events.cancel_requested(run):
             self._release(run)
             self.events.canceled(run)
@@ -388,10 +442,13 @@ class LocalBackend:
             "DOCKYARD_METRICS_FILE": folder.container_metrics,
         })
         mounts = tuple(BindMount(src, dst, ro) for src, dst, ro in folder.container_mounts(_library_dir()))
+        mounts += tuple(BindMount(m.source, m.target, m.read_only) for m in runtime.mounts)
         spec = LaunchSpec(
             record.id, (self._python(built, env), record.script, *record.arguments), variables, CONTAINER_WORK,
             folder.container_log, image=built.image, mounts=mounts,
             labels={"dockyard.workspace": str(run.workspace)}, device_ids=gpus if gpus and not virtual else (),
+            shm_size=runtime.shm_size, ulimits=tuple((u.name, u.soft, u.hard) for u in runtime.ulimits),
+            ipc_mode=runtime.ipc,
         )
         handle = self.containers.launch(spec, on_created=lambda h: self._recorded(run, h, built.image))
         self._running(run, handle, f"in container {handle.ref[:12]} ({built.image})")

@@ -13,6 +13,7 @@ _EXPORTS = {
     "ComputeTarget": "dockyard._workflow",
     "Environment": "dockyard._environment",
     "Run": "dockyard._run",
+    "Dataset": "dockyard._data",
 }
 
 __all__ = sorted(_EXPORTS)

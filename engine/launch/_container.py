@@ -51,7 +51,7 @@ class ContainerLauncher:
             return self._api
 
     def _body(self, spec: LaunchSpec) -> dict[str, Any]:
-        from docker.types import DeviceRequest, Mount
+        from docker.types import DeviceRequest, Mount, Ulimit
 
         device_requests = None
         if spec.device_ids:
@@ -66,7 +66,10 @@ class ContainerLauncher:
             "working_dir": spec.workdir,
             "labels": {**spec.labels, "dockyard.run": spec.run_id},
             "name": container_name(spec.run_id),
-            "host_config": self.api.create_host_config(mounts=mounts, device_requests=device_requests),
+            "host_config": self.api.create_host_config(
+                mounts=mounts, device_requests=device_requests, shm_size=spec.shm_size, ipc_mode=spec.ipc_mode,
+                ulimits=[Ulimit(name=n, soft=soft, hard=hard) for n, soft, hard in spec.ulimits] or None,
+            ),
             "use_config_proxy": False,  # the run gets its environment's variables, not the client's proxies
         }
 

@@ -45,6 +45,9 @@ class LaunchSpec:
         labels: container labels, besides ``dockyard.run`` (containers only).
         device_ids: GPU UUIDs given through a Docker device request (real GPUs in containers only).
         exit_code_path: host file the process wrapper writes the exit code to (processes only).
+        shm_size: bytes of ``/dev/shm`` (containers only; None: the engine's default).
+        ulimits: ``(name, soft, hard)`` limits (containers only).
+        ipc_mode: Docker's IPC mode (containers only; None: the engine's default).
     """
 
     run_id: str
@@ -57,6 +60,9 @@ class LaunchSpec:
     labels: Mapping[str, str] = field(default_factory=dict)
     device_ids: tuple[str, ...] = ()
     exit_code_path: str | None = None
+    shm_size: int | None = None
+    ulimits: tuple[tuple[str, int, int], ...] = ()
+    ipc_mode: str | None = None
 
     def __post_init__(self) -> None:
         if not self.run_id or not self.argv:

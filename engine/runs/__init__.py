@@ -24,11 +24,17 @@ _EXPORTS = {
     "CONTAINER_WORK": "._layout",
     "LOG_NAME": "._layout",
     "RunFolder": "._layout",
+    "DATASETS_ROOT": "._runtime",
+    "DEFAULT_SHM_BYTES": "._runtime",
+    "RunMount": "._runtime",
+    "RunRuntime": "._runtime",
+    "Ulimit": "._runtime",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._layout import CONTAINER_LIB, CONTAINER_META, CONTAINER_WORK, LOG_NAME, RunFolder
+    from ._runtime import DATASETS_ROOT, DEFAULT_SHM_BYTES, RunMount, RunRuntime, Ulimit
     from ._snapshot import Snapshot, SnapshotStore
     from ._store import FINAL, LOCAL_KIND, ComputeRecord, LauncherKind, RunRecord, RunStatus, RunStore, new_run_id

@@ -83,7 +83,8 @@ CREATE TABLE IF NOT EXISTS runs (
     metrics_offset INTEGER NOT NULL DEFAULT 0,
     run_dir TEXT NOT NULL,
     gpu_request TEXT NOT NULL DEFAULT '{}',  -- JSON: count, min_memory_mib, name_filter, priority, time_limit_s
-    launcher TEXT NOT NULL DEFAULT 'container'  -- container | process (``docker`` is its old spelling)
+    launcher TEXT NOT NULL DEFAULT 'container',  -- container | process (``docker`` is its old spelling)
+    runtime TEXT NOT NULL DEFAULT '{}'          -- JSON: mounts, shm_size, ulimits, ipc, variables, datasets
 );
 CREATE INDEX IF NOT EXISTS runs_status ON runs(status, created);
 CREATE TABLE IF NOT EXISTS metrics (
@@ -107,7 +108,7 @@ CREATE TABLE IF NOT EXISTS computes (
 _COLUMNS = (
     "id, experiment, status, script, arguments, source_dir, snapshot, environment, compute, launcher, "
     "image, gpus, exit_code, reason, container_id, pid, created, started, ended, cancel_requested, "
-    "metrics_offset, run_dir, gpu_request"
+    "metrics_offset, run_dir, gpu_request, runtime"
 )
 _COMPUTE_COLUMNS = "name, max_nodes, vm_size, created, kind"
 
@@ -139,6 +140,7 @@ class RunRecord:
     metrics_offset: int
     run_dir: str
     gpu_request: dict[str, Any] = field(default_factory=dict)
+    runtime: dict[str, Any] = field(default_factory=dict)  # RunRuntime.to_dict(): mounts, shm, limits
 
     @classmethod
     def from_row(cls, row: tuple[Any, ...]) -> RunRecord:
@@ -149,6 +151,7 @@ class RunRecord:
         values[11] = tuple(json.loads(values[11]))
         values[19] = bool(values[19])
         values[22] = json.loads(values[22] or "{}")
+        values[23] = json.loads(values[23] or "{}")
         return cls(*values)
 
     @property
@@ -221,6 +224,8 @@ class RunStore(SqliteFile):
         if "launcher" not in columns:  # a store from before launchers had names
             conn.execute("ALTER TABLE runs ADD COLUMN launcher TEXT NOT NULL DEFAULT 'container'")
             conn.execute("UPDATE runs SET launcher = 'process' WHERE docker = 0")
+        if "runtime" not in columns:  # a store from before mounts and shared memory settings
+            conn.execute("ALTER TABLE runs ADD COLUMN runtime TEXT NOT NULL DEFAULT '{}'")
         if "kind" not in {row[1] for row in conn.execute("PRAGMA table_info(computes)")}:
             conn.execute("ALTER TABLE computes ADD COLUMN kind TEXT NOT NULL DEFAULT 'local'")
 
@@ -238,6 +243,7 @@ class RunStore(SqliteFile):
             record.launcher, record.image, json.dumps(list(record.gpus)), record.exit_code, record.reason,
             record.container_id, record.pid, record.created, record.started, record.ended,
             int(record.cancel_requested), record.metrics_offset, record.run_dir, json.dumps(record.gpu_request),
+            json.dumps(record.runtime),
             int(record.launcher == "container"),  # the old spelling, kept for stores read by older code
         )
         with self._tx() as conn:

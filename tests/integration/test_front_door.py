@@ -49,6 +49,7 @@ def normalise(text: str) -> str:
 
 def test_the_front_door_prints_what_the_client_would(project):
     home, cwd = project
+    assert dockyard(cwd, "env", "build", "env.yml").returncode == 0  # both runs below are cache hits
     assert not agent_status(home).running
     first = dockyard(cwd, "run", "train.py", "--source", "src", "--env", "env.yml")  # no agent: the client's path
     assert first.returncode == 0, first.stderr

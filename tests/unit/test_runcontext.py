@@ -148,7 +148,7 @@ def test_a_real_python_38_runs_the_in_run_path(tmp_path: Path) -> None:
 
 def test_public_surface_is_pinned() -> None:
     assert sorted(rc.__all__) == [
-        "ENV_EXPERIMENT", "ENV_METRICS_FILE", "ENV_RUN_ID", "KINDS", "MAX_NAME_LENGTH", "OfflineRun",
+        "ENV_EXPERIMENT", "ENV_INPUT_DATASETS", "ENV_METRICS_FILE", "ENV_RUN_ID", "KINDS", "MAX_NAME_LENGTH", "OfflineRun",
         "RunContext", "SubmittedRun", "fold_records", "get_context", "read_metric_lines", "read_metrics",
         "read_tags",
     ]
