@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ._conda import CondaDependencies, check_conda, conda_spec, read_conda_file
 from .errors import SpecError
 
 __all__ = [
@@ -110,7 +111,8 @@ class PythonSection:
 
     user_managed_dependencies: bool = False
     interpreter_path: str = "python3"
-    conda_dependencies: dict[str, Any] | None = None
+    # Azure ML's default: an empty spec to add packages to (``add_pip_package``); empty installs nothing.
+    conda_dependencies: dict[str, Any] | None = field(default_factory=CondaDependencies)
     pip_requirements: list[str] = field(default_factory=list)
 
 
@@ -150,7 +152,7 @@ class Environment:
             SpecError: the file is missing or is not a conda spec.
         """
         env = cls(name)
-        env.python.conda_dependencies = _read_conda_file(Path(file_path))
+        env.python.conda_dependencies = CondaDependencies(_underlying_structure=read_conda_file(Path(file_path)))
         return env
 
     @classmethod
@@ -179,7 +181,8 @@ class Environment:
         env = cls(name)
         env.docker.base_dockerfile = _dockerfile_text(str(dockerfile), Path.cwd(), where=None)
         if conda_specification is not None:
-            env.python.conda_dependencies = _read_conda_file(Path(conda_specification))
+            env.python.conda_dependencies = CondaDependencies(
+                _underlying_structure=read_conda_file(Path(conda_specification)))
         return env
 
     # -- file form ------------------------------------------------------------------------------
@@ -252,8 +255,9 @@ class Environment:
         python: dict[str, Any] = {"user_managed_dependencies": self.python.user_managed_dependencies}
         if self.python.interpreter_path != "python3":
             python["interpreter_path"] = self.python.interpreter_path
-        if self.python.conda_dependencies is not None:
-            python["conda_dependencies"] = json.loads(json.dumps(self.python.conda_dependencies))  # plain types
+        conda = conda_spec(self.python.conda_dependencies)
+        if conda is not None:
+            python["conda_dependencies"] = json.loads(json.dumps(conda))  # plain types
         if self.python.pip_requirements:
             python["pip_requirements"] = list(self.python.pip_requirements)
         out: dict[str, Any] = {"name": self.name}
@@ -337,7 +341,7 @@ class Environment:
                 base_image=self.effective_base_image,
                 base_digest=base_digest,
                 dockerfile=dockerfile,
-                conda=None if managed else self.python.conda_dependencies,
+                conda=None if managed else conda_spec(self.python.conda_dependencies),
                 pip=() if managed else tuple(self.python.pip_requirements),
                 user_managed=bool(managed),
                 platform=self.docker.platform,
@@ -522,11 +526,12 @@ def _from_mapping(data: Any, *, source: str | None, lines: dict[tuple[str, ...],
         if python.get(inline) is not None and python.get(from_file) is not None:
             raise r.error(("python", from_file), f"both {inline} and {from_file} are set", hint="keep one of them")
     if python.get("conda_dependencies") is not None:
-        env.python.conda_dependencies = _check_conda(
+        env.python.conda_dependencies = CondaDependencies(_underlying_structure=check_conda(
             python["conda_dependencies"], lambda m, h="": r.error(("python", "conda_dependencies"), m, h)
-        )
+        ))
     if python.get("conda_file") is not None:
-        env.python.conda_dependencies = _read_conda_file(r.path(python["conda_file"], ("python", "conda_file")))
+        env.python.conda_dependencies = CondaDependencies(
+            _underlying_structure=read_conda_file(r.path(python["conda_file"], ("python", "conda_file"))))
         env._reads_other_files = True
     if python.get("pip_requirements") is not None:
         env.python.pip_requirements = r.strings(python["pip_requirements"], ("python", "pip_requirements"))
@@ -561,43 +566,6 @@ def _dockerfile_text(value: str, base_dir: Path, *, where: str | None) -> str:
     except OSError as exc:
         raise SpecError(f"Dockerfile {value!r} cannot be read: {exc.strerror}", path=where,
                         field="docker.base_dockerfile") from exc
-
-
-def _check_conda(spec: Any, fail: Any) -> dict[str, Any]:
-    if not isinstance(spec, Mapping):
-        raise fail(f"expected a conda spec mapping, got {type(spec).__name__}",
-                   "a conda spec has name, channels and dependencies")
-    unknown = set(spec) - {"name", "channels", "dependencies", "variables", "prefix"}
-    if unknown:
-        raise fail(f"unknown conda spec field(s): {', '.join(sorted(map(str, unknown)))}",
-                   "a conda spec has name, channels, dependencies and variables")
-    deps = spec.get("dependencies") or []
-    if not isinstance(deps, list):
-        raise fail("dependencies must be a list")
-    for dep in deps:
-        if isinstance(dep, Mapping):
-            if set(dep) != {"pip"} or not isinstance(dep["pip"], list):
-                raise fail("a dependency mapping must be {pip: [requirements...]}")
-        elif not isinstance(dep, str):
-            raise fail(f"dependency {dep!r} is not a string")
-    channels = spec.get("channels") or []
-    if not isinstance(channels, list) or not all(isinstance(c, str) for c in channels):
-        raise fail("channels must be a list of strings")
-    return {k: v for k, v in dict(spec).items() if v is not None}
-
-
-def _read_conda_file(path: Path) -> dict[str, Any]:
-    import yaml
-
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError as exc:
-        raise SpecError("conda specification not found", path=str(path), hint="check the path") from exc
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise SpecError("malformed YAML in conda specification", path=str(path),
-                        line=mark.line + 1 if mark else None) from exc
-    return _check_conda(data, lambda m, h="": SpecError(m, path=str(path), hint=h))
 
 
 def _read_requirements(path: Path) -> list[str]:

@@ -291,8 +291,15 @@ def _read(path: str | None) -> bytes | None:
 
 
 def _summarise(details: str) -> str:
-    """The useful tail of BuildKit's wrapped Go error chain."""
-    for marker in ("executor failed running ", "did not complete successfully: ", "dockerfile parse error "):
+    """The useful tail of BuildKit's wrapped Go error chain, without the failing command line
+    itself (the step names it; a rendered install step is a thousand characters)."""
+    ran = re.search(r"executor failed running \[.*\]: (.*)$", details, re.S)
+    if ran:
+        return f"its command failed: {ran.group(1)}"
+    process = re.search(r'process ".*" did not complete successfully: (.*)$', details, re.S)
+    if process:
+        return f"its command did not complete successfully: {process.group(1)}"
+    for marker in ("did not complete successfully: ", "dockerfile parse error "):
         if marker in details:
             return details[details.index(marker) :]
     return details.rsplit(": failed to solve: ", 1)[-1]
@@ -534,7 +541,10 @@ class BuildKitClient:
         if failing and failing.partial:
             tail = f"{tail}\n{failing.partial}".strip("\n")
         summary = _summarise(details)
-        message = f"build failed at {step}: {summary}" if step else f"build failed: {summary}"
+        # A rendered RUN line is long (the install steps): the message names it short; the full
+        # step stays in .step, its Dockerfile line and the last output lines come as details.
+        named = step if len(step) <= 100 else step[:99].rstrip() + "…"
+        message = f"build failed at {named}: {summary}" if step else f"build failed: {summary}"
         return BuildError(
             message,
             step=step,

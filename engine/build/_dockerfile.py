@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from .._conda import CondaDependencies, conda_spec
 from .._environment import Environment
 
 __all__ = ["ENV_PREFIX_ROOT", "RenderedBuild", "image_tag", "render_dockerfile"]
@@ -67,11 +68,22 @@ def _conda_steps(prefix: str, with_pip: bool) -> str:
     )
 
 
-def _venv_steps(prefix: str) -> str:
+def _venv_steps(prefix: str, python_version: str | None = None) -> str:
+    check = ""
+    if python_version:
+        # conda's "python=3.11" means 3.11.*: the base's python3 must be that version.
+        want = python_version.strip().rstrip(".*")
+        check = (
+            f'    have=$(python3 -c \'import platform; print(platform.python_version())\'); \\\n'
+            f'    case "$have" in {want}|{want}.*) ;; *) echo "dockyard: the conda spec asks for python={want} but the '
+            f'base image has Python $have; without a conda channel only the base image\'s Python can be used: '
+            f'drop the python pin or use a base image with Python {want}" >&2; exit 1;; esac; \\\n'
+        )
     return (
         f"RUN --mount=type=bind,target={_MOUNT} set -e; \\\n"
         "    command -v python3 >/dev/null 2>&1 || { echo 'dockyard: pip requirements need python3 in the "
         "base image; use dockyard/base:<suite>-python3 or an image with python3' >&2; exit 127; }; \\\n"
+        f"{check}"
         f"    python3 -m venv {prefix} && {prefix}/bin/python -m pip install --no-cache-dir "
         f"-r {_MOUNT}/requirements.txt\n"
     )
@@ -101,8 +113,16 @@ def render_dockerfile(env: Environment, key: Any) -> RenderedBuild:
     context: dict[str, bytes] = {}
     python = env.python.interpreter_path
     if not env.python.user_managed_dependencies:
-        conda = env.python.conda_dependencies
+        conda = conda_spec(env.python.conda_dependencies)
         pip = list(env.python.pip_requirements)
+        spec = CondaDependencies(_underlying_structure=conda) if conda is not None else None
+        if spec is not None and spec._is_pip_only():
+            # Only pip packages (Azure ML's CondaDependencies.create(pip_packages=...)): a venv
+            # installs them, no conda needed; a python= pin must match the base image's Python.
+            pip = [*spec.pip_options, *spec.pip_packages, *pip]
+            conda, wanted_python = None, spec.get_python_version()
+        else:
+            wanted_python = None
         if conda is not None:
             context["conda.yml"] = _conda_file(conda)
             if pip:
@@ -110,7 +130,7 @@ def render_dockerfile(env: Environment, key: Any) -> RenderedBuild:
             lines.append(_conda_steps(prefix, bool(pip)))
         elif pip:
             context["requirements.txt"] = _pip_file(pip)
-            lines.append(_venv_steps(prefix))
+            lines.append(_venv_steps(prefix, wanted_python))
         if conda is not None or pip:
             lines.append(f'ENV PATH="{prefix}/bin:$PATH" VIRTUAL_ENV="{prefix}"\n')
             python = f"{prefix}/bin/python"

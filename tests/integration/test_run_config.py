@@ -206,3 +206,32 @@ def test_unknown_arguments_are_an_error_and_azure_only_ones_a_warning(tmp_path):
         ScriptRunConfig(str(tmp_path), "x.py", distributed_job_config=object())
     with pytest.raises(InputError, match="does not exist"):
         Dataset.File.from_files(str(tmp_path / "nothing-here"))
+
+
+def test_azure_ml_pip_only_conda_dependencies_build_without_conda_and_run(ws, tmp_path):
+    from dockyard.core.conda_dependencies import CondaDependencies
+
+    src = source(tmp_path, "uses_six.py", "import six\nprint('six', six.__version__)\n")
+    env = Environment("azure-style")
+    env.docker.base_image = PYTHON
+    env.python.conda_dependencies = CondaDependencies.create(pip_packages=["six==1.16.0"])
+    run = Experiment(ws, "conda").submit(ScriptRunConfig(str(src), "uses_six.py", environment=env))
+    assert run.wait_for_completion()["status"] == "Completed", output(run)
+    assert "six 1.16.0" in output(run)
+    default = Environment("defaulted")  # Azure's default object, to add packages to
+    default.python.conda_dependencies.add_pip_package("six==1.16.0")
+    assert default.content_key().hex == env.content_key().hex or default.to_dict()["python"]["conda_dependencies"]
+
+
+def test_a_python_pin_the_base_cannot_meet_fails_the_build_in_one_short_error(ws, tmp_path):
+    from dockyard.core.conda_dependencies import CondaDependencies
+
+    src = source(tmp_path, "hello.py", "print('x')\n")
+    env = Environment("old-python")
+    env.docker.base_image = PYTHON
+    env.python.conda_dependencies = CondaDependencies.create(pip_packages=["six"], python_version="3.7")
+    details = Experiment(ws, "conda").submit(ScriptRunConfig(str(src), "hello.py", environment=env)) \
+        .wait_for_completion(raise_on_error=False)
+    message = details["error"]["message"]
+    assert details["status"] == "Failed" and "asks for python=3.7" in message
+    assert message.count("RUN --mount") <= 1 and len(message.splitlines()[0]) < 400, "the error is short"
