@@ -54,6 +54,16 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.fixture
+def workspace(home: Path):
+    """A workspace of its own under a private home; the home's agent is stopped afterwards."""
+    from dockyard import Workspace
+    from dockyard.compute import stop_agent
+
+    yield Workspace(f"w{uuid.uuid4().hex[:6]}", home=home)
+    stop_agent(home)
+
+
+@pytest.fixture
 def engine_resources():
     """Track images/containers a test makes; remove them afterwards even when the test fails."""
     from helpers.engine import EngineResources

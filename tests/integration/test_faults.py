@@ -11,46 +11,20 @@ import sqlite3
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
-from dockyard import Environment, Experiment, ScriptRunConfig, Workspace
+from dockyard import Experiment, ScriptRunConfig, Workspace
 from dockyard.compute import agent_status, ensure_agent, stop_agent
+from helpers.runs import local_env, python_env, source
 
 pytestmark = pytest.mark.engine
 
-PYTHON = "dockyard/base:bookworm-python3"
-
-
-def local_env(**variables: str) -> Environment:
-    env = Environment("local")
-    env.docker.enabled = False
-    env.python.interpreter_path = sys.executable
-    env.environment_variables = dict(variables)
-    return env
-
-
-def container_env() -> Environment:
-    env = Environment("py")
-    env.docker.base_image = PYTHON
-    return env
 
 
 @pytest.fixture
-def ws(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    home = tmp_path / "home"
-    monkeypatch.setenv("DOCKYARD_HOME", str(home))
-    workspace = Workspace(f"f{uuid.uuid4().hex[:6]}", home=home)
-    yield workspace
-    stop_agent(home)
-
-
-def source(tmp_path: Path, name: str, code: str) -> Path:
-    src = tmp_path / "src"
-    src.mkdir(exist_ok=True)
-    (src / name).write_text(code)
-    return src
+def ws(workspace):
+    return workspace
 
 
 def wait_status(run, status: str, timeout: float = 60) -> None:
@@ -199,7 +173,7 @@ def test_paths_are_never_shell_text(tmp_path: Path, monkeypatch, kind: str):
     ws = Workspace("paths", home=home)
     src = source(tmp_path, "hello.py", "print('hello from a strange home')\n")
     try:
-        env = local_env() if kind == "process" else container_env()
+        env = local_env() if kind == "process" else python_env()
         run = Experiment(ws, "exp").submit(ScriptRunConfig(str(src), "hello.py", environment=env))
         details = run.wait_for_completion(raise_on_error=False)
         assert details["status"] == "Completed", details

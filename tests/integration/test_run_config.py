@@ -12,15 +12,14 @@ import uuid
 from pathlib import Path
 
 import pytest
-from dockyard import Environment, Experiment, ScriptRunConfig, Workspace
-from dockyard.compute import stop_agent
+from dockyard import Environment, Experiment, ScriptRunConfig
 from dockyard.core import Dataset
 from dockyard.core.runconfig import DockerConfiguration
 from dockyard.errors import InputError
+from helpers.runs import PYTHON, python_env, source
 
 pytestmark = pytest.mark.engine
 
-PYTHON = "dockyard/base:bookworm-python3"
 
 READER = """
 import os, sys
@@ -49,26 +48,9 @@ print("SHM_OK")
 """
 
 
-def python_env() -> Environment:
-    env = Environment("py")
-    env.docker.base_image = PYTHON
-    return env
-
-
 @pytest.fixture
-def ws(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    home = tmp_path / "home"
-    monkeypatch.setenv("DOCKYARD_HOME", str(home))
-    workspace = Workspace(f"c{uuid.uuid4().hex[:6]}", home=home)
-    yield workspace
-    stop_agent(home)
-
-
-def source(tmp_path: Path, name: str, code: str) -> Path:
-    src = tmp_path / "src"
-    src.mkdir(exist_ok=True)
-    (src / name).write_text(code)
-    return src
+def ws(workspace):
+    return workspace
 
 
 def output(run) -> str:
