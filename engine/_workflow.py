@@ -168,15 +168,11 @@ class Workspace:
         return Run(Experiment(self, self.store.get(run_id).experiment), run_id)
 
     def wake_agent(self) -> None:
-        """Start the machine's agent if this workspace has unfinished runs and no agent follows
-        them (it was killed): someone is always awake while a run is unfinished."""
-        from .compute import agent_status, ensure_agent
+        """Start the machine's agent if runs are unfinished and no agent follows them (it was
+        killed): someone is always awake while a run is unfinished."""
+        from .compute import wake_agent
 
-        if not (self.directory / "runs.db").exists() or agent_status(self.home).running:
-            return
-        if self.store.list(statuses=(RunStatus.QUEUED, RunStatus.RUNNING), limit=1):
-            ensure_agent(self.home)
-
+        wake_agent(self.home)
 
 
 class AmlCompute:

@@ -204,9 +204,11 @@ def runs_cancel(run_id: str, workspace_name: str | None) -> None:
 def gpus_command(as_json: bool, workspace_name: str | None) -> None:
     """The machine's GPUs (or declared virtual ones), who holds each, and the one queue of runs
     (every workspace's) waiting for them."""
-    from ..compute import gpu_status
+    from ..compute import gpu_status, wake_agent
 
-    status = gpu_status(workspace_named(workspace_name).home)
+    home = workspace_named(workspace_name).home
+    wake_agent(home)  # runs waiting for GPUs need someone awake to start them
+    status = gpu_status(home)
     doc: dict[str, Any] = status.to_json()
     if as_json:
         emit_json(doc)

@@ -15,6 +15,7 @@ _EXPORTS = {
     "agent_status": "._control",
     "ensure_agent": "._control",
     "stop_agent": "._control",
+    "wake_agent": "._control",
     "Agent": "._agent",
     "AgentRun": "._backend",
     "ComputeBackend": "._backend",
@@ -36,7 +37,7 @@ __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 if TYPE_CHECKING:  # pragma: no cover
     from ._agent import Agent
     from ._backend import AgentRun, ComputeBackend, RunEvents, backend_class
-    from ._control import AgentStatus, agent_status, ensure_agent, stop_agent
+    from ._control import AgentStatus, agent_status, ensure_agent, stop_agent, wake_agent
     from ._frontdoor import FrontDoor, Reply, Request
     from ._gpuview import GpuStatus, QueuedGpuRun, gpu_status
     from ._local import LocalBackend

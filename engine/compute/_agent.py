@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import os
+import select
 import signal
 import sys
 import threading
@@ -51,8 +52,8 @@ class Agent:
         self._front_door_handler = front_door
         self._stores: dict[Path, RunStore] = {}
         self._backends: dict[str, Any] = {}
-        self._stop = threading.Event()
-        self._wake = threading.Event()  # set by SIGUSR1 (a submit) or by a run that just ended
+        self._stopping = False  # set by SIGTERM/SIGINT
+        self._wake = _Waker()  # set by SIGUSR1 (a submit) or by a run that just ended
         self._log_lock = threading.Lock()
         self._logged: dict[str, tuple[str, float]] = {}
         self._warned_empty: set[Path] = set()
@@ -105,7 +106,7 @@ class Agent:
             return 1
         files.pid.write_text(str(os.getpid()))
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: (self._stop.set(), self._wake.set()))
+            signal.signal(sig, self._on_stop_signal)
         signal.signal(signal.SIGUSR1, lambda *_: self._wake.set())
         self.log(f"agent {os.getpid()} serving every workspace of {self.home}")
         self._retire_old_agents()
@@ -118,20 +119,23 @@ class Agent:
             except OSError as exc:  # clients then take their own path: slower, never wrong
                 self.log(f"front door unavailable: {exc}")
                 door = None
-        while not self._stop.is_set():
+        while not self._stopping:
             try:
                 self.step()
             except Exception as exc:  # noqa: BLE001 - the agent keeps serving whatever one pass hit
                 self.log_once("pass", f"pass failed: {type(exc).__name__}: {exc}")
             # Polling is the fallback; submits (SIGUSR1) and run exits wake the loop at once.
             self._wake.wait(self.poll)
-            self._wake.clear()
         self.log("agent stopping; running runs keep running and will be adopted")
         if door is not None:
             door.close()
         for backend in self._backends.values():
             backend.close()
         return 0
+
+    def _on_stop_signal(self, *_: object) -> None:
+        self._stopping = True
+        self._wake.set()
 
     def _prewarm(self) -> None:
         try:
@@ -217,6 +221,35 @@ class Agent:
                         self.events.note(run, exc.message)
                 continue
             backend.dispatch(waiting, active)
+
+
+class _Waker:
+    """What wakes the loop: a pipe, not a ``threading.Event``.
+
+    Signal handlers run in the main thread between any two bytecodes — possibly while it holds an
+    Event's lock inside ``wait()`` — so a handler that sets an Event can deadlock the agent (it did,
+    under a burst of submits). Writing a byte to a pipe takes no lock; the loop waits with select.
+    """
+
+    def __init__(self) -> None:
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._read, False)
+        os.set_blocking(self._write, False)
+
+    def set(self) -> None:
+        try:
+            os.write(self._write, b"!")
+        except (BlockingIOError, OSError):
+            pass  # the pipe is full: the loop is already due to wake
+
+    def wait(self, timeout: float) -> None:
+        readable, _, _ = select.select([self._read], [], [], timeout)
+        if readable:
+            try:
+                while os.read(self._read, 4096):
+                    pass
+            except (BlockingIOError, OSError):
+                pass
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["AgentStatus", "agent_files", "agent_status", "ensure_agent", "stop_agent"]
+__all__ = ["AgentStatus", "agent_files", "agent_status", "ensure_agent", "stop_agent", "wake_agent"]
 
 # The agent process is started by module name (not imported): it is the compute room's Agent with
 # the CLI's front door open, so it lives with the CLI.
@@ -136,3 +136,24 @@ def stop_agent(home: Path, *, wait: float = 10.0) -> bool:
     while time.monotonic() < deadline and agent_status(home).running:
         time.sleep(0.05)
     return True
+
+
+def wake_agent(home: Path) -> bool:
+    """Start the agent if any workspace of ``home`` has unfinished runs and none runs (it was killed):
+    someone is always awake while a run is unfinished. Returns whether one was started."""
+    if agent_status(home).running:
+        return False
+    from .._home import workspace_folders
+    from ..runs import RunStatus, RunStore
+
+    for folder in workspace_folders(Path(home)):
+        store = RunStore(folder)
+        try:
+            unfinished = store.list(statuses=(RunStatus.QUEUED, RunStatus.RUNNING), limit=1)
+        except Exception:  # noqa: BLE001 - a damaged store must not stop the others waking the agent
+            unfinished = []
+        finally:
+            store.close()
+        if unfinished:
+            return ensure_agent(home).running
+    return False

@@ -104,6 +104,14 @@ def _plan_id(run: AgentRun) -> str:
     return f"{run.workspace.name}/{run.id}"
 
 
+def _holds_exit_code(path: Path) -> bool:
+    """Whether a process run's exit code file holds a code (its wrapper ended), not the placeholder."""
+    try:
+        return path.read_text().strip().lstrip("-").isdigit()
+    except OSError:
+        return False
+
+
 def _pythonpath(library: str, env: Environment) -> str:
     """dockyard's in-run API first, then whatever the environment itself puts on PYTHONPATH."""
     declared = env.environment_variables.get("PYTHONPATH", "")
@@ -141,6 +149,8 @@ class LocalBackend:
         self._disk_low: dict[tuple[str, str], str] = {}  # run -> what was seen while it ran
         self._closing = False
         self._said_trouble = ""
+        self._holding: set[tuple[str, str]] = set()  # runs whose holder this agent started
+        self._created: dict[tuple[str, str], str] = {}  # containers created, not (yet) started
 
     def close(self) -> None:
         """The agent stops: launches still on their way are left to the next agent (never failed)."""
@@ -331,8 +341,22 @@ class LocalBackend:
 
     def _not_started(self, run: AgentRun, *, note: str = "", failure: str = "") -> None:
         """A launch that did not start its run: the run waits again (``note``) or fails (``failure``),
-        unless the agent is stopping under it; the next agent then takes it over as it stands."""
+        unless the agent is stopping under it; the next agent then takes it over as it stands.
+
+        If its holder was started after all (what failed came after, e.g. recording it on a full
+        disk), nothing is released or failed: a later pass finds the holder and follows it."""
         if self._closing:
+            return
+        with self._lock:
+            started = run.key in self._holding
+            created = self._created.pop(run.key, None) is not None
+        if started:
+            self.events.log(f"{run.id}: {(failure or note).splitlines()[0]}; it was started, and is followed as it is")
+            return
+        if created and not failure:
+            # Created, and then the engine could not be asked: it may hold the GPUs. Keep them until
+            # a pass learns what became of it (the handle is recorded, or found by the run's name).
+            self.events.note(run, note)
             return
         self._release(run)  # nothing holds them
         if failure:
@@ -367,8 +391,13 @@ class LocalBackend:
             found = launcher.find(run.id)
         except (EngineUnavailable, EnvironmentProblem) as exc:
             raise _NotNow(f"waiting to learn whether it was started already: {exc.message}") from exc
-        if found is not None and run.record.launcher == "process":
-            self.processes.adopt(found, str(run.record.folder.exit_code))
+        if run.record.launcher == "process":
+            exit_file = run.record.folder.exit_code
+            if found is None and _holds_exit_code(exit_file):
+                # It ran and ended while its start could not be recorded: its exit code says so.
+                found = LaunchHandle("process", str(run.record.pid or 0), run.id)
+            if found is not None:
+                self.processes.adopt(found, str(exit_file))
         return found
 
     def _adopt_or_start(self, run: AgentRun, gpus: tuple[str, ...]) -> None:
@@ -382,11 +411,22 @@ class LocalBackend:
         self._prepare_and_start(run, gpus)
 
     def _recorded(self, run: AgentRun, handle: LaunchHandle, image: str) -> None:
-        """The holder exists: record it (before it can do anything) with the GPUs it holds."""
-        if handle.kind == "process":
-            self.events.launched(run, pid=int(handle.ref), image="(local process)")
-        else:
-            self.events.launched(run, container_id=handle.ref, image=image)
+        """The holder exists: record it (before it can do anything) with the GPUs it holds.
+
+        Never raises: if the store cannot be written (a full disk), the holder is still found by
+        the run's name or environment, and its GPUs stay leased."""
+        with self._lock:
+            if handle.kind == "process":  # a process runs from the moment it exists
+                self._holding.add(run.key)
+            else:  # a container is created, and started only if its start succeeds
+                self._created[run.key] = handle.ref
+        try:
+            if handle.kind == "process":
+                self.events.launched(run, pid=int(handle.ref), image="(local process)")
+            else:
+                self.events.launched(run, container_id=handle.ref, image=image)
+        except EnvironmentProblem as exc:
+            self.events.log(f"{run.id}: its {handle} could not be recorded now: {exc.message}")
         try:
             self.leases.note_holder(run.id, f"{handle.kind}:{handle.ref}")
         except EnvironmentProblem as exc:
@@ -462,7 +502,17 @@ class LocalBackend:
         return python or env.python.interpreter_path
 
     def _running(self, run: AgentRun, handle: LaunchHandle, how: str) -> None:
-        if not self.events.started(run) and self.events.status(run.workspace, run.id) != RunStatus.RUNNING:
+        with self._lock:  # its holder runs: from now on nothing may release its GPUs but its end
+            self._holding.add(run.key)
+            self._created.pop(run.key, None)
+        self._check_disk(run)  # a full disk is seen from the start: the run may end before it is recorded
+        try:
+            started = self.events.started(run)
+        except EnvironmentProblem as exc:  # it runs, whatever the store says: follow it, record it later
+            self.events.log(f"{run.id} running {how}, but not recorded yet: {exc.message}")
+            self._watch(run, handle)
+            return
+        if not started and self.events.status(run.workspace, run.id) != RunStatus.RUNNING:
             # Canceled (or ended) while it was being prepared: what just started must not run on.
             self.events.log(f"{run.id} was canceled while starting; stopping it")
             launcher = self._launcher(run)
@@ -472,6 +522,8 @@ class LocalBackend:
             except DockyardError as exc:
                 self.events.log(f"{run.id}: stopping it failed ({exc}); its GPUs stay leased until it is gone")
                 return
+            with self._lock:
+                self._holding.discard(run.key)
             self._release(run)
             return
         self.events.log(f"{run.id} running {how}")
@@ -599,4 +651,6 @@ class LocalBackend:
     def _finish(self, run: AgentRun, exit_code: int | None, reason: str = "") -> None:
         self.events.finished(run, exit_code, reason)
         self._disk_low.pop(run.key, None)
+        with self._lock:
+            self._holding.discard(run.key)
         self._release(run)

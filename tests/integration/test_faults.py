@@ -198,3 +198,20 @@ def test_a_snapshot_that_does_not_fit_leaves_no_orphan_blob(small_disk: Path, tm
     assert left == [], f"a failed snapshot left {left}"
     (src / "b-large.bin").unlink()
     assert store.take(src).files == 1, "the store works again once the snapshot fits"
+
+
+def test_a_burst_of_wake_up_signals_never_hangs_the_agent(ws, tmp_path):
+    """Every submit signals the agent; signals arrive between any two bytecodes of its loop. A
+    handler that takes a lock the loop may hold deadlocks it (seen under a burst of submits)."""
+    src = source(tmp_path, "nap.py", "import time\ntime.sleep(2)\nprint('woke')\n")
+    run = Experiment(ws, "exp").submit(ScriptRunConfig(str(src), "nap.py", environment=local_env()))
+    pid = agent_status(ws.home).pid
+    deadline = time.monotonic() + 3
+    sent = 0
+    while time.monotonic() < deadline:
+        os.kill(pid, signal.SIGUSR1)
+        sent += 1
+    assert sent > 1000
+    assert run.wait_for_completion()["status"] == "Completed"
+    assert agent_status(ws.home).pid == pid, "the agent was replaced: it had hung"
+    assert stop_agent(ws.home) and not agent_status(ws.home).running, "the agent does not stop: it hangs"

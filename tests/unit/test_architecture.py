@@ -99,7 +99,7 @@ _SURFACES = {
     "dockyard.compute": ["Agent", "AgentRun", "AgentStatus", "ComputeBackend", "FrontDoor", "GpuStatus",
                          "LOCAL_COMPUTE", "LocalBackend", "QueuedGpuRun", "Reply", "Request", "RunEvents",
                          "agent_status", "backend_class", "default_max_nodes", "ensure_agent", "gpu_status",
-                         "stop_agent"],
+                         "stop_agent", "wake_agent"],
     "dockyard.dockerd": ["API_VERSION", "EngineClient", "EngineInfo", "HttpReply", "translate_docker_error",
                          "unix_image_id"],
     "dockyard.cli": ["cli", "main"],
