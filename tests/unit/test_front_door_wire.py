@@ -149,7 +149,10 @@ def test_another_user_gets_nothing_even_through_an_open_socket_file(door):
             try:
                 os.setuid(65534)
                 request = "\0".join([_wire.PROTOCOL, "/", "0", "run", "t.py"])
-                code = 0 if _talk(front.path, _wire.frame(b"R", request)) == [] else 1
+                try:
+                    code = 0 if _talk(front.path, _wire.frame(b"R", request)) == [] else 1
+                except (BrokenPipeError, ConnectionResetError):
+                    code = 0  # hung up on before the request was even sent: nothing answered
             finally:
                 os._exit(code)
         result["status"] = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
