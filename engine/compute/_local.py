@@ -42,6 +42,8 @@ __all__ = ["LocalBackend"]
 _DISK_LOW_BYTES = 1 << 20
 # Exit codes of a container stopped by its engine (SIGTERM, then SIGKILL) rather than ending itself.
 _STOPPED_CODES = (137, 143)
+# A run that had to wait (the engine down, an earlier start not known) is tried again after this.
+_RETRY_S = 1.0
 # How near an observed engine outage a container must have ended to have been stopped by it.
 _OUTAGE_SLACK_S = 30.0
 
@@ -151,6 +153,7 @@ class LocalBackend:
         self._said_trouble = ""
         self._holding: set[tuple[str, str]] = set()  # runs whose holder this agent started
         self._created: dict[tuple[str, str], str] = {}  # containers created, not (yet) started
+        self._retry_at: dict[tuple[str, str], float] = {}  # runs that wait: when to try again
 
     def close(self) -> None:
         """The agent stops: launches still on their way are left to the next agent (never failed)."""
@@ -252,6 +255,8 @@ class LocalBackend:
             if run.record.cancel_requested:
                 self.events.canceled(run)
                 continue
+            if self._retry_at.get(run.key, 0.0) > time.monotonic():
+                continue  # its last attempt had to wait (the engine, an unknown earlier start): not every pass
             if busy[target] >= run.target.max_nodes:
                 self.events.note(run, f"compute target {run.target.name} is full ({run.target.max_nodes} at once)")
                 continue
@@ -353,6 +358,8 @@ class LocalBackend:
         if started:
             self.events.log(f"{run.id}: {(failure or note).splitlines()[0]}; it was started, and is followed as it is")
             return
+        if not failure:
+            self._retry_at[run.key] = time.monotonic() + _RETRY_S
         if created and not failure:
             # Created, and then the engine could not be asked: it may hold the GPUs. Keep them until
             # a pass learns what became of it (the handle is recorded, or found by the run's name).
@@ -505,6 +512,7 @@ class LocalBackend:
         with self._lock:  # its holder runs: from now on nothing may release its GPUs but its end
             self._holding.add(run.key)
             self._created.pop(run.key, None)
+            self._retry_at.pop(run.key, None)
         self._check_disk(run)  # a full disk is seen from the start: the run may end before it is recorded
         try:
             started = self.events.started(run)
