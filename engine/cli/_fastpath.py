@@ -113,7 +113,9 @@ def try_run_via_agent(args: list[str]) -> int | None:
         return None  # no agent (yet): the full path submits and starts one
     from .._wire import PROTOCOL, fields, frame, read_frame
 
-    config = [f"{k}={v}" for k, v in os.environ.items() if k.startswith(("DOCKYARD_", "DOCKER_"))]
+    # Configuration only, and never a variable named like a password (it stays in this process).
+    config = [f"{k}={v}" for k, v in os.environ.items()
+              if k.startswith(("DOCKYARD_", "DOCKER_")) and "PASSW" not in k.upper()]
     queued: list[str] | None = None
     offset = 0
     out, err = sys.stdout.buffer, sys.stderr.buffer

@@ -86,7 +86,9 @@ def parse_run_args(argv: tuple[str, ...] | list[str]) -> RunArgs | None:
 
 
 def config_of(environ: Mapping[str, str]) -> dict[str, str]:
-    return {k: v for k, v in environ.items() if k.startswith(CONFIG_PREFIXES) and k not in _NOT_COMPARED}
+    # Password-like names are neither sent by clients nor kept by the agent: not configuration.
+    return {k: v for k, v in environ.items()
+            if k.startswith(CONFIG_PREFIXES) and k not in _NOT_COMPARED and "PASSW" not in k.upper()}
 
 
 def make_handler(home: Path):  # type: ignore[no-untyped-def]

@@ -51,7 +51,8 @@ def test_everything_else_is_left_to_the_click_command(argv):
 
 
 def test_only_configuration_variables_are_compared():
-    a = {"DOCKYARD_HOME": "/h", "DOCKER_HOST": "unix:///s", "DOCKYARD_GPUS": "2", "HOME": "/root", "PATH": "/bin"}
+    a = {"DOCKYARD_HOME": "/h", "DOCKER_HOST": "unix:///s", "DOCKYARD_GPUS": "2", "HOME": "/root", "PATH": "/bin",
+         "DOCKYARD_REGISTRY_PASSWORD": "s3cr3t"}
     # DOCKYARD_HOME is not compared: a client reaches an agent through the socket in its own home.
     assert config_of(a) == {"DOCKER_HOST": "unix:///s", "DOCKYARD_GPUS": "2"}
 
