@@ -20,6 +20,8 @@ __all__ = ["EMPTY_MARK", "SqliteFile", "sqlite3"]
 
 #: ``<name>.was-empty-<unix time>``: a database found with 0 bytes, kept aside as evidence.
 EMPTY_MARK = "was-empty-"
+# How old a 0-byte file must be to have lost its content rather than be being made right now.
+_FRESH_S = 10.0
 
 
 class SqliteFile:
@@ -64,9 +66,11 @@ class SqliteFile:
         keep it aside as ``<name>.was-empty-<unix time>`` — ``dockyard doctor`` reports it until it is
         deleted — and let the schema make a new one. Returns whether that happened."""
         try:
-            if self.path.stat().st_size != 0:
-                return False
+            found = self.path.stat()
         except OSError:  # not there yet (or unreadable: the open says so)
+            return False
+        # A file another process has just created is 0 bytes until its first write: not "emptied".
+        if found.st_size != 0 or time.time() - found.st_mtime < _FRESH_S:
             return False
         wal = self.path.with_name(f"{self.path.name}-wal")
         if wal.exists() and wal.stat().st_size:

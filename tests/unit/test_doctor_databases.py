@@ -88,6 +88,14 @@ def make_index(home: Path) -> Path:
     return path
 
 
+def emptied_long_ago(path: Path) -> None:
+    """A 0-byte file last written a minute ago: emptied, not one another process is making now."""
+    then = time.time() - 60
+    os.utime(path, (then, then))
+    for extra in ("-wal", "-shm"):
+        path.with_name(path.name + extra).unlink(missing_ok=True)
+
+
 def corrupt_a_middle_page(path: Path) -> None:
     """Overwrite one whole b-tree page in the middle (never page 1): the header still says SQLite."""
     data = path.read_bytes()
@@ -216,6 +224,11 @@ def test_sqlite_file_records_a_zero_length_file(tmp_path: Path):
     path = tmp_path / "ws" / "runs.db"
     path.parent.mkdir()
     path.touch()
+    just_made = RunStore(path.parent)
+    assert just_made.list() == [] and just_made.was_empty is False, "a file made a moment ago is new, not emptied"
+    just_made.close()
+    path.write_bytes(b"")
+    emptied_long_ago(path)
     emptied = RunStore(path.parent)
     assert emptied.was_empty is False, "not opened yet"
     assert emptied.list() == []
@@ -240,6 +253,7 @@ def test_an_emptied_run_store_stays_loud_after_it_was_made_anew(
     path = home / "workspaces" / "default" / "runs.db"
     path.parent.mkdir(parents=True)
     path.touch()
+    emptied_long_ago(path)
     store = RunStore(path.parent)
     assert store.list() == [] and store.was_empty  # the first opener (the agent, a CLI) made it anew
     store.close()
