@@ -14,7 +14,6 @@ this one starts; its runs keep running and are adopted like any others.
 
 from __future__ import annotations
 
-import argparse
 import fcntl
 import os
 import select
@@ -36,7 +35,7 @@ from ._control import agent_files, lock_holder
 from ._frontdoor import FrontDoor, Handler
 from ._targets import LOCAL_COMPUTE, default_max_nodes
 
-__all__ = ["Agent", "main"]
+__all__ = ["Agent"]
 
 _OLD_AGENT_GRACE_S = 10.0
 
@@ -250,15 +249,3 @@ class _Waker:
                     pass
             except (BlockingIOError, OSError):
                 pass
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dockyard.compute._agent", description="dockyard's run agent")
-    parser.add_argument("--home", default=None, help="the dockyard home whose workspaces it serves")
-    parser.add_argument("--poll", type=float, default=0.2)
-    args = parser.parse_args(argv)
-    return Agent(Path(args.home) if args.home else None, poll=args.poll).serve()
-
-
-if __name__ == "__main__":
-    sys.exit(main())
