@@ -29,6 +29,7 @@ TYPE_CHECKING = False
 _EXPORTS = {
     "ImageCache": "._index",
     "PART_NAMES": "._keys",
+    "OPTIONAL_PART_NAMES": "._keys",
     "SCHEMA_VERSION": "._keys",
     "ContentKey": "._keys",
     "KeyParts": "._keys",
@@ -55,7 +56,7 @@ _EXPORTS = {
 if TYPE_CHECKING:  # pragma: no cover
     from ._fastread import FastHit, fast_hit
     from ._index import ImageCache
-    from ._keys import PART_NAMES, SCHEMA_VERSION, ContentKey, KeyParts, compute_key, diff_keys
+    from ._keys import OPTIONAL_PART_NAMES, PART_NAMES, SCHEMA_VERSION, ContentKey, KeyParts, compute_key, diff_keys
     from ._lease import BuildSlot
     from ._model import BuildResult, CacheEntry, CacheStats, GcFailure, GcReport
     from .errors import (
@@ -70,6 +71,7 @@ if TYPE_CHECKING:  # pragma: no cover
     )
 
 __all__ = [
+    "OPTIONAL_PART_NAMES",
     "PART_NAMES",
     "SCHEMA_VERSION",
     "BuildResult",

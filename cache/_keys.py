@@ -37,6 +37,10 @@ Canonicalisation rules of schema 1 (changing any of them changes keys, so it mus
   ``--opt=value`` spelled ``--opt value``; requirement lines are a sorted set. Names are not
   case-folded: a spurious miss only costs a build, a wrong hit would cost a wrong image.
 * **user_managed**: ``"1"``/``"0"``. **build_args**: sorted by name, length-prefixed values.
+* **context** (optional, added within schema 1): the digest of the files a Dockerfile's build
+  context contributes (32 lowercase hex, computed by the caller over what it sends). It is the
+  one part that is *absent* when unset: its ``context=<hash>`` line is appended after the nine
+  fixed lines only when a context is given, so every key without a context is unchanged.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ from .errors import InvalidKey, InvalidKeyParts
 
 __all__ = [
     "HEX32",
+    "OPTIONAL_PART_NAMES",
     "PART_NAMES",
     "SCHEMA_VERSION",
     "ContentKey",
@@ -75,6 +80,8 @@ PART_NAMES: tuple[str, ...] = (
     "build_args",
     "registry",
 )
+#: Parts that are in a key only when set (appended after the fixed ones, see the module docstring).
+OPTIONAL_PART_NAMES: tuple[str, ...] = ("context",)
 _SORTED_NAMES = tuple(sorted(PART_NAMES))
 _KEY_PREFIX = f"dockyard-cache-key/v{SCHEMA_VERSION}\n"
 
@@ -304,6 +311,7 @@ class KeyParts:
         platform: ``os/arch[/variant]``.
         build_args: Docker build args (name -> value); never secrets.
         registry: the address of the registry the base is pulled from (never credentials).
+        context: the 32-hex digest of the build context's files a Dockerfile uses, or None.
 
     Raises:
         InvalidKeyParts: a field has the wrong type or value; ``field`` names it and the
@@ -319,6 +327,7 @@ class KeyParts:
     platform: str = "linux/amd64"
     build_args: Mapping[str, str] = field(default_factory=dict)
     registry: str | None = None
+    context: str | None = None
     # Canonical payloads in sorted part-name order; derived, so not compared or shown.
     _payloads: tuple[str, ...] = field(init=False, repr=False, compare=False, default=())
 
@@ -409,6 +418,19 @@ class KeyParts:
                     hint='e.g. "localhost:5000"; credentials belong to the engine, not the key',
                 )
             put(self, "registry", registry)
+        context = self.context
+        if context is not None:
+            context = _check_text("context", context).strip().lower()
+            if not HEX32.fullmatch(context):
+                raise InvalidKeyParts(
+                    "context", "must be 32 hex characters (the digest of the context's files)",
+                    hint="pass None when the build has no context",
+                )
+            if dockerfile is None:
+                raise InvalidKeyParts(
+                    "context", "is set but there is no dockerfile to use it", hint="pass None",
+                )
+            put(self, "context", context)
         # In _SORTED_NAMES order (checked at import, below compute_key).
         put(self, "_payloads", (
             "-" if base_digest is None else "+" + base_digest,
@@ -420,6 +442,7 @@ class KeyParts:
             platform,
             "-" if registry is None else "+" + registry,
             "1" if self.user_managed else "0",
+            *(() if context is None else ("+" + context,)),
         ))
 
     def __hash__(self) -> int:
@@ -503,6 +526,8 @@ _CONSTANT_HASHES: dict[str, str] = {
 # The key body with a "%s" per part hash, in sorted name order: one C-level format per key.
 _BODY = _KEY_PREFIX + "".join(f"{name}=%s\n" for name in _SORTED_NAMES)
 _INDEX = {name: i for i, name in enumerate(_SORTED_NAMES)}
+_FIXED = len(_SORTED_NAMES)
+_INDEX["context"] = _FIXED
 _new = object.__new__
 _set = object.__setattr__
 
@@ -519,13 +544,16 @@ class _PartHashes(Mapping[str, str]):
         self._hashes = hashes
 
     def __getitem__(self, name: str) -> str:
-        return self._hashes[_INDEX[name]]
+        try:
+            return self._hashes[_INDEX[name]]
+        except IndexError:
+            raise KeyError(name) from None  # an optional part this key does not have
 
     def __iter__(self) -> Iterator[str]:
-        return iter(_SORTED_NAMES)
+        return iter(_SORTED_NAMES if len(self._hashes) == _FIXED else (*_SORTED_NAMES, "context"))
 
     def __len__(self) -> int:
-        return len(_SORTED_NAMES)
+        return len(self._hashes)
 
     def __repr__(self) -> str:
         return repr(dict(self))
@@ -550,9 +578,13 @@ def compute_key(parts: KeyParts) -> ContentKey:
         )
     known = _CONSTANT_HASHES
     hashes = tuple([known.get(p) or xxh3_128_hexdigest(p.encode()) for p in parts._payloads])
+    if len(hashes) == _FIXED:
+        body = _BODY % hashes
+    else:  # an optional part is set: its line follows the fixed ones (keys without it are unchanged)
+        body = _BODY % hashes[:_FIXED] + f"context={hashes[_FIXED]}\n"
     # Built without __init__: every field is known valid here, and this is the hot path.
     key = _new(ContentKey)
-    _set(key, "hex", xxh3_128_hexdigest((_BODY % hashes).encode()))
+    _set(key, "hex", xxh3_128_hexdigest(body.encode()))
     _set(key, "schema", SCHEMA_VERSION)
     _set(key, "parts", _PartHashes(hashes))
     return key

@@ -100,3 +100,29 @@ def test_the_documented_algorithm_reproduces_a_golden_key() -> None:
     key = compute_key(CASES["busybox_only"][0])
     assert dict(key.parts) == {n: h(p) for n, p in payloads.items()}
     assert h(body) == key.hex == CASES["busybox_only"][1]
+
+
+# -- the optional `context` part ---------------------------------------------------------------------
+
+_CTX_DOCKERFILE = f"FROM {PY}\nCOPY hello.txt /hello.txt\n"
+
+
+def test_a_dockerfile_without_a_context_keeps_its_golden_key() -> None:
+    parts = KeyParts(None, dockerfile=_CTX_DOCKERFILE)
+    assert "context" not in compute_key(parts).parts
+    assert compute_key(KeyParts(None, dockerfile=_CTX_DOCKERFILE, context=None)) == compute_key(parts)
+
+
+def test_context_key_is_pinned_and_appends_one_line() -> None:
+    digest = "0123456789abcdef0123456789abcdef"
+    key = compute_key(KeyParts(None, dockerfile=_CTX_DOCKERFILE, context=digest))
+    without = compute_key(KeyParts(None, dockerfile=_CTX_DOCKERFILE))
+    assert key.hex != without.hex
+    assert set(key.parts) == {*without.parts, "context"}
+    assert {n: key.parts[n] for n in without.parts} == dict(without.parts)
+    # The documented rule: the fixed body, then one `context=<hash>` line.
+    body = f"dockyard-cache-key/v{SCHEMA_VERSION}\n" + "".join(
+        f"{n}={without.parts[n]}\n" for n in sorted(without.parts)
+    ) + f"context={xxh3_128_hexdigest(('+' + digest).encode())}\n"
+    assert key.hex == xxh3_128_hexdigest(body.encode())
+    assert key.hex == "3b675e94431a75039ce460e34d6a991a"

@@ -103,7 +103,7 @@ def test_heavy_imports_are_lazy_inside_functions() -> None:
 
 
 PUBLIC = {
-    "PART_NAMES", "SCHEMA_VERSION", "BuildResult", "BuildSlot", "CacheEntry", "CacheError",
+    "OPTIONAL_PART_NAMES", "PART_NAMES", "SCHEMA_VERSION", "BuildResult", "BuildSlot", "CacheEntry", "CacheError",
     "CacheInputError", "CacheStats", "ContentKey", "GcFailure", "GcReport", "ImageCache",
     "IndexCorrupt", "IndexUnavailable", "InvalidKey", "InvalidKeyParts", "KeyParts", "LeaseLost",
     "WaitTimeout", "compute_key", "diff_keys", "FastHit", "fast_hit",

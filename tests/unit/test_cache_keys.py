@@ -408,3 +408,27 @@ def test_diff_keys_needs_parts_to_explain() -> None:
         diff_keys(ContentKey.parse(a.hex), b)
     other_schema = ContentKey(b.hex, SCHEMA_VERSION + 1, b.parts)
     assert diff_keys(a, other_schema) == ["schema", "pip"]
+
+
+def test_context_must_be_a_digest_and_needs_a_dockerfile() -> None:
+    from dockyard.cache import InvalidKeyParts, KeyParts
+
+    with pytest.raises(InvalidKeyParts) as bad:
+        KeyParts(None, dockerfile="FROM x\n", context="not-a-digest")
+    assert bad.value.field == "context"
+    with pytest.raises(InvalidKeyParts) as lonely:
+        KeyParts("busybox", context="0" * 32)
+    assert lonely.value.field == "context" and "dockerfile" in lonely.value.message
+    upper = KeyParts(None, dockerfile="FROM x\n", context="AB" * 16)
+    assert upper.context == "ab" * 16
+
+
+def test_diff_keys_names_the_context() -> None:
+    from dockyard.cache import KeyParts, compute_key, diff_keys
+
+    a = compute_key(KeyParts(None, dockerfile="FROM x\n", context="0" * 32))
+    b = compute_key(KeyParts(None, dockerfile="FROM x\n", context="1" * 32))
+    c = compute_key(KeyParts(None, dockerfile="FROM x\n"))
+    assert diff_keys(a, b) == ["context"]
+    assert diff_keys(a, c) == ["context"]
+    assert c.parts.get("context") is None
