@@ -207,4 +207,21 @@ def read_conda_file(path: Path) -> dict[str, Any]:
         mark = getattr(exc, "problem_mark", None)
         raise SpecError("malformed YAML in conda specification", path=str(path),
                         line=mark.line + 1 if mark else None) from exc
-    return check_conda(data, lambda m, h="": SpecError(m, path=str(path), hint=h))
+    spec = check_conda(data, lambda m, h="": SpecError(m, path=str(path), hint=h))
+    return absolute_pip_paths(spec, path.resolve().parent, where=str(path))
+
+
+def absolute_pip_paths(spec: dict[str, Any], base: Path, *, where: str | None) -> dict[str, Any]:
+    """``spec`` with the local paths of its pip section made absolute (relative ones start at
+    ``base``), so it means the same wherever it is read; ``-r`` files are inlined."""
+    from ._requirements import absolute_pip
+
+    deps = spec.get("dependencies")
+    if not isinstance(deps, list) or not any(isinstance(d, dict) and d.get("pip") for d in deps):
+        return spec
+    out = dict(spec)
+    out["dependencies"] = [
+        {"pip": absolute_pip(d["pip"], base, where=where)} if isinstance(d, dict) and d.get("pip") else d
+        for d in deps
+    ]
+    return out

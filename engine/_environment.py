@@ -11,7 +11,8 @@ File form (``environment.yml``)::
     version: "1"
     docker:
       enabled: true
-      base_image: dockyard/base:bookworm-python3   # or base_dockerfile: (text, or a path)
+      base_image: dockyard/base:bookworm-python3   # or base_dockerfile: (text, or a path: its folder
+                                                   #    is the build context, .dockerignore honoured)
       base_image_registry:
         address: 127.0.0.1:5000
         username: alice
@@ -24,6 +25,7 @@ File form (``environment.yml``)::
       conda_dependencies: {channels: [...], dependencies: [...]}   # or conda_file: path
       pip_requirements: [numpy, scikit-learn]                      # or pip_requirements_file: path
     environment_variables: {OMP_NUM_THREADS: "2"}
+    build: {path: docker/, dockerfile_path: Dockerfile}   # instead of docker.base_*: a context folder
 """
 
 from __future__ import annotations
@@ -37,12 +39,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._conda import CondaDependencies, check_conda, conda_spec, read_conda_file
+from ._conda import CondaDependencies, absolute_pip_paths, check_conda, conda_spec, read_conda_file
+from ._context import BuildContext, collect_context
+from ._requirements import absolute_pip, localize_pip, read_requirements
 from .errors import SpecError
 
 __all__ = [
     "DEFAULT_BASE_IMAGE",
+    "BuildInputs",
     "ContainerRegistry",
+    "DockerBuildContext",
     "DockerSection",
     "Environment",
     "PythonSection",
@@ -90,6 +96,58 @@ class ContainerRegistry:
 
 
 @dataclass
+class DockerBuildContext:
+    """A folder with a Dockerfile in it, sent to the build (Azure ML's ``DockerBuildContext``).
+
+    Only what the Dockerfile's ``COPY``/``ADD`` lines read (after ``.dockerignore``) is sent and
+    hashed into the key; see :mod:`dockyard._context`.
+    """
+
+    location: str
+    dockerfile_path: str = "Dockerfile"
+
+    @classmethod
+    def from_local_directory(cls, workspace: Any = None, path: str | os.PathLike[str] = ".",
+                             dockerfile_path: str = "Dockerfile") -> DockerBuildContext:
+        """The folder ``path`` (the workspace argument is Azure's; nothing is uploaded here).
+
+        Raises:
+            SpecError: the folder or the Dockerfile inside it does not exist.
+        """
+        root = Path(path).expanduser().resolve()
+        context = cls(str(root), str(dockerfile_path))
+        context.dockerfile_file(where=None)  # fail now, at the line that named it
+        return context
+
+    def dockerfile_file(self, *, where: str | None) -> Path:
+        root = Path(self.location)
+        if not root.is_dir():
+            raise SpecError(f"build context {self.location!r} is not a folder", path=where, field="build.path",
+                            hint="give the folder that holds the Dockerfile and the files it copies")
+        file = (root / self.dockerfile_path).resolve()
+        if not file.is_file():
+            raise SpecError(f"Dockerfile {self.dockerfile_path!r} not found in {self.location}", path=where,
+                            field="build.dockerfile_path", hint=f"looked for {file}")
+        return file
+
+
+@dataclass(frozen=True)
+class BuildInputs:
+    """What a build of an environment reads, resolved once: the key covers exactly this.
+
+    ``pip`` and ``conda`` are the lines as the build sees them (host paths replaced by where the
+    files land); ``files`` maps those places to host files; ``context`` is what a Dockerfile's
+    ``COPY`` lines read.
+    """
+
+    dockerfile: str | None
+    context: BuildContext | None
+    pip: tuple[str, ...]
+    conda: dict[str, Any] | None
+    files: dict[str, Path]
+
+
+@dataclass
 class DockerSection:
     """``environment.docker``: what image to start from and how to build it, and (run time only,
     not part of the image's key) ``shm_size`` (``"2g"`` by default, as Azure ML) and the allowed
@@ -130,6 +188,8 @@ class Environment:
         self.version: str | None = None
         self.docker = DockerSection()
         self.python = PythonSection()
+        #: A Dockerfile with its context folder (Azure's ``Environment.build``), instead of a base.
+        self.build: DockerBuildContext | None = None
         self.environment_variables: dict[str, str] = {}
         # Where relative paths (a Dockerfile path) are resolved from, and what errors name.
         self._source = _source
@@ -163,7 +223,19 @@ class Environment:
             SpecError: the file is missing.
         """
         env = cls(name)
-        env.python.pip_requirements = _read_requirements(Path(file_path))
+        env.python.pip_requirements = read_requirements(Path(file_path))
+        return env
+
+    @classmethod
+    def from_docker_build_context(cls, name: str, docker_build_context: DockerBuildContext) -> Environment:
+        """An environment built from a Dockerfile in a context folder (``COPY`` reads from it).
+
+        Raises:
+            SpecError: the folder or its Dockerfile does not exist.
+        """
+        docker_build_context.dockerfile_file(where=None)
+        env = cls(name)
+        env.build = docker_build_context
         return env
 
     @classmethod
@@ -173,13 +245,16 @@ class Environment:
         dockerfile: str | os.PathLike[str],
         conda_specification: str | os.PathLike[str] | None = None,
     ) -> Environment:
-        """An environment built from a Dockerfile (text, or a path to one).
+        """An environment built from a Dockerfile: text, or a path to one (its folder is then the
+        build context).
 
         Raises:
             SpecError: a path that does not exist, or an invalid conda spec.
         """
         env = cls(name)
-        env.docker.base_dockerfile = _dockerfile_text(str(dockerfile), Path.cwd(), where=None)
+        text = str(dockerfile)
+        _dockerfile_text(text, Path.cwd(), where=None)  # a missing path fails here
+        env.docker.base_dockerfile = text if _is_dockerfile_text(text) else str(Path(text).resolve())
         if conda_specification is not None:
             env.python.conda_dependencies = CondaDependencies(
                 _underlying_structure=read_conda_file(Path(conda_specification)))
@@ -234,9 +309,13 @@ class Environment:
         docker: dict[str, Any] = {"enabled": self.docker.enabled}
         if self.docker.base_image is not None:
             docker["base_image"] = self.docker.base_image
-        if self.docker.base_dockerfile is not None:
-            # The text, never a path: the file form must mean the same thing wherever it is read.
-            docker["base_dockerfile"] = _dockerfile_text(self.docker.base_dockerfile, self._base_dir, where=self._source)
+        build = self._build_context()
+        if build is not None:
+            # A context folder: absolute, so the file form means the same wherever it is read.
+            root, dockerfile = build
+            rel = os.path.relpath(dockerfile, root)
+        elif self.docker.base_dockerfile is not None:
+            docker["base_dockerfile"] = self.docker.base_dockerfile
         reg = self.docker.base_image_registry
         if reg.address or reg.username or reg.password_env:
             docker["base_image_registry"] = {
@@ -257,14 +336,18 @@ class Environment:
             python["interpreter_path"] = self.python.interpreter_path
         conda = conda_spec(self.python.conda_dependencies)
         if conda is not None:
-            python["conda_dependencies"] = json.loads(json.dumps(conda))  # plain types
+            conda = absolute_pip_paths(json.loads(json.dumps(conda)), self._base_dir, where=self._source)
+            python["conda_dependencies"] = conda  # plain types
         if self.python.pip_requirements:
-            python["pip_requirements"] = list(self.python.pip_requirements)
+            python["pip_requirements"] = absolute_pip(self.python.pip_requirements, self._base_dir,
+                                                      where=self._source)
         out: dict[str, Any] = {"name": self.name}
         if self.version is not None:
             out["version"] = self.version
         out["docker"] = docker
         out["python"] = python
+        if build is not None:
+            out["build"] = {"path": str(root), "dockerfile_path": rel}
         if self.environment_variables:
             out["environment_variables"] = dict(self.environment_variables)
         return out
@@ -295,6 +378,14 @@ class Environment:
                 field="name",
                 hint="use letters, digits, '.', '_' or '-' (no '/' or '..'), at most 128 characters",
             )
+        if self.build is not None and (self.docker.base_dockerfile is not None or self.docker.base_image is not None):
+            which = "base_dockerfile" if self.docker.base_dockerfile is not None else "base_image"
+            raise SpecError(
+                f"both build (a context folder) and docker.{which} are set",
+                path=where,
+                field="build",
+                hint=f"the context's Dockerfile defines the image: set docker.{which} to None",
+            )
         if self.docker.base_image is not None and self.docker.base_dockerfile is not None:
             raise SpecError(
                 "both base_image and base_dockerfile are set",
@@ -314,39 +405,93 @@ class Environment:
     @property
     def effective_base_image(self) -> str | None:
         """The base image builds start from (``None`` when a Dockerfile defines the image)."""
-        if self.docker.base_dockerfile is not None:
+        if self.docker.base_dockerfile is not None or self.build is not None:
             return None
         return self.docker.base_image or DEFAULT_BASE_IMAGE
 
-    def key_parts(self, *, base_digest: str | None = None) -> Any:
+    def _build_context(self) -> tuple[Path, Path] | None:
+        """(context folder, Dockerfile file) when the image comes from a Dockerfile on disk."""
+        if self.build is not None:
+            return Path(self.build.location), self.build.dockerfile_file(where=self._source)
+        value = self.docker.base_dockerfile
+        if value is None or _is_dockerfile_text(value):
+            return None
+        file = (self._base_dir / value).expanduser().resolve()
+        _dockerfile_text(value, self._base_dir, where=self._source)  # missing -> a clear error
+        return file.parent, file
+
+    def dockerfile(self) -> str | None:
+        """The Dockerfile text the image is built from (read now when it is a file), or None.
+
+        Raises:
+            SpecError: the Dockerfile file is missing or unreadable.
+        """
+        found = self._build_context()
+        if found is not None:
+            return _dockerfile_text(str(found[1]), found[0], where=self._source)
+        return self.docker.base_dockerfile
+
+    def build_inputs(self) -> BuildInputs:
+        """Everything a build reads, resolved and hashed now (see :class:`BuildInputs`).
+
+        Raises:
+            SpecError: a missing file, a context over the limit, a .dockerignore that excludes the
+                Dockerfile.
+        """
+        self.validate()
+        found = self._build_context()
+        dockerfile = self.dockerfile()
+        context = None
+        if found is not None and dockerfile is not None:
+            root, file = found
+            inside = file.is_relative_to(root.resolve())
+            context = collect_context(root, dockerfile, dockerfile_rel=os.path.relpath(file, root) if inside else None,
+                                      where=self._source, field="build" if self.build else "docker.base_dockerfile")
+        files: dict[str, Path] = {}
+        pip: tuple[str, ...] = ()
+        conda = None
+        if not self.python.user_managed_dependencies:
+            localized = localize_pip(self.python.pip_requirements, self._base_dir, where=self._source)
+            pip, files = localized.lines, dict(localized.files)
+            conda = conda_spec(self.python.conda_dependencies)
+            if conda is not None:
+                conda = json.loads(json.dumps(conda))
+                for dep in conda.get("dependencies") or []:
+                    if isinstance(dep, dict) and dep.get("pip"):
+                        done = localize_pip(dep["pip"], self._base_dir, where=self._source)
+                        dep["pip"] = list(done.lines)
+                        files.update(done.files)
+        return BuildInputs(dockerfile, context, pip, conda, files)
+
+    def key_parts(self, *, base_digest: str | None = None, inputs: BuildInputs | None = None) -> Any:
         """The :class:`dockyard.cache.KeyParts` this environment reduces to.
 
         Excluded on purpose: name, version and environment variables (run-time), the interpreter
         path (it picks a Python at run time, it does not change the image), and every credential
         (the registry *address* is in, never its username or password). With user-managed
         dependencies the conda spec and pip requirements are not installed, so they are not in.
+        Files the build reads are in by content: a Dockerfile's context (what its COPY lines read)
+        and the local files pip lines name (see :meth:`build_inputs`).
 
         Raises:
             SpecError: the environment is invalid (see :meth:`validate`), with the field named.
         """
         from dockyard.cache import CacheInputError, KeyParts
 
-        self.validate()
-        dockerfile = self.docker.base_dockerfile
-        if dockerfile is not None:
-            dockerfile = _dockerfile_text(dockerfile, self._base_dir, where=self._source)
+        inputs = self.build_inputs() if inputs is None else inputs
         managed = self.python.user_managed_dependencies
         try:
             return KeyParts(
                 base_image=self.effective_base_image,
                 base_digest=base_digest,
-                dockerfile=dockerfile,
-                conda=None if managed else conda_spec(self.python.conda_dependencies),
-                pip=() if managed else tuple(self.python.pip_requirements),
+                dockerfile=inputs.dockerfile,
+                conda=None if managed else inputs.conda,
+                pip=() if managed else inputs.pip,
                 user_managed=bool(managed),
                 platform=self.docker.platform,
                 build_args=dict(self.docker.build_args),
                 registry=self.docker.base_image_registry.address or None,
+                context=inputs.context.digest if inputs.context is not None else None,
             )
         except CacheInputError as exc:
             part = getattr(exc, "field", None)
@@ -354,11 +499,11 @@ class Environment:
                 exc.message, path=self._source, field=_FIELD_OF_PART.get(str(part), part), hint=exc.hint
             ) from exc
 
-    def content_key(self, *, base_digest: str | None = None) -> Any:
+    def content_key(self, *, base_digest: str | None = None, inputs: BuildInputs | None = None) -> Any:
         """The :class:`dockyard.cache.ContentKey` of this environment."""
         from dockyard.cache import compute_key
 
-        return compute_key(self.key_parts(base_digest=base_digest))
+        return compute_key(self.key_parts(base_digest=base_digest, inputs=inputs))
 
 
 # Key part name -> the environment field a user edits.
@@ -370,11 +515,13 @@ _FIELD_OF_PART = {
     "platform": "docker.platform",
     "build_args": "docker.build_args",
     "registry": "docker.base_image_registry.address",
+    "context": "build",
 }
 
 # -- the file form's schema -----------------------------------------------------------------------
 
-_TOP = {"name", "version", "docker", "python", "environment_variables"}
+_TOP = {"name", "version", "docker", "python", "environment_variables", "build"}
+_BUILD = {"path", "dockerfile_path"}
 _DOCKER = {"enabled", "base_image", "base_dockerfile", "base_image_registry", "platform", "build_args", "shm_size",
            "arguments"}
 _REGISTRY = {"address", "username", "password_env", "password"}
@@ -483,10 +630,14 @@ def _from_mapping(data: Any, *, source: str | None, lines: dict[tuple[str, ...],
     if docker.get("base_dockerfile") is not None:
         raw = r.typed(docker["base_dockerfile"], ("docker", "base_dockerfile"), str, "Dockerfile text or a path")
         try:
-            env.docker.base_dockerfile = _dockerfile_text(raw, r.base_dir, where=source)
-            env._reads_other_files = env._reads_other_files or env.docker.base_dockerfile != raw
+            _dockerfile_text(raw, r.base_dir, where=source)  # a missing file fails here, at its line
         except SpecError as exc:
             raise r.error(("docker", "base_dockerfile"), exc.message.split(": ", 1)[-1], exc.hint) from None
+        if _is_dockerfile_text(raw):
+            env.docker.base_dockerfile = raw
+        else:  # a path: kept (its folder is the build context), made absolute
+            env.docker.base_dockerfile = str((r.base_dir / raw).expanduser().resolve())
+            env._reads_other_files = True
     if "platform" in docker:
         env.docker.platform = r.typed(docker["platform"], ("docker", "platform"), str, "os/arch")
     if "build_args" in docker:
@@ -526,20 +677,44 @@ def _from_mapping(data: Any, *, source: str | None, lines: dict[tuple[str, ...],
         if python.get(inline) is not None and python.get(from_file) is not None:
             raise r.error(("python", from_file), f"both {inline} and {from_file} are set", hint="keep one of them")
     if python.get("conda_dependencies") is not None:
-        env.python.conda_dependencies = CondaDependencies(_underlying_structure=check_conda(
+        checked = check_conda(
             python["conda_dependencies"], lambda m, h="": r.error(("python", "conda_dependencies"), m, h)
-        ))
+        )
+        try:
+            checked = absolute_pip_paths(checked, r.base_dir, where=source)
+        except SpecError as exc:
+            raise r.error(("python", "conda_dependencies"), exc.message.split(": ", 1)[-1], exc.hint) from None
+        env.python.conda_dependencies = CondaDependencies(_underlying_structure=checked)
     if python.get("conda_file") is not None:
         env.python.conda_dependencies = CondaDependencies(
             _underlying_structure=read_conda_file(r.path(python["conda_file"], ("python", "conda_file"))))
         env._reads_other_files = True
     if python.get("pip_requirements") is not None:
-        env.python.pip_requirements = r.strings(python["pip_requirements"], ("python", "pip_requirements"))
+        lines = r.strings(python["pip_requirements"], ("python", "pip_requirements"))
+        try:
+            env.python.pip_requirements = absolute_pip(lines, r.base_dir, where=source)
+        except SpecError as exc:
+            raise r.error(("python", "pip_requirements"), exc.message.split(": ", 1)[-1], exc.hint) from None
+        env._reads_other_files = env._reads_other_files or env.python.pip_requirements != lines
     if python.get("pip_requirements_file") is not None:
         env._reads_other_files = True
-        env.python.pip_requirements = _read_requirements(
+        env.python.pip_requirements = read_requirements(
             r.path(python["pip_requirements_file"], ("python", "pip_requirements_file"))
         )
+    if env.python.pip_requirements and any(_requirements_name_files(env.python.pip_requirements)):
+        env._reads_other_files = True
+    build = r.mapping(top.get("build"), ("build",), _BUILD)
+    if build:
+        if "path" not in build:
+            raise r.error(("build", "path"), "is missing", hint="the folder that holds the Dockerfile")
+        folder = r.typed(build["path"], ("build", "path"), str, "a folder path")
+        name = r.typed(build.get("dockerfile_path", "Dockerfile"), ("build", "dockerfile_path"), str, "a path")
+        env.build = DockerBuildContext(str((r.base_dir / folder).expanduser().resolve()), name)
+        env._reads_other_files = True
+        try:
+            env.build.dockerfile_file(where=source)
+        except SpecError as exc:
+            raise r.error(tuple((exc.field or "build").split(".")), exc.message.split(": ", 1)[-1], exc.hint) from None
     if "environment_variables" in top:
         env.environment_variables = r.str_map(top["environment_variables"], ("environment_variables",))
     try:
@@ -549,9 +724,19 @@ def _from_mapping(data: Any, *, source: str | None, lines: dict[tuple[str, ...],
     return env
 
 
-def _dockerfile_text(value: str, base_dir: Path, *, where: str | None) -> str:
+def _is_dockerfile_text(value: str) -> bool:
     """``base_dockerfile`` is Dockerfile text, or (one line, not an instruction) a path to one."""
-    if "\n" in value or _DOCKERFILE_TEXT.match(value):
+    return "\n" in value or bool(_DOCKERFILE_TEXT.match(value))
+
+
+def _requirements_name_files(lines: list[str]) -> list[str]:
+    """The lines that name a local path (after :func:`absolute_pip`, those are absolute)."""
+    return [line for line in lines if line.startswith("/") or " /" in line or "file:/" in line]
+
+
+def _dockerfile_text(value: str, base_dir: Path, *, where: str | None) -> str:
+    """The Dockerfile text of ``base_dockerfile``: the value itself, or the file it names."""
+    if _is_dockerfile_text(value):
         return value
     path = (base_dir / value).expanduser()
     try:
@@ -567,11 +752,4 @@ def _dockerfile_text(value: str, base_dir: Path, *, where: str | None) -> str:
         raise SpecError(f"Dockerfile {value!r} cannot be read: {exc.strerror}", path=where,
                         field="docker.base_dockerfile") from exc
 
-
-def _read_requirements(path: Path) -> list[str]:
-    try:
-        text = path.read_text()
-    except FileNotFoundError as exc:
-        raise SpecError("requirements file not found", path=str(path), hint="check the path") from exc
-    return [line for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from .._environment import ContainerRegistry, Environment
 from .._home import dockyard_home, index_path
 from ..dockerd import EngineClient
-from ..errors import InputError
+from ..errors import DockyardError, InputError
 
 if TYPE_CHECKING:  # pragma: no cover
     from dockyard.cache import ContentKey, ImageCache
@@ -308,10 +308,14 @@ class Builder:
         on_event: Callable[[BuildEvent], None] | None,
         cancel: threading.Event | None,
     ) -> tuple[str, str, int]:
-        from ._buildkit import BuildKitClient, SolveSpec
+        from ._buildkit import SolveSpec
         from ._dockerfile import image_tag, render_dockerfile
+        from ._inputs import import_context, import_tree, input_tag
 
-        rendered = render_dockerfile(env, key)
+        inputs = env.build_inputs()
+        spec_tag = input_tag(key.hex, "spec")
+        rendered = render_dockerfile(env, key, inputs=inputs, spec_image=spec_tag,
+                                     rattler_image=self._rattler_image(env, inputs))
         attrs = {f"label:{k}": v for k, v in rendered.labels.items()}
         attrs.update({f"build-arg:{k}": v for k, v in rendered.build_args.items()})
         attrs["platform"] = env.docker.platform
@@ -329,7 +333,55 @@ class Builder:
                 )
             tag = f"{push_to.rstrip('/')}/{tag}"
             exporter, exporter_attrs = "image", {"name": tag, "push": "true"}
-        spec = SolveSpec(rendered.dockerfile.encode(), rendered.context, exporter, exporter_attrs, attrs)
+        # Inputs too large for the request, and a Dockerfile's context, travel as imported images
+        # (see _inputs); each is removed when the build ends, whatever the outcome.
+        imported: list[str] = []
+        context_image, blobs = None, ()
+        try:
+            if rendered.user_context is not None:
+                context_image = input_tag(key.hex, "context")
+                imported.append(context_image)
+                blobs = import_context(self.engine, rendered.user_context, context_image)
+            elif not rendered.context and rendered.spec.items:
+                context_image = spec_tag
+            if rendered.spec_from_image or context_image == spec_tag:
+                imported.append(spec_tag)
+                import_tree(self.engine, rendered.spec, spec_tag)
+            spec = SolveSpec(rendered.dockerfile.encode(), rendered.context, exporter, exporter_attrs, attrs,
+                             context_image=context_image, context_blobs=blobs)
+            return self._solve(spec, tag, on_event=on_event, cancel=cancel)
+        finally:
+            self._forget_inputs(imported)
+
+    def _rattler_image(self, env: Environment, inputs: Any) -> str:
+        """The rattler tool image's tag, made now if a conda install needs it (else a placeholder)."""
+        from ._dockerfile import RATTLER_PLACEHOLDER, needs_rattler
+
+        if not needs_rattler(env, inputs):
+            return RATTLER_PLACEHOLDER
+        from ._tools import ensure_rattler_image
+
+        return ensure_rattler_image(self.engine)
+
+    def _forget_inputs(self, tags: list[str]) -> None:
+        from ._image_gc import remove_image
+
+        for tag in tags:
+            try:
+                remove_image(self.engine, tag)
+            except DockyardError:
+                pass  # best effort: `dockyard cache gc` removes leftover build inputs
+
+    def _solve(
+        self,
+        spec: Any,
+        tag: str,
+        *,
+        on_event: Callable[[BuildEvent], None] | None,
+        cancel: threading.Event | None,
+    ) -> tuple[str, str, int]:
+        from ._buildkit import BuildKitClient
+
         with BuildKitClient(self.buildkit, engine=self.engine) as client:
             result = client.solve(spec, on_event=on_event, cancel=cancel)
         image_id = result.exporter_response.get("containerimage.digest", "")

@@ -20,7 +20,7 @@ import tempfile
 import threading
 import uuid
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -82,6 +82,10 @@ class SolveSpec:
     exporter: str
     exporter_attrs: Mapping[str, str]
     frontend_attrs: Mapping[str, str] = field(default_factory=dict)
+    #: A local image whose filesystem is the context (a large or user context), instead of ``context``.
+    context_image: str | None = None
+    #: (image, path): large context files, each copied from its own image into the context.
+    context_blobs: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -133,8 +137,9 @@ def _op_digest(data: bytes) -> str:
 
 
 def files_definition(files: Mapping[str, bytes]) -> object:
-    """An LLB Definition whose result is a filesystem holding ``files`` (flat names), made by one
-    FileOp of chained ``mkfile`` actions on scratch — no session or local source needed.
+    """An LLB Definition whose result is a filesystem holding ``files`` (``a/b.txt`` paths make
+    their folders), made by one FileOp of chained ``mkdir``/``mkfile`` actions on scratch — no
+    session or local source needed.
 
     Returns a ``pb.Definition``. Timestamps are left unset (-1) so identical files give
     identical digests and BuildKit's cache recognises them.
@@ -142,36 +147,126 @@ def files_definition(files: Mapping[str, bytes]) -> object:
     from dockyard.proto import ops_pb2
 
     names = sorted(files) or [".dockyard-empty"]
+    steps: list[tuple[str, str]] = []  # ("d" | "f", path)
+    made: set[str] = set()
+    for name in names:
+        parts = name.split("/")[:-1]
+        for i in range(1, len(parts) + 1):
+            folder = "/".join(parts[:i])
+            if folder not in made:
+                made.add(folder)
+                steps.append(("d", folder))
+        steps.append(("f", name))
     actions = []
-    for i, name in enumerate(names):
-        actions.append(
-            ops_pb2.FileAction(
-                input=-1 if i == 0 else i - 1,  # chain on the previous action's result
-                secondaryInput=-1,
-                output=0 if i == len(names) - 1 else -1,
-                mkfile=ops_pb2.FileActionMkFile(
-                    path="/" + name, mode=0o644, data=files.get(name, b""), timestamp=-1
-                ),
+    for i, (kind, name) in enumerate(steps):
+        common = {
+            "input": -1 if i == 0 else i - 1,  # chain on the previous action's result
+            "secondaryInput": -1,
+            "output": 0 if i == len(steps) - 1 else -1,
+        }
+        if kind == "d":
+            action = ops_pb2.FileAction(
+                **common, mkdir=ops_pb2.FileActionMkDir(path="/" + name, mode=0o755, makeParents=True, timestamp=-1)
             )
-        )
+        else:
+            action = ops_pb2.FileAction(
+                **common,
+                mkfile=ops_pb2.FileActionMkFile(path="/" + name, mode=0o644, data=files.get(name, b""), timestamp=-1),
+            )
+        actions.append(action)
     file_op = ops_pb2.Op(file=ops_pb2.FileOp(actions=actions)).SerializeToString(deterministic=True)
-    terminal = ops_pb2.Op(inputs=[ops_pb2.Input(digest=_op_digest(file_op), index=0)]).SerializeToString(
+    return _definition(file_op)
+
+
+def image_definition(ref: str) -> object:
+    """An LLB Definition whose result is the filesystem of the engine's local image ``ref``
+    (an imported build input: Docker's BuildKit resolves ``docker-image://`` from its own store)."""
+    return _definition(_source_op(ref))
+
+
+def context_definition(bundle: str, blobs: Sequence[tuple[str, str]]) -> object:
+    """The filesystem of the local image ``bundle`` plus each ``(image, path)`` blob's ``/blob`` at
+    ``path``: large files travel once, as their own content-addressed images, for every later build.
+
+    Two FileOps, so BuildKit's cache does the work: the first lays out the blobs (unchanged blobs:
+    the same op, a cache hit, no copy), the second copies the small files on top of it (a thin new
+    layer). BuildKit 0.8 has both (``copy`` actions with secondary inputs).
+    """
+    from dockyard.proto import ops_pb2
+
+    if not blobs:
+        return image_definition(bundle)
+    blob_sources = [_source_op(image) for image, _ in blobs]
+    actions = []
+    n = len(blob_sources)
+    for i, (_, dest) in enumerate(blobs):
+        actions.append(ops_pb2.FileAction(
+            input=-1 if i == 0 else n + i - 1,  # scratch, then the previous copy's result
+            secondaryInput=i,
+            output=0 if i == n - 1 else -1,
+            copy=ops_pb2.FileActionCopy(src="/blob", dest="/" + dest, mode=-1, followSymlink=False,
+                                        createDestPath=True, timestamp=-1),
+        ))
+    layout = ops_pb2.Op(inputs=[ops_pb2.Input(digest=_op_digest(op), index=0) for op in blob_sources],
+                        file=ops_pb2.FileOp(actions=actions)).SerializeToString(deterministic=True)
+    small = _source_op(bundle)
+    on_top = ops_pb2.Op(
+        inputs=[ops_pb2.Input(digest=_op_digest(layout), index=0), ops_pb2.Input(digest=_op_digest(small), index=0)],
+        file=ops_pb2.FileOp(actions=[ops_pb2.FileAction(
+            input=0, secondaryInput=1, output=0,
+            copy=ops_pb2.FileActionCopy(src="/", dest="/", mode=-1, followSymlink=False, dirCopyContents=True,
+                                        createDestPath=True, allowWildcard=False, timestamp=-1),
+        )]),
+    ).SerializeToString(deterministic=True)
+    return _definition(on_top, *blob_sources, layout, small)
+
+
+def _source_op(ref: str) -> bytes:
+    from dockyard.proto import ops_pb2
+
+    name = ref if "/" in ref.split(":", 1)[0] and "." in ref.split("/", 1)[0] else f"docker.io/{ref}"
+    return ops_pb2.Op(source=ops_pb2.SourceOp(identifier=f"docker-image://{name}")).SerializeToString(
+        deterministic=True
+    )
+
+
+def _definition(op: bytes, *dependencies: bytes) -> object:
+    from dockyard.proto import ops_pb2
+
+    terminal = ops_pb2.Op(inputs=[ops_pb2.Input(digest=_op_digest(op), index=0)]).SerializeToString(
         deterministic=True
     )
     definition = ops_pb2.Definition()
-    getattr(definition, "def").extend([file_op, terminal])  # `def` is a Python keyword
-    for blob in (file_op, terminal):
+    getattr(definition, "def").extend([*dependencies, op, terminal])  # `def` is a Python keyword
+    for blob in (*dependencies, op, terminal):
         # Frontends refuse definitions without a metadata entry per op.
         definition.metadata[_op_digest(blob)].CopyFrom(ops_pb2.OpMetadata())
     return definition
 
 
+_DOCKYARD_RUN = re.compile(r"^(\[[^\]]*\]\s+)?RUN\s+--mount=\S*(?:/tmp/dockyard-spec|/opt/dockyard/tool)")
+
+
+def _display_name(name: str) -> str:
+    """dockyard's own install steps by what they do: their RUN lines are hundreds of characters."""
+    m = _DOCKYARD_RUN.match(name)
+    if not m:
+        return name
+    what = []
+    if "conda_install.py" in name:
+        what.append("conda packages")
+    if "requirements.txt" in name:
+        what.append("pip requirements")
+    return f"{m.group(1) or ''}RUN (dockyard) install {' and '.join(what) or 'dependencies'}"
+
+
 class _Vertex:
-    __slots__ = ("cached", "completed", "error", "finished", "lines", "name", "partial", "started")
+    __slots__ = ("cached", "completed", "error", "finished", "lines", "name", "partial", "raw", "started")
 
     def __init__(self) -> None:
         self.finished = False  # its completion was reported (BuildKit re-sends vertices)
         self.name = ""
+        self.raw = ""  # the name as BuildKit sent it (name may be shortened for display)
         self.cached = False
         self.started = 0.0
         self.completed = 0.0
@@ -196,14 +291,15 @@ class _StatusTracker:
         for v in resp.vertexes:  # type: ignore[attr-defined]
             state = self.vertices.setdefault(v.digest, _Vertex())
             before = (state.started, state.completed, state.cached, state.error)
-            state.name = v.name or state.name
+            if v.name:
+                state.raw, state.name = v.name, _display_name(v.name)
             state.cached = state.cached or v.cached
             state.started = _ts(v.started) or state.started
             state.completed = _ts(v.completed) or state.completed
             state.error = v.error or state.error
             if (state.started, state.completed, state.cached, state.error) == before or not state.name:
                 continue
-            if state.name.startswith("mkfile /"):
+            if state.name.startswith(("mkfile /", "mkdir /", "copy /", "docker-image://docker.io/dockyard/build-input:")):
                 continue  # dockyard's own FrontendInputs loaders: noise to a reader
             index, total = parse_step(state.name)
             if state.error:
@@ -482,7 +578,8 @@ class BuildKitClient:
             ExporterAttrs=dict(spec.exporter_attrs),
             FrontendInputs={
                 "dockerfile": files_definition({"Dockerfile": spec.dockerfile}),
-                "context": files_definition(spec.context),
+                "context": (context_definition(spec.context_image, spec.context_blobs) if spec.context_image
+                            else files_definition(spec.context)),
             },
         )
         # … newer ones read the list; the official client sends both.
@@ -536,7 +633,7 @@ class BuildKitClient:
         failing = tracker.failing()
         step = failing.name if failing else ""
         exit_match = re.search(r"exit code: (\d+)", (failing.error if failing else "") + " " + details)
-        line = _error_line(exc, details) or (_instruction_line(text, step) if step else None)
+        line = _error_line(exc, details) or (_instruction_line(text, failing.raw) if failing and step else None)
         tail = "\n".join(failing.lines) if failing else ""
         if failing and failing.partial:
             tail = f"{tail}\n{failing.partial}".strip("\n")

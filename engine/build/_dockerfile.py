@@ -1,27 +1,41 @@
-"""Rendering an :class:`Environment` into a Dockerfile plus a small build context.
+"""Rendering an :class:`Environment` into a Dockerfile plus the files its build reads.
 
-The context travels inside the Solve request (BuildKit ``FrontendInputs``), so it stays small:
-just the dependency specs. They are bind-mounted into the ``RUN`` that installs them
-(``RUN --mount=type=bind``), so they never become an image layer — a requirements line with an
-index URL and a token would otherwise sit in the image forever.
+Dependency files (requirements, the conda spec, the local files pip lines name, local conda
+channels) are bind-mounted into the ``RUN`` that installs them (``RUN --mount=type=bind``), so
+they never become an image layer — a requirements line with an index URL and a token would
+otherwise sit in the image forever. How they travel is :mod:`._inputs`' concern: as the build's
+context when the image has no context of its own, else as a separate input mounted ``from=``.
+
+Conda packages are solved and installed by py-rattler (the library behind pixi), not by a conda
+binary: dockyard's base images have none, and no registry is needed to bring one in. rattler comes
+from dockyard's own installation as a small local tool image (``dockyard/tool:rattler-<version>``,
+made once by :func:`._tools.ensure_rattler_image`) mounted into that one ``RUN`` and never left in
+the environment's image; it runs on the base image's ``python3`` (3.10 or newer).
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from .._conda import CondaDependencies, conda_spec
-from .._environment import Environment
+from .._conda import CondaDependencies
+from .._context import BuildContext
+from .._environment import BuildInputs, Environment
+from .._requirements import SPEC_MOUNT
+from ._inputs import SpecTree
 
 __all__ = ["ENV_PREFIX_ROOT", "RenderedBuild", "image_tag", "render_dockerfile"]
 
 #: Dependencies are materialised at a key-named prefix, so two environments never share one.
 ENV_PREFIX_ROOT = "/opt/dockyard/envs"
-_MOUNT = "/tmp/dockyard-spec"
-# Requests to BuildKit must stay well under its 4 MiB message limit (buildkit-notes §0).
-MAX_CONTEXT_BYTES = 2 << 20
+_MOUNT = SPEC_MOUNT
+_TOOL = "/opt/dockyard/tool"
+#: Shown in a rendered Dockerfile where a build puts its own per-build tag.
+SPEC_IMAGE_PLACEHOLDER = "dockyard/build-input:spec"
+#: Shown where a build puts the tag of the rattler tool image.
+RATTLER_PLACEHOLDER = "dockyard/tool:rattler"
 
 
 def image_tag(key: str) -> str:
@@ -31,13 +45,23 @@ def image_tag(key: str) -> str:
 
 @dataclass(frozen=True)
 class RenderedBuild:
-    """What BuildKit gets: the Dockerfile, context files, labels, and the run's interpreter."""
+    """What BuildKit gets: the Dockerfile, the files it reads, labels, and the run's interpreter.
+
+    ``context`` holds small dependency files that travel in the request; ``spec`` is every
+    dependency file (``spec_from_image``: they are mounted from a separate input image, because the
+    Dockerfile's own ``context`` takes the context slot); ``uses_rattler``: conda packages are
+    installed, the rattler tool image must exist.
+    """
 
     dockerfile: str
     context: dict[str, bytes]
     labels: dict[str, str]
     python: str
     build_args: dict[str, str] = field(default_factory=dict)
+    spec: SpecTree = field(default_factory=lambda: SpecTree({}))
+    user_context: BuildContext | None = None
+    spec_from_image: bool = False
+    uses_rattler: bool = False
 
 
 def _pip_file(lines: list[str]) -> bytes:
@@ -45,30 +69,45 @@ def _pip_file(lines: list[str]) -> bytes:
 
 
 def _conda_file(spec: dict[str, Any]) -> bytes:
-    # JSON is YAML: conda, mamba and micromamba all read it, and it needs no YAML writer here.
+    # JSON is YAML: any conda tool reads it, and it needs no YAML writer here.
     body = {k: v for k, v in spec.items() if k not in ("name", "prefix")}
     return json.dumps(body, indent=1, sort_keys=True).encode()
 
 
-def _conda_steps(prefix: str, with_pip: bool) -> str:
-    pip = (
-        f' && "{prefix}/bin/python" -m pip install --no-cache-dir -r {_MOUNT}/requirements.txt'
-        if with_pip
-        else ""
-    )
+def _local_channels(spec: dict[str, Any], files: dict[str, bytes | Path]) -> dict[str, Any]:
+    """``spec`` with each local channel (``file://`` or a folder) moved to where the build mounts it."""
+    channels, names = [], {}
+    for i, channel in enumerate(spec.get("channels") or []):
+        text = str(channel)
+        path = text[len("file://"):] if text.startswith("file://") else text if text.startswith("/") else None
+        if path is not None and Path(path).is_dir():
+            files[f"channels/{i}"] = Path(path)
+            channels.append(f"file://{_MOUNT}/channels/{i}")
+            names[channels[-1]] = text  # the install step's messages name the channel as written
+        else:
+            channels.append(text)
+    return {**spec, "channels": channels, **({"dockyard_channel_names": names} if names else {})}
+
+
+def _spec_mount(from_image: str | None) -> str:
+    source = f",from={from_image}" if from_image else ""
+    return f"--mount=type=bind{source},target={_MOUNT}"
+
+
+def _conda_steps(prefix: str, with_pip: bool, spec_from: str | None, tool: str) -> str:
+    pip = f' && "{prefix}/bin/python" -m pip install --no-cache-dir -r {_MOUNT}/requirements.txt' if with_pip else ""
     return (
-        f"RUN --mount=type=bind,target={_MOUNT} set -e; \\\n"
-        "    if command -v micromamba >/dev/null 2>&1; then M=micromamba; CREATE=\"micromamba create -y\"; \\\n"
-        "    elif command -v mamba >/dev/null 2>&1; then M=mamba; CREATE=\"mamba env create\"; \\\n"
-        "    elif command -v conda >/dev/null 2>&1; then M=conda; CREATE=\"conda env create\"; \\\n"
-        "    else echo 'dockyard: this environment has a conda spec but the base image has no conda, "
-        "mamba or micromamba; use a base image that has one, or give the dependencies as pip_requirements' >&2; "
-        "exit 127; fi; \\\n"
-        f"    $CREATE -p {prefix} -f {_MOUNT}/conda.yml{pip} && ($M clean -afy >/dev/null 2>&1 || true)\n"
+        f"RUN --mount=type=bind,from={tool},target={_TOOL} {_spec_mount(spec_from)} set -e; \\\n"
+        "    command -v python3 >/dev/null 2>&1 || { echo 'dockyard: conda packages are installed by py-rattler, "
+        "which runs on python3 (3.10 or newer) of the base image, and this base image has none; use "
+        "dockyard/base:<suite>-python3 or an image with python3' >&2; exit 127; }; \\\n"
+        f"    PYTHONPATH={_TOOL} python3 -s {_TOOL}/conda_install.py {_MOUNT}/conda.yml {prefix}; \\\n"
+        # A conda spec without python (a channel of tools only) still gets an interpreter to run with.
+        f"    [ -x {prefix}/bin/python ] || python3 -m venv {prefix}{pip}\n"
     )
 
 
-def _venv_steps(prefix: str, python_version: str | None = None) -> str:
+def _venv_steps(prefix: str, python_version: str | None, spec_from: str | None) -> str:
     check = ""
     if python_version:
         # conda's "python=3.11" means 3.11.*: the base's python3 must be that version.
@@ -80,7 +119,7 @@ def _venv_steps(prefix: str, python_version: str | None = None) -> str:
             f'drop the python pin or use a base image with Python {want}" >&2; exit 1;; esac; \\\n'
         )
     return (
-        f"RUN --mount=type=bind,target={_MOUNT} set -e; \\\n"
+        f"RUN {_spec_mount(spec_from)} set -e; \\\n"
         "    command -v python3 >/dev/null 2>&1 || { echo 'dockyard: pip requirements need python3 in the "
         "base image; use dockyard/base:<suite>-python3 or an image with python3' >&2; exit 127; }; \\\n"
         f"{check}"
@@ -89,32 +128,51 @@ def _venv_steps(prefix: str, python_version: str | None = None) -> str:
     )
 
 
-def render_dockerfile(env: Environment, key: Any) -> RenderedBuild:
+def needs_rattler(env: Environment, inputs: BuildInputs) -> bool:
+    """The build installs conda packages (not only a pip section): it mounts the rattler tool."""
+    if env.python.user_managed_dependencies or inputs.conda is None:
+        return False
+    return not CondaDependencies(_underlying_structure=inputs.conda)._is_pip_only()
+
+
+def render_dockerfile(
+    env: Environment,
+    key: Any,
+    *,
+    inputs: BuildInputs | None = None,
+    spec_image: str = SPEC_IMAGE_PLACEHOLDER,
+    rattler_image: str = RATTLER_PLACEHOLDER,
+) -> RenderedBuild:
     """Render the build for ``env`` whose content key is ``key`` (a ``ContentKey``).
 
-    Raises:
-        SpecError: the environment is invalid, or its context is too large to send.
-    """
-    from ..errors import SpecError
+    Args:
+        inputs: ``env.build_inputs()`` when the caller has it already (it hashes the context).
+        spec_image: the tag dependency files are mounted from when the Dockerfile has a context.
+        rattler_image: the tag of the rattler tool image (conda packages).
 
-    parts = env.key_parts()
+    Raises:
+        SpecError: the environment is invalid.
+    """
+    inputs = env.build_inputs() if inputs is None else inputs
+    parts = env.key_parts(inputs=inputs)
     prefix = f"{ENV_PREFIX_ROOT}/{key.hex}"
     header = f"# Rendered by dockyard for content key {key.hex}: edit the environment, not this file.\n"
     if parts.dockerfile is not None:
         # The user's own lines come first and unchanged, so build errors point at *their* line numbers.
-        text = env.docker.base_dockerfile or ""
-        lines = [text.rstrip("\n") + "\n"]
+        lines = [parts.dockerfile.rstrip("\n") + "\n"]
     else:
         from ._registry import qualify
 
         registry = env.docker.base_image_registry
         base = qualify(parts.base_image, registry if registry.address else None)
         lines = [header, f"FROM {base}\n"]
-    context: dict[str, bytes] = {}
+    files: dict[str, bytes | Path] = dict(inputs.files)
+    spec_from = spec_image if inputs.context is not None else None
     python = env.python.interpreter_path
+    uses_rattler = False
     if not env.python.user_managed_dependencies:
-        conda = conda_spec(env.python.conda_dependencies)
-        pip = list(env.python.pip_requirements)
+        conda = inputs.conda
+        pip = list(inputs.pip)
         spec = CondaDependencies(_underlying_structure=conda) if conda is not None else None
         if spec is not None and spec._is_pip_only():
             # Only pip packages (Azure ML's CondaDependencies.create(pip_packages=...)): a venv
@@ -124,13 +182,16 @@ def render_dockerfile(env: Environment, key: Any) -> RenderedBuild:
         else:
             wanted_python = None
         if conda is not None:
-            context["conda.yml"] = _conda_file(conda)
+            if spec is not None:
+                pip = [*spec.pip_options, *spec.pip_packages, *pip]
+            files["conda.yml"] = _conda_file(_local_channels(conda, files))
             if pip:
-                context["requirements.txt"] = _pip_file(pip)
-            lines.append(_conda_steps(prefix, bool(pip)))
+                files["requirements.txt"] = _pip_file(pip)
+            lines.append(_conda_steps(prefix, bool(pip), spec_from, rattler_image))
+            uses_rattler = True
         elif pip:
-            context["requirements.txt"] = _pip_file(pip)
-            lines.append(_venv_steps(prefix, wanted_python))
+            files["requirements.txt"] = _pip_file(pip)
+            lines.append(_venv_steps(prefix, wanted_python, spec_from))
         if conda is not None or pip:
             lines.append(f'ENV PATH="{prefix}/bin:$PATH" VIRTUAL_ENV="{prefix}"\n')
             python = f"{prefix}/bin/python"
@@ -142,12 +203,16 @@ def render_dockerfile(env: Environment, key: Any) -> RenderedBuild:
         "dockyard.python": python,
         **{f"dockyard.part.{name}": digest for name, digest in key.parts.items()},
     }
-    rendered = RenderedBuild("".join(lines), context, labels, python, dict(env.docker.build_args))
-    size = len(rendered.dockerfile) + sum(len(v) for v in context.values())
-    if size > MAX_CONTEXT_BYTES:
-        raise SpecError(
-            f"the rendered build is {size} bytes, over the {MAX_CONTEXT_BYTES}-byte limit of one request",
-            path=env._source,
-            hint="move large files out of the Dockerfile and dependency lists",
-        )
-    return rendered
+    tree = SpecTree(files)
+    inline = tree.inline() if spec_from is None else None
+    return RenderedBuild(
+        "".join(lines),
+        inline if inline is not None else {},
+        labels,
+        python,
+        dict(env.docker.build_args),
+        spec=tree,
+        user_context=inputs.context,
+        spec_from_image=spec_from is not None and bool(files),
+        uses_rattler=uses_rattler,
+    )

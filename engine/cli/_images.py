@@ -147,11 +147,19 @@ def env_render(file: str) -> None:
     from ..build import render_dockerfile
 
     environment = Environment.load(file)
-    rendered = render_dockerfile(environment, environment.content_key())
+    inputs = environment.build_inputs()
+    rendered = render_dockerfile(environment, environment.content_key(inputs=inputs), inputs=inputs)
     click.echo(rendered.dockerfile, nl=False)
-    for name, data in sorted(rendered.context.items()):
-        click.echo(f"# --- context file {name} ({len(data)} bytes) ---")
-        click.echo(data.decode(errors="replace"), nl=False)
+    for name, (data, _mode) in sorted(rendered.spec.flat().items()):
+        if isinstance(data, bytes) and not name.startswith(("files/", "channels/")):
+            click.echo(f"# --- dependency file {name} ({len(data)} bytes) ---")
+            click.echo(data.decode(errors="replace"), nl=False)
+        else:
+            click.echo(f"# --- dependency file {name}: {data} ---")
+    if rendered.user_context is not None:
+        ctx = rendered.user_context
+        files = sum(1 for e in ctx.entries if e.kind == "f")
+        click.echo(f"# --- build context {ctx.root}: {files} files, {ctx.size} bytes (digest {ctx.digest}) ---")
 
 
 @env.command("build")
@@ -250,18 +258,21 @@ def cache_stats(as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def cache_gc(keep_bytes: str | None, keep_days: float | None, dry_run: bool, as_json: bool) -> None:
     """Remove least-recently-used images (never pinned ones, never ones a container uses)."""
-    from ..build import collect_garbage, parse_size
+    from ..build import collect_build_inputs, collect_garbage, parse_size
 
     if keep_bytes is None and keep_days is None:
         raise click.UsageError("give --keep-bytes SIZE and/or --keep-days N")
     limit = parse_size(keep_bytes) if keep_bytes is not None else None
     report = collect_garbage(keep_bytes=limit, keep_days=keep_days, dry_run=dry_run)
+    inputs = collect_build_inputs(keep_days=keep_days, dry_run=dry_run)
     if as_json:
-        emit_json(report.to_json())
+        emit_json({**report.to_json(), "build_inputs": inputs})
         return
     verb = "would remove" if dry_run else "removed"
     for entry in report.removed:
         click.echo(f"{verb} {entry.image} ({entry.size / 1e6:.1f} MB)")
+    for item in inputs:
+        click.echo(f"{verb} {item['image']} ({int(item['size']) / 1e6:.1f} MB, {item['why']})")
     for failure in report.errors:
         click.echo(f"kept {failure.image}: {failure.error}", err=True)
     click.echo(f"{verb} {len(report.removed)} image(s), {report.freed_bytes / 1e6:.1f} MB; "

@@ -1,5 +1,5 @@
 """``dockyard.core.environment`` (Azure ML's ``azureml.core.environment``)."""
 
-from dockyard._environment import ContainerRegistry, DockerSection, Environment, PythonSection
+from dockyard._environment import ContainerRegistry, DockerBuildContext, DockerSection, Environment, PythonSection
 
-__all__ = ["ContainerRegistry", "DockerSection", "Environment", "PythonSection"]
+__all__ = ["ContainerRegistry", "DockerBuildContext", "DockerSection", "Environment", "PythonSection"]

@@ -54,7 +54,7 @@ def test_both_base_image_and_dockerfile_is_an_error():
 def test_dockerfile_path_is_read_relative_to_the_file(tmp_path: Path):
     (tmp_path / "Dockerfile").write_text("FROM busybox\nRUN true\n")
     env = Environment.load(write(tmp_path, "name: x\ndocker:\n  base_dockerfile: Dockerfile\n"))
-    assert env.docker.base_dockerfile == "FROM busybox\nRUN true\n"
+    assert env.dockerfile() == "FROM busybox\nRUN true\n" and env.docker.base_dockerfile == str(tmp_path / "Dockerfile")
 
 
 def test_missing_dockerfile_path_names_file_line_field(tmp_path: Path):
