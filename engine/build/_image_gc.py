@@ -13,7 +13,7 @@ from ..errors import DockyardError, EngineError, InputError
 if TYPE_CHECKING:  # pragma: no cover
     from dockyard.cache import GcReport
 
-__all__ = ["collect_garbage", "images_in_use", "parse_size", "remove_image"]
+__all__ = ["collect_build_inputs", "collect_garbage", "images_in_use", "parse_size", "remove_image"]
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -97,3 +97,48 @@ def collect_garbage(
                         remove=lambda entry: remove_image(engine, entry.image))
     finally:
         index.close()
+
+
+#: A per-build input older than this belongs to a build that died before removing it.
+_STALE_INPUT_S = 24 * 3600.0
+
+
+def collect_build_inputs(
+    *, keep_days: float | None, dry_run: bool = False, engine: EngineClient | None = None,
+) -> list[dict[str, object]]:
+    """Remove build inputs nothing needs any more: per-build context/spec images older than a day
+    (their build died before removing them) and large-file blobs older than ``keep_days`` (they
+    only speed up later builds). Images a container uses are kept.
+
+    Returns one ``{"image", "size", "why"}`` per image removed (or, with ``dry_run``, to remove).
+
+    Raises:
+        EngineUnavailable, EngineError: the engine cannot list images or containers.
+    """
+    import json
+    import time
+
+    engine = engine or EngineClient.from_env()
+    filters = urllib.parse.quote(json.dumps({"reference": ["dockyard/build-input"]}))
+    reply = engine.request("GET", f"/images/json?filters={filters}")
+    if reply.status != 200:
+        raise EngineError(f"listing build inputs answered HTTP {reply.status}", status=reply.status)
+    used = images_in_use(engine)
+    now = time.time()
+    out: list[dict[str, object]] = []
+    for image in reply.json() or []:
+        if image.get("Id") in used:
+            continue
+        age = now - float(image.get("Created") or now)
+        for tag in image.get("RepoTags") or []:
+            name = tag.split(":", 1)[1] if ":" in tag else ""
+            blob = name.startswith("blob-")
+            if blob and (keep_days is None or age <= keep_days * 86400):
+                continue
+            if not blob and age <= _STALE_INPUT_S:
+                continue  # a build may be using it right now
+            out.append({"image": tag, "size": int(image.get("Size") or 0),
+                        "why": "unused large-file blob" if blob else "left by a build that did not finish"})
+            if not dry_run:
+                remove_image(engine, tag)
+    return out
