@@ -515,7 +515,7 @@ _FIELD_OF_PART = {
     "platform": "docker.platform",
     "build_args": "docker.build_args",
     "registry": "docker.base_image_registry.address",
-    "context": "build",
+    "context": "the build context: files the Dockerfile copies",
 }
 
 # -- the file form's schema -----------------------------------------------------------------------

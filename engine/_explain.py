@@ -21,8 +21,10 @@ def _count(n: int, what: str) -> str:
 
 def describe_parts(env: Environment, key: Any) -> list[tuple[str, str, str]]:
     """(part, its hash, a one-line summary) for each part of ``key``, in the key's order."""
-    parts = env.key_parts()
+    inputs = env.build_inputs()
+    parts = env.key_parts(inputs=inputs)
     conda = parts.conda
+    context = inputs.context
     summaries = {
         "base_image": parts.base_image or "(none: the Dockerfile defines the image)",
         "base_digest": parts.base_digest or "(not resolved: resolution happens at build time)",
@@ -39,6 +41,10 @@ def describe_parts(env: Environment, key: Any) -> list[tuple[str, str, str]]:
         "build_args": ", ".join(sorted(parts.build_args)) or "(none)",
         # KeyParts holds the address only; credentials never reach it.
         "registry": parts.registry or "(none)",
+        "context": (
+            f"{_count(sum(1 for e in context.entries if e.kind == 'f'), 'file')} the Dockerfile reads from "
+            f"{context.root} ({context.size} bytes)" if context is not None else "(none)"
+        ),
     }
     return [(name, digest, summaries.get(name, "")) for name, digest in key.parts.items()]
 

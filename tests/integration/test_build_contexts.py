@@ -263,3 +263,16 @@ def test_dockyard_env_render_lists_the_context_and_dependency_files(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "COPY a.txt /a" in done.stdout and "# --- build context" in done.stdout and "1 files" in done.stdout
     assert "requirements.txt" in done.stdout and "six" in done.stdout
+
+
+def test_the_context_benchmark_prints_its_ratios(tmp_path):
+    done = subprocess.run([sys.executable, "benchmarks/context_transport.py", "--sizes", "1", "--n", "1", "--json"],
+                          capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[2])
+    assert done.returncode == 0, done.stderr
+    import json
+
+    doc = json.loads(done.stdout)
+    assert {r["scenario"] for r in doc["rows"]} == {"near_miss", "cold"}
+    assert all(r["dockyard"] > 0 and r["key_only"] >= 0 for r in doc["rows"])
+    if doc["docker_cli"]:
+        assert all(r["ratio_docker_over_dockyard"] > 0 for r in doc["rows"])
