@@ -21,7 +21,27 @@ _WORKSPACE = click.option("--workspace", "workspace_name", default=None, metavar
                           help="Workspace (default: from config.json above the current folder, else 'default').")
 
 
-@click.command("run", context_settings={"ignore_unknown_options": True})
+class _RunCommand(click.Command):
+    """``dockyard run``: an option dockyard does not know, before ``--``, is a usage error with a
+    suggestion (``--detatch`` -> ``--detach``), never an argument quietly handed to the script."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        import difflib
+
+        known = {opt for param in self.get_params(ctx) for opt in (*param.opts, *param.secondary_opts)}
+        for arg in args[: args.index("--")] if "--" in args else args:
+            name = arg.split("=", 1)[0]
+            if arg.startswith("-") and arg != "-" and name not in known:
+                close = difflib.get_close_matches(name, sorted(o for o in known if o.startswith("--")), n=1,
+                                                  cutoff=0.75)
+                # click appends "Did you mean …?" when there is a close option.
+                raise click.NoSuchOption(
+                    name, message=f"no such option: {name} (arguments for the script go after `--`: "
+                    f"dockyard run SCRIPT [OPTIONS] -- {arg} …).", possibilities=close, ctx=ctx)
+        return super().parse_args(ctx, args)
+
+
+@click.command("run", cls=_RunCommand, context_settings={"ignore_unknown_options": True})
 @click.argument("script")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 @click.option("--source", default=".", show_default=True, help="Source directory (snapshotted; the script is relative to it).")
@@ -45,7 +65,7 @@ def run_command(script: str, args: tuple[str, ...], source: str, env_file: str |
                 time_limit: float | None, mounts: tuple[str, ...], shm_size: str | None, detach: bool,
                 as_json: bool, workspace_name: str | None) -> None:
     """Run SCRIPT (in --source) in its environment's image and follow its output. Arguments after
-    `--` go to the script."""
+    `--` go to the script (words after SCRIPT too; an unknown `--option` before `--` is an error)."""
     from .. import Environment, Experiment, ScriptRunConfig
     from ..core.runconfig import DockerConfiguration
 

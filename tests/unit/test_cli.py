@@ -78,3 +78,17 @@ def test_damaged_index_fails_doctor(tmp_path: Path):
     checks = {c["name"]: c for c in json.loads(out.stdout)["checks"]}
     assert checks["index"]["ok"] is False and checks["index"]["required"] is True
     assert str(tmp_path / "index.db") in checks["index"]["detail"] and "move index.db aside" in checks["index"]["detail"]
+
+
+def test_run_refuses_an_unknown_option_before_the_separator_and_submits_nothing(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+    from dockyard.cli._runs import run_command
+
+    monkeypatch.setenv("DOCKYARD_HOME", str(tmp_path / "home"))
+    result = CliRunner().invoke(run_command, ["train.py", "--detatch"])
+    assert result.exit_code == 2 and "Did you mean '--detach'?" in result.output
+    assert not (tmp_path / "home").exists(), "nothing was submitted (no home, no store, no agent)"
+    other = CliRunner().invoke(run_command, ["train.py", "--source", ".", "--epochs", "3"])
+    assert other.exit_code == 2 and "after `--`" in other.output
+    ctx = run_command.make_context("run", ["train.py", "--json", "data.csv", "--", "--epochs", "3", "--detatch"])
+    assert ctx.params["args"] == ("data.csv", "--epochs", "3", "--detatch") and ctx.params["as_json"]
