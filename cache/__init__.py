@@ -35,6 +35,7 @@ _EXPORTS = {
     "KeyParts": "._keys",
     "compute_key": "._keys",
     "diff_keys": "._keys",
+    "unresolved_key": "._keys",
     "BuildSlot": "._lease",
     "BuildResult": "._model",
     "CacheEntry": "._model",
@@ -56,7 +57,16 @@ _EXPORTS = {
 if TYPE_CHECKING:  # pragma: no cover
     from ._fastread import FastHit, fast_hit
     from ._index import ImageCache
-    from ._keys import OPTIONAL_PART_NAMES, PART_NAMES, SCHEMA_VERSION, ContentKey, KeyParts, compute_key, diff_keys
+    from ._keys import (
+        OPTIONAL_PART_NAMES,
+        PART_NAMES,
+        SCHEMA_VERSION,
+        ContentKey,
+        KeyParts,
+        compute_key,
+        diff_keys,
+        unresolved_key,
+    )
     from ._lease import BuildSlot
     from ._model import BuildResult, CacheEntry, CacheStats, GcFailure, GcReport
     from .errors import (
@@ -95,6 +105,7 @@ __all__ = [
     "compute_key",
     "diff_keys",
     "fast_hit",
+    "unresolved_key",
 ]
 
 

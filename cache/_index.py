@@ -371,6 +371,30 @@ class ImageCache:
         """
         return self._update("DELETE FROM entries WHERE key = ?", (_key_hex(key),), "remove from")
 
+    def find(self, key: ContentKey | str) -> CacheEntry | None:
+        """The entry of ``key``, or else of the one entry whose key *before base resolution* is
+        ``key`` (see :func:`unresolved_key`): a spec's key shown offline names its image too.
+        No bookkeeping is written (unlike :meth:`lookup`).
+
+        Raises:
+            InvalidKey: ``key`` is not a key.
+            IndexUnavailable: the index could not be read.
+        """
+        from ._keys import unresolved_key
+
+        hexkey = _key_hex(key)
+        matches = []
+        for entry in self.entries():
+            if entry.key == hexkey:
+                return entry
+            try:
+                if unresolved_key(entry.parts) == hexkey:
+                    matches.append(entry)
+            except CacheError:
+                continue  # an entry recorded without parts
+        # Several images of one spec (its base moved between builds): the newest is the one meant.
+        return max(matches, key=lambda e: e.created) if matches else None
+
     def pin(self, key: ContentKey | str) -> bool:
         """Protect an entry from GC.
 

@@ -64,6 +64,7 @@ __all__ = [
     "KeyParts",
     "compute_key",
     "diff_keys",
+    "unresolved_key",
 ]
 
 SCHEMA_VERSION: int = 1
@@ -622,3 +623,24 @@ def diff_keys(a: ContentKey, b: ContentKey) -> list[str]:
     order = list(PART_NAMES) + sorted((set(a.parts) | set(b.parts)) - set(PART_NAMES))
     names.extend(n for n in order if a.parts.get(n) != b.parts.get(n))
     return names
+
+
+def unresolved_key(parts: Mapping[str, str]) -> str:
+    """The key the same parts make without a resolved base digest (``base_digest=None``).
+
+    An image's key folds in its base's digest; a spec read where no engine can be asked has none.
+    Given an image key's part hashes (``ContentKey.parts``, or a cache entry's ``parts``), this
+    is the key of the same spec before resolution, so either form can name the image.
+
+    Raises:
+        InvalidKey: ``parts`` lacks one of :data:`PART_NAMES`.
+    """
+    try:
+        hashes = [parts[name] for name in _SORTED_NAMES]
+    except KeyError as exc:
+        raise InvalidKey(f"part hashes lack {exc.args[0]!r}", hint="pass ContentKey.parts or an entry's parts") from None
+    hashes[_INDEX["base_digest"]] = _CONSTANT_HASHES["-"]
+    body = _BODY % tuple(hashes)
+    if parts.get("context"):
+        body += f"context={parts['context']}\n"
+    return xxh3_128_hexdigest(body.encode())

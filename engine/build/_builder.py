@@ -138,12 +138,7 @@ class Builder:
                 pulled = pulled or did_pull
                 self.cache.remember_resolution(ref, digest)
             resolved[ref] = digest
-        if not resolved:
-            return None, False, resolved
-        if len(resolved) == 1:
-            return next(iter(resolved.values())), pulled, resolved
-        combined = hashlib.sha256("\n".join(sorted(f"{r}@{d}" for r, d in resolved.items())).encode()).hexdigest()
-        return f"sha256:{combined}", pulled, resolved
+        return _combined_digest(resolved), pulled, resolved
 
     def pull_bases(self, env: Environment, progress: Callable[[str], None] | None = None) -> None:
         """Make sure the engine holds every base ``env`` builds from, pulling (with the registry's
@@ -169,7 +164,7 @@ class Builder:
         # images that name the registry's own host.
         stages: set[str] = set()
         refs: list[tuple[str, ContainerRegistry | None]] = []
-        for m in _FROM.finditer(env.docker.base_dockerfile or ""):
+        for m in _FROM.finditer(env.dockerfile() or ""):
             image, alias = m.group(1), m.group(2)
             if image.lower() != "scratch" and image not in stages and "$" not in image:
                 host = parse_image_ref(image).host
@@ -179,6 +174,31 @@ class Builder:
             if alias:
                 stages.add(alias)
         return refs
+
+    def image_key(self, env: Environment) -> tuple[ContentKey, str | None]:
+        """The key that names ``env``'s image — the one ``ensure_image`` builds and tags — without
+        pulling anything: each base is resolved from what was remembered or from the engine.
+
+        Returns:
+            (key, None) when every base resolved; else (the key before resolution, why).
+        """
+        from ..errors import DockyardError
+
+        inputs = env.build_inputs()
+        resolved: dict[str, str] = {}
+        for ref, _registry in self._base_refs(env):
+            digest = self.cache.resolution(ref, max_age=self.resolve_ttl)
+            if digest is None:
+                try:
+                    digest = self._local_id(ref)
+                except DockyardError as exc:
+                    why = f"the engine at {self.engine.url} cannot be asked ({exc.message})"
+                    return env.content_key(inputs=inputs), why
+                if digest is None:
+                    why = f"the base {ref} is not in the engine yet (`dockyard env build` pulls it)"
+                    return env.content_key(inputs=inputs), why
+            resolved[ref] = digest
+        return env.content_key(base_digest=_combined_digest(resolved), inputs=inputs), None
 
     # -- the hit path ---------------------------------------------------------------------------
 
@@ -391,6 +411,15 @@ class Builder:
             image_id = str(found.get("Id") or image_id)
             size = int(found.get("Size") or 0)
         return tag, image_id, size
+
+
+def _combined_digest(resolved: dict[str, str]) -> str | None:
+    """One digest for the bases of a build: the base's own, or one over every FROM image's."""
+    if not resolved:
+        return None
+    if len(resolved) == 1:
+        return next(iter(resolved.values()))
+    return "sha256:" + hashlib.sha256("\n".join(sorted(f"{r}@{d}" for r, d in resolved.items())).encode()).hexdigest()
 
 
 def _wait_note(key: str, report: Callable[[str], None]) -> Callable[[str, int, float], None]:

@@ -299,7 +299,8 @@ class _StatusTracker:
             state.error = v.error or state.error
             if (state.started, state.completed, state.cached, state.error) == before or not state.name:
                 continue
-            if state.name.startswith(("mkfile /", "mkdir /", "copy /", "docker-image://docker.io/dockyard/build-input:")):
+            if state.name.startswith(("mkfile /", "mkdir /", "copy /", "docker-image://docker.io/dockyard/build-input:",
+                                      "FROM docker.io/dockyard/build-input:", "FROM docker.io/dockyard/tool:")):
                 continue  # dockyard's own FrontendInputs loaders: noise to a reader
             index, total = parse_step(state.name)
             if state.error:

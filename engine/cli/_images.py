@@ -89,19 +89,42 @@ def env() -> None:
 _ENV_FILE = click.Path(dir_okay=False, path_type=str)
 
 
+def _image_key(environment, *, quiet: bool = False):  # type: ignore[no-untyped-def]
+    """(the key that names the environment's image, why it could not be resolved or None).
+
+    Every `env` command shows this key, the one `env build` tags, so `cache pin $(dockyard env key
+    F)` names the built image. Where the base cannot be resolved (no engine, base not pulled yet)
+    the key before resolution is shown, and stderr says so.
+    """
+    from ..build import Builder
+
+    builder = Builder()
+    try:
+        key, why = builder.image_key(environment)
+    finally:
+        builder.close()
+    if why and not quiet:
+        click.echo(f"note: base not resolved: {why}; showing the key before resolution "
+                   f"(`dockyard cache pin` and `cache ls` accept it too)", err=True)
+    return key, why
+
+
 @env.command("key")
 @click.argument("file", type=_ENV_FILE)
 @click.option("--explain", is_flag=True, help="Show each part's own hash, to see why a cache missed.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def env_key(file: str, explain: bool, as_json: bool) -> None:
-    """Print the content key of the environment in FILE (no engine needed)."""
+    """Print the key that names the image of the environment in FILE (the one `env build` tags).
+
+    The base image's digest is part of it; with no engine to ask, the key before resolution is
+    printed and stderr says so."""
     from .. import Environment
     from .._explain import changed_since_last_build, describe_parts
 
     environment = Environment.load(file)
-    key = environment.content_key()
+    key, why = _image_key(environment, quiet=as_json)
     if as_json:
-        emit_json(key.to_json())
+        emit_json({**key.to_json(), "resolved": why is None, "note": why})
         return
     click.echo(key.hex)
     if explain:
@@ -124,7 +147,7 @@ def env_diff(a: str, b: str, as_json: bool) -> None:
     from .. import Environment
     from .._explain import field_of_part
 
-    key_a, key_b = Environment.load(a).content_key(), Environment.load(b).content_key()
+    (key_a, _), (key_b, _) = _image_key(Environment.load(a), quiet=as_json), _image_key(Environment.load(b), quiet=True)
     parts = diff_keys(key_a, key_b)
     if as_json:
         emit_json({"same": not parts, "a": key_a.hex, "b": key_b.hex, "parts": parts,
@@ -148,7 +171,8 @@ def env_render(file: str) -> None:
 
     environment = Environment.load(file)
     inputs = environment.build_inputs()
-    rendered = render_dockerfile(environment, environment.content_key(inputs=inputs), inputs=inputs)
+    key, _ = _image_key(environment)
+    rendered = render_dockerfile(environment, key, inputs=inputs)
     click.echo(rendered.dockerfile, nl=False)
     for name, (data, _mode) in sorted(rendered.spec.flat().items()):
         if isinstance(data, bytes) and not name.startswith(("files/", "channels/")):
@@ -280,14 +304,19 @@ def cache_gc(keep_bytes: str | None, keep_days: float | None, dry_run: bool, as_
 
 
 def _set_pin(key: str, pinned: bool) -> None:
+    from dockyard.cache import ContentKey
+
     index = _open_cache()
     try:
-        found = index.pin(key) if pinned else index.unpin(key)
+        # Either form names the image: its key, or the key its spec has before base resolution.
+        entry = index.find(ContentKey.parse(key))
+        found = entry is not None and (index.pin(entry.key) if pinned else index.unpin(entry.key))
     finally:
         index.close()
-    if not found:
+    if not found or entry is None:
         raise click.UsageError(f"no cached image with key {key}; see `dockyard cache ls`")
-    click.echo(f"{'pinned' if pinned else 'unpinned'} {key}")
+    via = "" if entry.key == key.strip().lower() else f" (key {entry.key}, its spec's key before base resolution)"
+    click.echo(f"{'pinned' if pinned else 'unpinned'} {entry.image}{via}")
 
 
 @cache.command("pin")

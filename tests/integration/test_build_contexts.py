@@ -73,6 +73,10 @@ def test_a_dockerfile_builds_with_its_folder_as_context_and_dockerignore(builder
     assert stamp in listing and "ran" in listing
     assert "secret.env" not in listing and "cache" not in listing, "ignored files stay out"
     assert build_inputs_left() == [], "the imported context is removed after the build"
+    env = Environment.load(env_file)
+    assert built.key != env.content_key().hex, "the base's digest is in the image's key"
+    assert builder.image_key(env) == (env.content_key(base_digest=builder.resolve_base(env)[0]), None)
+    assert builder.image_key(env)[0].hex == built.key
     (tmp_path / "notes.txt").write_text("outside the context")
     assert builder.ensure_image(Environment.load(env_file)).cached
     (root / "hello.txt").write_text("edited")
@@ -276,3 +280,29 @@ def test_the_context_benchmark_prints_its_ratios(tmp_path):
     assert all(r["dockyard"] > 0 and r["key_only"] >= 0 for r in doc["rows"])
     if doc["docker_cli"]:
         assert all(r["ratio_docker_over_dockyard"] > 0 for r in doc["rows"])
+
+
+def test_every_env_command_shows_the_key_env_build_tags_and_cache_pin_takes_either_form(tmp_path):
+    env_file = tmp_path / "env.yml"
+    env_file.write_text(f"name: k\ndocker:\n  base_image: {PYTHON}\n  build_args: {{STAMP: {uuid.uuid4().hex}}}\n")
+
+    def dockyard(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "dockyard", *args], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, **env})
+
+    built = dockyard("env", "build", str(env_file), "--json")
+    assert built.returncode == 0, built.stderr
+    import json
+
+    image_key = json.loads(built.stdout)["key"]
+    shown = dockyard("env", "key", str(env_file))
+    assert shown.stdout.strip() == image_key and "note" not in shown.stderr
+    assert f"content key {image_key}" in dockyard("env", "render", str(env_file)).stdout
+    assert dockyard("cache", "pin", shown.stdout.strip()).returncode == 0
+    # Where no engine can be asked (and nothing was remembered): the key before resolution, said so.
+    offline = dockyard("env", "key", str(env_file), "--json", DOCKER_HOST="unix:///nonexistent/docker.sock",
+                       DOCKYARD_HOME=str(tmp_path / "other-home"))
+    doc = json.loads(offline.stdout)
+    assert doc["resolved"] is False and "cannot be asked" in doc["note"] and doc["key"] != image_key
+    unpinned = dockyard("cache", "unpin", doc["key"])  # the spec's key names the same image
+    assert unpinned.returncode == 0 and image_key in unpinned.stdout, unpinned.stderr

@@ -432,3 +432,15 @@ def test_diff_keys_names_the_context() -> None:
     assert diff_keys(a, b) == ["context"]
     assert diff_keys(a, c) == ["context"]
     assert c.parts.get("context") is None
+
+
+def test_unresolved_key_is_the_key_of_the_same_parts_without_a_base_digest() -> None:
+    from dockyard.cache import KeyParts, compute_key, unresolved_key
+
+    spec = dict(base_image="dockyard/base:bookworm-python3", pip=["numpy"])
+    before = compute_key(KeyParts(**spec))
+    after = compute_key(KeyParts(**spec, base_digest="sha256:" + "a" * 64))
+    assert unresolved_key(after.parts) == before.hex == unresolved_key(before.parts)
+    ctx = dict(base_image=None, dockerfile="FROM x\nCOPY a /a\n", context="c" * 32)
+    assert unresolved_key(compute_key(KeyParts(**ctx, base_digest="sha256:" + "b" * 64)).parts) == \
+        compute_key(KeyParts(**ctx)).hex
