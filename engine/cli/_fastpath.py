@@ -105,6 +105,14 @@ def try_run_via_agent(args: list[str]) -> int | None:
         return None
     import _socket
 
+    from .._codeid import code_id
+
+    try:
+        with open(os.path.join(_home(), "agent.code")) as fh:
+            if fh.read().strip() != code_id():
+                return None  # an agent of another dockyard version: the full path replaces it
+    except OSError:
+        return None
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
         sock.connect(os.path.join(_home(), "agent.sock"))

@@ -104,6 +104,9 @@ class Agent:
             self.log(f"another agent already serves {self.home}; exiting")
             return 1
         files.pid.write_text(str(os.getpid()))
+        from .._codeid import code_id
+
+        files.code.write_text(code_id(fresh=True))  # clients hand work only to an agent of their code
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_stop_signal)
         signal.signal(signal.SIGUSR1, lambda *_: self._wake.set())

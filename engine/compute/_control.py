@@ -18,7 +18,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["AgentStatus", "agent_files", "agent_status", "ensure_agent", "stop_agent", "wake_agent"]
+__all__ = ["AgentStatus", "agent_files", "agent_status", "ensure_agent", "runs_other_code", "stop_agent",
+           "wake_agent"]
 
 # The agent process is started by module name (not imported): it is the compute room's Agent with
 # the CLI's front door open, so it lives with the CLI.
@@ -33,11 +34,22 @@ class AgentFiles:
     lock: Path
     pid: Path
     log: Path
+    code: Path  # the code id of the dockyard the agent runs (see dockyard._codeid)
 
 
 def agent_files(home: Path) -> AgentFiles:
     home = Path(home)
-    return AgentFiles(home / "agent.lock", home / "agent.pid", home / "agent.log")
+    return AgentFiles(home / "agent.lock", home / "agent.pid", home / "agent.log", home / "agent.code")
+
+
+def runs_other_code(home: Path) -> bool:
+    """The running agent of ``home`` runs another dockyard than this process (an upgrade, an edit)."""
+    from .._codeid import code_id
+
+    try:
+        return agent_files(home).code.read_text().strip() != code_id()
+    except OSError:
+        return True  # an agent from before code ids, or one still starting: not known to match
 
 
 @dataclass(frozen=True)
@@ -94,6 +106,11 @@ def ensure_agent(home: Path, *, wait: float = 10.0, scrub: Iterable[str] = ()) -
     environment is readable by its user's other processes.
     """
     status = agent_status(home)
+    if status.running and runs_other_code(home) and _started_long_enough_ago(home):
+        # An agent of another dockyard version would run new submissions with old code: replace it.
+        # Its runs keep running; the new agent adopts them (and their GPU leases).
+        stop_agent(home, wait=wait)
+        status = agent_status(home)
     if status.running:
         if status.pid:
             try:
@@ -121,6 +138,14 @@ def ensure_agent(home: Path, *, wait: float = 10.0, scrub: Iterable[str] = ()) -
             return status
         time.sleep(0.02)
     return status
+
+
+def _started_long_enough_ago(home: Path) -> bool:
+    """The agent had time to write its code id (a just-started one is still importing)."""
+    try:
+        return time.time() - agent_files(home).pid.stat().st_mtime > 5.0
+    except OSError:
+        return True
 
 
 def stop_agent(home: Path, *, wait: float = 10.0) -> bool:

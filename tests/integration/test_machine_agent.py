@@ -212,3 +212,31 @@ CREATE TABLE metrics (run_id TEXT NOT NULL, seq INTEGER NOT NULL, name TEXT NOT 
 CREATE TABLE computes (name TEXT PRIMARY KEY, max_nodes INTEGER NOT NULL, vm_size TEXT NOT NULL DEFAULT '',
     created REAL NOT NULL);
 """
+
+
+def test_an_agent_of_other_code_is_replaced_and_its_running_run_adopted(machine, tmp_path: Path):
+    home, src = machine
+    (src / "steps.py").write_text(
+        "import time\nfrom dockyard import Run\nr = Run.get_context()\n"
+        "for i in range(8):\n    r.log('step', i)\n    time.sleep(0.3)\n")
+    ws = Workspace(f"up{uuid.uuid4().hex[:6]}", home=home)
+    run = Experiment(ws, "exp").submit(ScriptRunConfig(str(src), "steps.py", environment=local_env()))
+    deadline = time.monotonic() + 60
+    while run.get_status() != "Running":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    first = agent_status(home).pid
+    assert (home / "agent.code").read_text().strip(), "the agent says which code it runs"
+    # What an upgrade under a running agent looks like from outside: its code id is not ours.
+    (home / "agent.code").write_text("0123456789abcdef")
+    old = time.time() - 60
+    os.utime(home / "agent.pid", (old, old))
+    status = ensure_agent(home)
+    assert status.running and status.pid != first, "the agent of other code was replaced"
+    done = subprocess.run([sys.executable, "-m", "dockyard", "run", "steps.py", "--source", str(src),
+                           "--workspace", ws.name, "--json"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "DOCKYARD_HOME": str(home)})
+    assert done.returncode == 0, done.stderr
+    assert run.wait_for_completion()["status"] == "Completed"
+    assert run.get_metrics()["step"] == list(range(8)), "nothing lost across the hand-over"
+    assert (home / "agent.code").read_text().strip() != "0123456789abcdef"
