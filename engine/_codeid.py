@@ -8,8 +8,8 @@ per module, about a millisecond).
 
 from __future__ import annotations
 
-import hashlib
 import os
+import zlib
 
 __all__ = ["code_id"]
 
@@ -38,6 +38,9 @@ def code_id(*, fresh: bool = False) -> str:
                 except OSError:
                     continue
                 rows.append(f"{os.path.relpath(entry.path, root)}\0{st.st_size}\0{st.st_mtime_ns}")
-    digest = hashlib.sha256("\n".join(sorted(rows)).encode()).hexdigest()[:16]
+    # CRC-32 and a count, not SHA-256: this runs in the fast client, where importing hashlib (OpenSSL)
+    # alone costs more than the whole check; an accidental collision needs a changed tree of equal CRC.
+    text = "\n".join(sorted(rows)).encode()
+    digest = f"{zlib.crc32(text):08x}{len(rows):04x}{len(text) & 0xFFFF:04x}"
     _CACHED[:] = [digest]
     return digest
