@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ._azure_only import AzureNames, instance_getattr
 from .errors import InputError
 
 __all__ = ["Dataset", "DatasetConsumptionConfig", "FileDataset"]
@@ -87,7 +88,9 @@ class _FileFactory:
         return FileDataset(str(resolved))
 
 
-class Dataset:
+class Dataset(metaclass=AzureNames):
     """Azure ML's ``Dataset`` entry point: ``Dataset.File.from_files(path)``."""
+
+    __getattr__ = instance_getattr('Dataset')
 
     File = _FileFactory

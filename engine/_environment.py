@@ -19,13 +19,13 @@ File form (``environment.yml``)::
         password_env: REGISTRY_PASSWORD            # the *name* of a variable, never the password
       platform: linux/amd64
       build_args: {PYTHONHASHSEED: "0"}
+      build_context: {path: docker/, dockerfile_path: Dockerfile}   # instead of base_*: a context folder
     python:
       user_managed_dependencies: false
       interpreter_path: python3
       conda_dependencies: {channels: [...], dependencies: [...]}   # or conda_file: path
       pip_requirements: [numpy, scikit-learn]                      # or pip_requirements_file: path
     environment_variables: {OMP_NUM_THREADS: "2"}
-    build: {path: docker/, dockerfile_path: Dockerfile}   # instead of docker.base_*: a context folder
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ._azure_only import AzureNames, instance_getattr
 from ._conda import CondaDependencies, absolute_pip_paths, check_conda, conda_spec, read_conda_file
 from ._context import BuildContext, collect_context
 from ._requirements import absolute_pip, localize_pip, read_requirements
@@ -122,12 +123,13 @@ class DockerBuildContext:
     def dockerfile_file(self, *, where: str | None) -> Path:
         root = Path(self.location)
         if not root.is_dir():
-            raise SpecError(f"build context {self.location!r} is not a folder", path=where, field="build.path",
+            raise SpecError(f"build context {self.location!r} is not a folder", path=where,
+                            field="docker.build_context.path",
                             hint="give the folder that holds the Dockerfile and the files it copies")
         file = (root / self.dockerfile_path).resolve()
         if not file.is_file():
             raise SpecError(f"Dockerfile {self.dockerfile_path!r} not found in {self.location}", path=where,
-                            field="build.dockerfile_path", hint=f"looked for {file}")
+                            field="docker.build_context.dockerfile_path", hint=f"looked for {file}")
         return file
 
 
@@ -161,6 +163,8 @@ class DockerSection:
     build_args: dict[str, str] = field(default_factory=dict)
     shm_size: str | int | None = None
     arguments: list[str] = field(default_factory=list)
+    #: A Dockerfile in a context folder (Azure's ``docker.build_context``), instead of a base.
+    build_context: DockerBuildContext | None = None
 
 
 @dataclass
@@ -174,7 +178,7 @@ class PythonSection:
     pip_requirements: list[str] = field(default_factory=list)
 
 
-class Environment:
+class Environment(metaclass=AzureNames):
     """An environment a run executes in; the same names as Azure ML SDK v1's ``Environment``.
 
     Example:
@@ -183,13 +187,13 @@ class Environment:
         >>> env.python.user_managed_dependencies = True
     """
 
+    __getattr__ = instance_getattr('Environment')
+
     def __init__(self, name: str, *, _source: str | None = None) -> None:
         self.name = name
         self.version: str | None = None
         self.docker = DockerSection()
         self.python = PythonSection()
-        #: A Dockerfile with its context folder (Azure's ``Environment.build``), instead of a base.
-        self.build: DockerBuildContext | None = None
         self.environment_variables: dict[str, str] = {}
         # Where relative paths (a Dockerfile path) are resolved from, and what errors name.
         self._source = _source
@@ -235,7 +239,7 @@ class Environment:
         """
         docker_build_context.dockerfile_file(where=None)
         env = cls(name)
-        env.build = docker_build_context
+        env.docker.build_context = docker_build_context
         return env
 
     @classmethod
@@ -259,6 +263,69 @@ class Environment:
             env.python.conda_dependencies = CondaDependencies(
                 _underlying_structure=read_conda_file(Path(conda_specification)))
         return env
+
+    @classmethod
+    def from_docker_image(cls, name: str, image: str, container_registry: ContainerRegistry | None = None,
+                          conda_specification: str | os.PathLike[str] | None = None,
+                          pip_requirements: str | os.PathLike[str] | None = None) -> Environment:
+        """An environment on ``image`` (Azure's ``from_docker_image``): with neither a conda spec nor
+        requirements, the image's own Python packages are used (user-managed).
+
+        Raises:
+            SpecError: a conda or requirements file is missing or invalid.
+        """
+        env = cls(name)
+        env.docker.base_image = image
+        if container_registry is not None:
+            env.docker.base_image_registry = container_registry
+        if conda_specification is not None:
+            env.python.conda_dependencies = CondaDependencies(
+                _underlying_structure=read_conda_file(Path(conda_specification)))
+        if pip_requirements is not None:
+            env.python.pip_requirements = read_requirements(Path(pip_requirements))
+        env.python.user_managed_dependencies = conda_specification is None and pip_requirements is None
+        return env
+
+    # -- a workspace's registered environments (see dockyard._env_registry) -----------------------
+
+    def register(self, workspace: Any) -> Environment:
+        """Register this environment in ``workspace``: version 1, 2, … of its name; an unchanged
+        environment keeps the version it has. Returns the registered environment."""
+        return workspace._environments.register(self)
+
+    @staticmethod
+    def get(workspace: Any, name: str, version: str | int | None = None) -> Environment:
+        """A registered environment (the latest version unless ``version``).
+
+        Raises:
+            InputError: no such name or version (the message lists what is registered).
+        """
+        return workspace._environments.get(name, version)
+
+    @staticmethod
+    def list(workspace: Any) -> dict[str, Environment]:
+        """name -> the latest registered version of each environment of ``workspace``."""
+        return workspace._environments.list()
+
+    def clone(self, new_name: str) -> Environment:
+        """A copy with another name and no version (a password set in code is copied in memory)."""
+        copy = Environment.from_dict(self.to_dict(), source=self._source)
+        copy.name, copy.version = new_name, None
+        copy.docker.base_image_registry._password = self.docker.base_image_registry._password
+        return copy
+
+    def build(self, workspace: Any, image_build_compute: Any = None) -> Any:
+        """Build this environment's image in the background; ``.wait_for_completion(show_output=True)``
+        follows it (Azure's ``ImageBuildDetails``)."""
+        return workspace._environments.build(self)
+
+    def build_local(self, workspace: Any, platform: Any = None, **kwargs: Any) -> Any:
+        """Build this environment's image now, on this machine's engine."""
+        return workspace._environments.build(self, wait=True)
+
+    def get_image_details(self, workspace: Any) -> dict[str, Any]:
+        """The image that names this environment and whether the engine holds it (asked now)."""
+        return workspace._environments.image_details(self)
 
     # -- file form ------------------------------------------------------------------------------
 
@@ -347,7 +414,7 @@ class Environment:
         out["docker"] = docker
         out["python"] = python
         if build is not None:
-            out["build"] = {"path": str(root), "dockerfile_path": rel}
+            docker["build_context"] = {"path": str(root), "dockerfile_path": rel}
         if self.environment_variables:
             out["environment_variables"] = dict(self.environment_variables)
         return out
@@ -378,12 +445,13 @@ class Environment:
                 field="name",
                 hint="use letters, digits, '.', '_' or '-' (no '/' or '..'), at most 128 characters",
             )
-        if self.build is not None and (self.docker.base_dockerfile is not None or self.docker.base_image is not None):
+        if self.docker.build_context is not None and (self.docker.base_dockerfile is not None
+                                                      or self.docker.base_image is not None):
             which = "base_dockerfile" if self.docker.base_dockerfile is not None else "base_image"
             raise SpecError(
-                f"both build (a context folder) and docker.{which} are set",
+                f"both docker.build_context (a context folder) and docker.{which} are set",
                 path=where,
-                field="build",
+                field="docker.build_context",
                 hint=f"the context's Dockerfile defines the image: set docker.{which} to None",
             )
         if self.docker.base_image is not None and self.docker.base_dockerfile is not None:
@@ -405,14 +473,15 @@ class Environment:
     @property
     def effective_base_image(self) -> str | None:
         """The base image builds start from (``None`` when a Dockerfile defines the image)."""
-        if self.docker.base_dockerfile is not None or self.build is not None:
+        if self.docker.base_dockerfile is not None or self.docker.build_context is not None:
             return None
         return self.docker.base_image or DEFAULT_BASE_IMAGE
 
     def _build_context(self) -> tuple[Path, Path] | None:
         """(context folder, Dockerfile file) when the image comes from a Dockerfile on disk."""
-        if self.build is not None:
-            return Path(self.build.location), self.build.dockerfile_file(where=self._source)
+        build = self.docker.build_context
+        if build is not None:
+            return Path(build.location), build.dockerfile_file(where=self._source)
         value = self.docker.base_dockerfile
         if value is None or _is_dockerfile_text(value):
             return None
@@ -445,8 +514,9 @@ class Environment:
         if found is not None and dockerfile is not None:
             root, file = found
             inside = file.is_relative_to(root.resolve())
+            field = "docker.build_context" if self.docker.build_context else "docker.base_dockerfile"
             context = collect_context(root, dockerfile, dockerfile_rel=os.path.relpath(file, root) if inside else None,
-                                      where=self._source, field="build" if self.build else "docker.base_dockerfile")
+                                      where=self._source, field=field)
         files: dict[str, Path] = {}
         pip: tuple[str, ...] = ()
         conda = None
@@ -520,10 +590,10 @@ _FIELD_OF_PART = {
 
 # -- the file form's schema -----------------------------------------------------------------------
 
-_TOP = {"name", "version", "docker", "python", "environment_variables", "build"}
+_TOP = {"name", "version", "docker", "python", "environment_variables"}
 _BUILD = {"path", "dockerfile_path"}
 _DOCKER = {"enabled", "base_image", "base_dockerfile", "base_image_registry", "platform", "build_args", "shm_size",
-           "arguments"}
+           "arguments", "build_context"}
 _REGISTRY = {"address", "username", "password_env", "password"}
 _PYTHON = {
     "user_managed_dependencies",
@@ -703,18 +773,20 @@ def _from_mapping(data: Any, *, source: str | None, lines: dict[tuple[str, ...],
         )
     if env.python.pip_requirements and any(_requirements_name_files(env.python.pip_requirements)):
         env._reads_other_files = True
-    build = r.mapping(top.get("build"), ("build",), _BUILD)
+    at = ("docker", "build_context")
+    build = r.mapping(docker.get("build_context"), at, _BUILD)
     if build:
         if "path" not in build:
-            raise r.error(("build", "path"), "is missing", hint="the folder that holds the Dockerfile")
-        folder = r.typed(build["path"], ("build", "path"), str, "a folder path")
-        name = r.typed(build.get("dockerfile_path", "Dockerfile"), ("build", "dockerfile_path"), str, "a path")
-        env.build = DockerBuildContext(str((r.base_dir / folder).expanduser().resolve()), name)
+            raise r.error((*at, "path"), "is missing", hint="the folder that holds the Dockerfile")
+        folder = r.typed(build["path"], (*at, "path"), str, "a folder path")
+        name = r.typed(build.get("dockerfile_path", "Dockerfile"), (*at, "dockerfile_path"), str, "a path")
+        env.docker.build_context = DockerBuildContext(str((r.base_dir / folder).expanduser().resolve()), name)
         env._reads_other_files = True
         try:
-            env.build.dockerfile_file(where=source)
+            env.docker.build_context.dockerfile_file(where=source)
         except SpecError as exc:
-            raise r.error(tuple((exc.field or "build").split(".")), exc.message.split(": ", 1)[-1], exc.hint) from None
+            raise r.error(tuple((exc.field or "docker.build_context").split(".")), exc.message.split(": ", 1)[-1],
+                          exc.hint) from None
     if "environment_variables" in top:
         env.environment_variables = r.str_map(top["environment_variables"], ("environment_variables",))
     try:

@@ -46,6 +46,19 @@ class Run:
         self.experiment = experiment
         self.id = run_id
 
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        from ._azure_only import not_here  # an Azure-only name gets the clear error, a typo an AttributeError
+
+        raise not_here("Run", name)
+
+    def get_environment(self) -> Any:
+        """The environment the run was submitted with (Azure's ``Run.get_environment``)."""
+        from ._environment import Environment
+
+        return Environment.from_dict(self._record().environment)
+
     def __repr__(self) -> str:
         return "Run(experiment={!r}, id={!r}, status={!r})".format(self.experiment.name, self.id, self.get_status())
 
@@ -132,8 +145,69 @@ class Run:
             "created": r.created,
             "started": r.started,
             "ended": r.ended,
+            "display_name": r.display_name or r.id,
+            "tags": self.get_tags(),
+            "properties": dict(r.properties),
         })
         return doc
+
+    # -- tags, properties, display name ---------------------------------------------------------
+
+    def get_tags(self) -> dict[str, str]:
+        """Tags given at submit or set here, then those the script set (``run.tag`` in the run)."""
+        store = self._store()
+        return {**store.get(self.id).tags, **store.tags_logged(self.id)}
+
+    @property
+    def tags(self) -> dict[str, str]:
+        return self.get_tags()
+
+    def tag(self, key: str, value: Any = None) -> None:
+        """Set one tag (``value`` None: a tag with no value, as Azure ML)."""
+        from ._workflow import _check_tags
+
+        self._store().merge_json(self.id, "tags", _check_tags({key: value}))
+
+    def set_tags(self, tags: Any) -> None:
+        """Set several tags: a dict, or a list of names (tags without values)."""
+        from ._workflow import _check_tags
+
+        as_dict = tags if isinstance(tags, dict) else {name: None for name in tags}
+        self._store().merge_json(self.id, "tags", _check_tags(as_dict))
+
+    @property
+    def properties(self) -> dict[str, str]:
+        """Azure ML's properties: set once with :meth:`add_properties`, never changed."""
+        return dict(self._record().properties)
+
+    def get_properties(self) -> dict[str, str]:
+        return self.properties
+
+    def add_properties(self, properties: dict[str, Any]) -> None:
+        """Add properties; one that is already set keeps its value and must not be given another.
+
+        Raises:
+            InputError: a property would change.
+        """
+        from ._workflow import _check_tags
+        from .errors import InputError
+
+        new = _check_tags(properties)
+        current = self._record().properties
+        changed = sorted(k for k, v in new.items() if k in current and current[k] != v)
+        if changed:
+            raise InputError(f"run {self.id}: properties cannot change once set: {', '.join(changed)}",
+                             hint="use tags for values that change (run.tag(key, value))")
+        self._store().merge_json(self.id, "properties", new, keep_existing=True)
+
+    @property
+    def display_name(self) -> str:
+        """A name for people (default: the run id); settable."""
+        return self._record().display_name or self.id
+
+    @display_name.setter
+    def display_name(self, value: str) -> None:
+        self._store().update(self.id, display_name=str(value))
 
     def get_metrics(self, name: str | None = None) -> dict[str, Any]:
         """Metrics as Azure ML returns them: a value logged once is a scalar, more often a list."""
@@ -246,15 +320,24 @@ class Run:
         return path
 
     def download_file(self, name: str, output_file_path: Any = None, _validate_checksum: bool = False) -> str:
-        """Copy one of :meth:`get_file_names` to ``output_file_path`` (default: its base name here)."""
+        """Copy one of :meth:`get_file_names` to ``output_file_path`` (default: its base name here).
+
+        A path ending in ``/`` or naming an existing folder is a folder to copy into; missing parent
+        folders are made. The copy is written aside and renamed: a reader never sees half a file.
+        """
+        import os
         import shutil
         from pathlib import Path
 
         source = self._file_path(name)
-        target = Path(output_file_path) if output_file_path else Path(Path(name).name)
-        if target.is_dir():
+        text = os.fspath(output_file_path) if output_file_path else Path(name).name
+        target = Path(text)
+        if text.endswith(("/", os.sep)) or target.is_dir():
             target = target / Path(name).name
-        shutil.copyfile(source, target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f".{target.name}.partial{os.getpid()}")
+        shutil.copyfile(source, partial)
+        os.replace(partial, target)
         return str(target)
 
     def download_files(self, prefix: str = "outputs", output_directory: Any = None, output_paths: Any = None,

@@ -361,15 +361,55 @@ class RunContext:
     def upload_folder(self, name: str, path: object, datastore_name: object = None) -> str:
         """Copy a directory tree into ``./outputs/<name>`` (merging with what is there).
 
+        Uploading ``outputs`` (or a folder holding the destination) into itself copies each file
+        once, never into its own copy: files already in place are left as they are.
+
         Raises:
             ValueError: a bad name.
             OSError: the copy failed.
         """
         import shutil
 
-        dest = _output_path(name)
-        shutil.copytree(os.fspath(path), dest, dirs_exist_ok=True)  # type: ignore[call-overload]
+        dest = _output_dir(name)
+        src = os.path.realpath(os.fspath(path))  # type: ignore[call-overload]
+        real_dest = os.path.realpath(dest)
+        # The file list is taken before copying: a destination inside the source is not walked.
+        files = []
+        for folder, dirs, names in os.walk(src):
+            dirs[:] = [d for d in dirs if os.path.realpath(os.path.join(folder, d)) != real_dest]
+            files += [os.path.join(folder, n) for n in names]
+        for file in files:
+            target = os.path.join(dest, os.path.relpath(file, src))
+            if os.path.exists(target) and os.path.samefile(file, target):
+                continue
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            shutil.copy2(file, target)
+        os.makedirs(dest, exist_ok=True)
         return dest
+
+    def log_image(self, name: str, path: object = None, plot: object = None, description: str = "") -> str:
+        """Keep an image with the run: the file at ``path``, or ``plot`` (a matplotlib figure or
+        ``pyplot``) saved as PNG, as ``outputs/images/<name>.<ext>`` (listed by ``runs show``).
+
+        Raises:
+            ValueError: neither or both of ``path`` and ``plot``.
+        """
+        if (path is None) == (plot is None):
+            raise ValueError("log_image needs exactly one of path= (an image file) or plot= (a matplotlib figure)")
+        safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in _check_name(name, "image name"))
+        if plot is not None:
+            dest = _output_path("images/{}.png".format(safe))
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            plot.savefig(dest)  # type: ignore[attr-defined]
+            return dest
+        ext = os.path.splitext(os.fspath(path))[1] or ".png"  # type: ignore[call-overload]
+        return self.upload_file("images/{}{}".format(safe, ext), path)
+
+    def __getattr__(self, name: str) -> object:
+        alternative = _AZURE_ONLY.get(name)
+        if alternative is None or name.startswith("_"):
+            raise AttributeError("{!r} object has no attribute {!r}".format(type(self).__name__, name))
+        raise NotImplementedError("Run.{} is Azure ML's and dockyard does not have it: {}".format(name, alternative))
 
     # --- internals ---
 
@@ -445,10 +485,35 @@ class _ExperimentName(str):
         return str(self)
 
 
+# Azure ML v1 Run methods a ported script may call that have no meaning on one machine, with
+# what to do instead (shown in the NotImplementedError, instead of an AttributeError).
+_AZURE_ONLY = {
+    "register_model": "a model is a file: save it under outputs/ (run.upload_file) and fetch it with "
+                      "run.download_file('outputs/…') or `dockyard runs show ID`",
+    "get_secret": "there is no key vault: pass the value through the environment's environment_variables",
+    "get_secrets": "there is no key vault: pass values through the environment's environment_variables",
+    "submit_child": "child runs are not supported: submit another run with Experiment.submit",
+    "child_run": "child runs are not supported: log with a prefix (run.log('fold1/acc', …)) or submit runs",
+    "get_children": "child runs are not supported: list runs with Experiment.get_runs()",
+    "log_accuracy_table": "log the table with run.log_table(name, {...})",
+    "log_residuals": "log the values with run.log_list(name, [...])",
+    "log_confusion_matrix": "log the matrix with run.log_table(name, {...}) or run.log_image(name, plot=fig)",
+    "log_predictions": "log the values with run.log_table(name, {...})",
+    "restore_snapshot": "the snapshot is the run's work folder: `dockyard runs show ID` names it",
+}
+
+
 def _copy(value: object) -> object:
     if isinstance(value, dict):
         return {k: list(v) if isinstance(v, list) else v for k, v in value.items()}
     return value
+
+
+def _output_dir(name: object) -> str:
+    """Like :func:`_output_path`, for a folder: ``"outputs"`` itself is allowed."""
+    if isinstance(name, str) and [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")] == ["outputs"]:
+        return os.path.join(os.getcwd(), "outputs")
+    return _output_path(name)
 
 
 def _output_path(name: object) -> str:

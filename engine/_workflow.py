@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ._azure_only import AzureNames, instance_getattr
 from ._environment import Environment
 from ._home import WORKSPACES, dockyard_home
 from ._runtime import DockerConfiguration, check_mount, parse_docker_arguments, parse_mount, parse_shm_size
@@ -26,6 +27,7 @@ from .errors import ComputeTargetException, InputError
 from .runs import DATASETS_ROOT, LOCAL_KIND, RunRuntime, RunStatus, new_run_id
 
 if TYPE_CHECKING:  # pragma: no cover
+    from ._env_registry import EnvironmentRegistry
     from ._run import Run
     from .runs import RunStore
 
@@ -67,7 +69,7 @@ def _check_name(kind: str, name: object, limit: int = _NAME_MAX) -> str:
     return name
 
 
-class Workspace:
+class Workspace(metaclass=AzureNames):
     """A local workspace: a folder of runs under the dockyard home.
 
     Args:
@@ -79,6 +81,8 @@ class Workspace:
         home: the dockyard home (images, snapshots, GPU leases and the agent are shared by its workspaces).
         directory: this workspace's folder (``<home>/workspaces/<name>``: its run store and runs).
     """
+
+    __getattr__ = instance_getattr('Workspace')
 
     def __init__(self, name: str = "default", home: str | os.PathLike[str] | None = None,
                  subscription_id: str | None = None, resource_group: str | None = None, **kwargs: Any) -> None:
@@ -141,6 +145,26 @@ class Workspace:
         return found
 
     @property
+    def environment_registry(self) -> EnvironmentRegistry:
+        """The workspace's registered environments (what ``env.register(ws)`` and
+        ``Environment.get``/``list`` use)."""
+        from ._env_registry import EnvironmentRegistry
+
+        return EnvironmentRegistry(self)
+
+    _environments = environment_registry
+
+    @property
+    def environments(self) -> dict[str, Environment]:
+        """name -> the latest registered version of each environment (Azure's ``ws.environments``)."""
+        return self._environments.list()
+
+    @property
+    def experiments(self) -> dict[str, Experiment]:
+        """name -> every experiment that has runs (Azure's ``ws.experiments``)."""
+        return {name: Experiment(self, name) for name in self.store.experiments()}
+
+    @property
     def store(self) -> RunStore:
         """This workspace's run store (:class:`dockyard.runs.RunStore`), opened once."""
         if self._runs is None:
@@ -149,12 +173,14 @@ class Workspace:
             self._runs = RunStore(self.directory)
         return self._runs
 
-    def get_runs(self, experiment: str | None = None, limit: int = 100) -> list[Run]:
-        """The workspace's runs, newest first (an agent is revived if runs are left unfollowed)."""
+    def get_runs(self, experiment: str | None = None, limit: int = 100, statuses: Iterable[str] = ()) -> list[Run]:
+        """The workspace's runs, newest first, of ``experiment`` and ``statuses`` when given (an
+        agent is revived if runs are left unfollowed)."""
         from ._run import Run
 
         self.wake_agent()
-        return [Run(Experiment(self, r.experiment), r.id) for r in self.store.list(experiment=experiment, limit=limit)]
+        found = self.store.list(experiment=experiment, statuses=tuple(statuses), limit=limit)
+        return [Run(Experiment(self, r.experiment), r.id) for r in found]
 
     def get_run(self, run_id: str) -> Run:
         """One run by id (an agent is revived if runs are left unfollowed).
@@ -224,6 +250,11 @@ class ComputeTarget:
         target = cls.__new__(cls)
         target.workspace, target.name = workspace, name
         return target
+
+    @staticmethod
+    def list(workspace: Workspace) -> list[ComputeTarget]:
+        """Every compute target of the workspace (``local`` always among them), by name."""
+        return [workspace.compute_targets[name] for name in sorted(workspace.compute_targets)]
 
     @staticmethod
     def create(workspace: Workspace, name: str, provisioning_configuration: AmlCompute._Config) -> ComputeTarget:
@@ -397,8 +428,25 @@ class ScriptRunConfig:
         return stored
 
 
-class Experiment:
+def _check_tags(tags: Any) -> dict[str, str]:
+    """Tags as Azure ML keeps them: str -> str (a value given as a number is kept as its text)."""
+    if tags is None:
+        return {}
+    if not isinstance(tags, dict):
+        raise InputError(f"tags must be a dict of str -> str, got {type(tags).__name__}",
+                         hint='e.g. tags={"model": "resnet50", "lr": "0.1"}')
+    out = {}
+    for key, value in tags.items():
+        if not isinstance(key, str) or not key.strip():
+            raise InputError(f"tag name {key!r} is not a non-empty string", hint="use names like 'model' or 'lr'")
+        out[key] = "" if value is None else str(value)
+    return out
+
+
+class Experiment(metaclass=AzureNames):
     """A named group of runs in a workspace."""
+
+    __getattr__ = instance_getattr('Experiment')
 
     def __init__(self, workspace: Workspace, name: str, **kwargs: Any) -> None:
         self.workspace = workspace
@@ -419,6 +467,9 @@ class Experiment:
         from .compute import ensure_agent
         from .runs import RunRecord, SnapshotStore, new_run_id
 
+        if kwargs:
+            raise InputError(f"submit() got unknown arguments: {', '.join(sorted(kwargs))}",
+                             hint="submit(config, tags={...}) is what dockyard takes; run settings go in ScriptRunConfig")
         ws = self.workspace
         source, script = config._validate()
         target = config.compute_target
@@ -430,6 +481,7 @@ class Experiment:
             )
         env = config.environment or Environment("default")
         env.validate()
+        run_tags = _check_tags(tags)
         docker = config.docker_runtime_config
         container = bool(env.docker.enabled) and not (docker is not None and docker.use_docker is False)
         arguments, runtime = config._runtime(env, container)
@@ -458,7 +510,7 @@ class Experiment:
                 launcher="container" if container else "process", image="", gpus=(), exit_code=None,
                 reason="", container_id="", pid=None, created=time.time(), started=None, ended=None,
                 cancel_requested=False, metrics_offset=0, run_dir=str(run_dir), gpu_request=gpu_request,
-                runtime=runtime.to_dict(),
+                runtime=runtime.to_dict(), tags=run_tags,
             )
         )
         ensure_agent(ws.home, scrub=[registry.password_env] if registry.password_env else [])
@@ -467,3 +519,9 @@ class Experiment:
     def get_runs(self) -> list[Run]:
         """This experiment's runs, newest first."""
         return self.workspace.get_runs(experiment=self.name)
+
+    @staticmethod
+    def list(workspace: Workspace, experiment_name: str | None = None, **kwargs: Any) -> list[Experiment]:
+        """The workspace's experiments (those with runs), by name (Azure's ``Experiment.list``)."""
+        names = workspace.store.experiments()
+        return [Experiment(workspace, n) for n in names if experiment_name is None or n == experiment_name]

@@ -10,6 +10,7 @@ a caller needs (``hint`` says what to do next) and an ``exit_code`` the CLI uses
     │   ├── SpecError                          an environment/run file is invalid (file, line, field)
     │   ├── SnapshotTooLarge                   a run's source directory is over the snapshot budget
     │   ├── RunNotFound                        no run has that id
+    │   ├── NotSupportedHere                   an Azure ML name dockyard does not have (the hint: what instead)
     │   └── ComputeTargetException             no such compute target (Azure ML's name)
     ├── EnvironmentProblem             exit 3  the machine lacks a part: install or start it
     │   ├── EngineUnavailable                  no Docker Engine answers at DOCKER_HOST
@@ -43,6 +44,7 @@ __all__ = [
     "EnvironmentProblem",
     "InputError",
     "JobFailed",
+    "NotSupportedHere",
     "RegistryAuthError",
     "RegistryError",
     "RunFailed",
@@ -78,6 +80,13 @@ class InputError(DockyardError):
     """The caller gave something dockyard cannot use; nothing was changed."""
 
     exit_code = 2
+
+
+class NotSupportedHere(InputError, NotImplementedError):
+    """An Azure ML SDK v1 name that dockyard does not implement; the hint names the local way.
+
+    Also a ``NotImplementedError``, so ported code that guards with it keeps working.
+    """
 
 
 class SpecError(InputError):

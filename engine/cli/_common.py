@@ -14,7 +14,7 @@ from ..errors import DockyardError
 if TYPE_CHECKING:  # pragma: no cover
     from .. import Run, Workspace
 
-__all__ = ["detached_line", "finish_run", "fmt", "submitted_line", "workspace_named"]
+__all__ = ["detached_line", "finish_run", "fmt", "run_by_id", "submitted_line", "workspace_named"]
 
 Write = Callable[[str], None]
 
@@ -30,6 +30,40 @@ def workspace_named(name: str | None, *, cwd: str | None = None, home: Path | No
     except DockyardError:
         return Workspace("default", home=home)
     return found
+
+
+def run_by_id(run_id: str, name: str | None) -> Run:
+    """The run ``run_id``: in the workspace ``name`` (or the one config.json names), else — when
+    no workspace was named — in whichever workspace of the home holds it (run ids are unique).
+
+    Raises:
+        RunNotFound: no workspace of the home has it (the hint says which workspaces were looked in).
+    """
+    from .. import Workspace
+    from .._home import workspace_folders
+    from ..errors import RunNotFound
+
+    ws = workspace_named(name)
+    try:
+        return ws.get_run(run_id)
+    except RunNotFound:
+        if name:
+            raise
+    looked = []
+    for folder in workspace_folders(ws.home):
+        if folder.name == ws.name:
+            continue
+        looked.append(folder.name)
+        other = Workspace(folder.name, home=ws.home)
+        try:
+            return other.get_run(run_id)
+        except RunNotFound:
+            continue
+        except DockyardError:
+            continue  # a damaged store elsewhere must not hide the run (doctor reports it)
+    searched = ", ".join([ws.name, *looked])
+    raise RunNotFound(f"no run with id {run_id!r} in any workspace of {ws.home}",
+                      hint=f"looked in: {searched}; list runs with `dockyard runs ls --workspace NAME`")
 
 
 def fmt(value: object) -> str:

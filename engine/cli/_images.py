@@ -7,6 +7,7 @@ import sys
 
 import click
 
+from ..errors import DockyardError
 from ._terminal import emit_json, progress_lines
 
 __all__ = ["base", "cache", "doctor", "env"]
@@ -215,10 +216,45 @@ def env_build(file: str, no_cache: bool, progress_mode: str, as_json: bool) -> N
 
 
 @env.command("ls")
+@click.option("--workspace", "workspace_name", default=None, metavar="NAME",
+              help="Whose registered environments to show (default: from config.json, else 'default').")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def env_ls(as_json: bool) -> None:
-    """List the environment images in the index (most recently used first)."""
-    _list_entries(as_json)
+def env_ls(workspace_name: str | None, as_json: bool) -> None:
+    """List the workspace's registered environments (name, version, key, built?) and the
+    environment images in the index (most recently used first)."""
+    from ..build import Builder
+    from ._common import workspace_named
+
+    ws = workspace_named(workspace_name)
+    index = _open_cache()
+    builder = Builder(ws.home)
+    registered = []
+    try:
+        for name, version, _created in ws.environment_registry.versions():
+            env = ws.environment_registry.get(name, version)
+            try:
+                key, why = builder.image_key(env)
+                built = index.find(key) if why is None else index.find(key.hex)
+                registered.append({"name": name, "version": str(version), "key": key.hex,
+                                   "image": built.image if built else None, "note": why})
+            except DockyardError as exc:  # a registered spec whose files moved: say so, list the rest
+                registered.append({"name": name, "version": str(version), "key": None, "image": None,
+                                   "note": exc.message})
+    finally:
+        builder.close()
+        index.close()
+    if as_json:
+        images = _entries()
+        emit_json({"workspace": ws.name, "registered": registered, "images": [e.to_json() for e in images]})
+        return
+    if registered:
+        click.echo(f"registered in workspace {ws.name}:")
+        click.echo(f"  {'NAME':<24} {'VERSION':>7}  {'KEY':<32}  IMAGE")
+        for r in registered:
+            image = r["image"] or ("not built" if r["key"] else f"error: {r['note']}")
+            click.echo(f"  {r['name']:<24} {r['version']:>7}  {r['key'] or '-':<32}  {image}")
+        click.echo("images:")
+    _list_entries(False)
 
 
 @click.group()
@@ -234,12 +270,16 @@ def _open_cache():  # type: ignore[no-untyped-def]
     return ImageCache(index_path())
 
 
-def _list_entries(as_json: bool) -> None:
+def _entries():  # type: ignore[no-untyped-def]
     index = _open_cache()
     try:
-        entries = sorted(index.entries(), key=lambda e: e.last_used, reverse=True)
+        return sorted(index.entries(), key=lambda e: e.last_used, reverse=True)
     finally:
         index.close()
+
+
+def _list_entries(as_json: bool) -> None:
+    entries = _entries()
     if as_json:
         emit_json({"images": [e.to_json() for e in entries]})
         return

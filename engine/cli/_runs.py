@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from ..errors import DockyardError
-from ._common import detached_line, finish_run, fmt, submitted_line, workspace_named
+from ._common import detached_line, finish_run, fmt, run_by_id, submitted_line, workspace_named
 from ._terminal import emit_json
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -131,23 +131,127 @@ def runs() -> None:
     """Submitted runs: list, inspect, follow, cancel."""
 
 
+#: What ``runs ls`` asks the store for when it must count every matching run (SQLite's largest limit).
+_EVERY_RUN = 2**63 - 1
+#: The statuses ``--status`` takes; a unit test checks this against :class:`dockyard.runs.RunStatus`
+#: (spelled out here so that building the CLI does not import the run store).
+_STATUS_HELP = "Queued, Running, Completed, Failed or Canceled"
+
+
+class _StatusList(click.ParamType):
+    """``--status``: one run status or a comma list, in any case -> their canonical spellings."""
+
+    name = "status"
+
+    def get_metavar(self, param: click.Parameter, ctx: click.Context | None = None) -> str:
+        return "STATUS[,STATUS]"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[str, ...]:
+        if isinstance(value, tuple):  # already converted (a default)
+            return value
+        from ..runs import RunStatus
+
+        spelled = {str(s).lower(): str(s) for s in RunStatus}
+        found: list[str] = []
+        for word in str(value).split(","):
+            if not word.strip():
+                continue
+            status = spelled.get(word.strip().lower())
+            if status is None:
+                self.fail(f"{word.strip()!r} is not a run status; use one of {', '.join(spelled.values())} "
+                          "(any case; repeat --status or separate with commas)", param, ctx)
+            found.append(status)
+        if not found:
+            self.fail(f"no status given; use one of {', '.join(spelled.values())}", param, ctx)
+        return tuple(found)
+
+
+def _duration(seconds: float) -> str:
+    """A run's duration for people: ``4.2s``, ``42s``, ``3m12s``, ``1h05m``, ``2d03h`` (rounded down)."""
+    seconds = max(0.0, seconds)
+    if seconds < 10:
+        return f"{int(seconds * 10) / 10:.1f}s"
+    whole = int(seconds)
+    if whole < 60:
+        return f"{whole}s"
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    if whole < 86400:
+        return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+    return f"{whole // 86400}d{whole % 86400 // 3600:02d}h"
+
+
+def _when(t: float, now: float) -> str:
+    """A local time, short: ``14:03:12`` today, ``Mar 04 14:03`` this year, else ``2024-03-04 14:03``."""
+    at, today = time.localtime(t), time.localtime(now)
+    if at[:3] == today[:3]:
+        return time.strftime("%H:%M:%S", at)
+    if at.tm_year == today.tm_year:
+        return time.strftime("%b %d %H:%M", at)
+    return time.strftime("%Y-%m-%d %H:%M", at)
+
+
+def _run_row(r: dict[str, Any], now: float) -> tuple[str, ...]:
+    status = r["status"] if r["exit_code"] in (None, 0) else f"{r['status']} (exit {r['exit_code']})"
+    started, ended = r["started"], r["ended"]
+    if started is None:
+        took = "-"  # queued, or ended before it started (canceled, a failed build)
+    else:
+        took = _duration((ended if ended is not None else now) - started)  # running: elapsed so far
+    return (r["id"], r["experiment"], status, "-" if started is None else _when(started, now), took,
+            r["compute"] or "-", str(len(r["gpus"])) if r["gpus"] else "-", r["script"])
+
+
+_HEADER = ("ID", "EXPERIMENT", "STATUS", "STARTED", "DURATION", "TARGET", "GPUS", "SCRIPT")
+_RIGHT = {"DURATION", "GPUS"}  # numbers line up on the right
+
+
+def _table(rows: list[tuple[str, ...]]) -> list[str]:
+    """Rows under ``_HEADER``, each column as wide as its widest cell (the last is not padded)."""
+    widths = [max(len(row[i]) for row in (_HEADER, *rows)) for i in range(len(_HEADER))]
+    lines = []
+    for row in (_HEADER, *rows):
+        cells = [cell.rjust(w) if name in _RIGHT else cell.ljust(w) for name, cell, w in zip(_HEADER, row, widths)]
+        lines.append("  ".join(cells).rstrip())
+    return lines
+
+
 @runs.command("ls")
 @click.option("--experiment", default=None, help="Only this experiment's runs.")
+@click.option("--status", "statuses", type=_StatusList(), multiple=True,
+              help=f"Only runs with this status: {_STATUS_HELP} (any case; repeat or separate with commas).")
+@click.option("--limit", type=click.IntRange(min=0), default=20, show_default=True, metavar="N",
+              help="Show the newest N matching runs (0: all).")
+@click.option("--all", "all_runs", is_flag=True, help="Show every matching run (same as --limit 0).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @_WORKSPACE
-def runs_ls(experiment: str | None, as_json: bool, workspace_name: str | None) -> None:
-    """List runs, newest first."""
-    found = [run.to_json(metrics=False) for run in workspace_named(workspace_name).get_runs(experiment=experiment)]
+def runs_ls(experiment: str | None, statuses: tuple[tuple[str, ...], ...], limit: int, all_runs: bool,
+            as_json: bool, workspace_name: str | None) -> None:
+    """List runs, newest first: status, start time, duration, target and GPUs."""
+    wanted = {s for group in statuses for s in group}
+    # Every match is counted (for "showing N of M"), but only the shown runs are read in full.
+    found = workspace_named(workspace_name).get_runs(experiment=experiment, limit=_EVERY_RUN,
+                                                     statuses=sorted(wanted))
+    total = len(found)
+    shown = [run.to_json(metrics=False) for run in (found if all_runs or limit == 0 else found[:limit])]
     if as_json:
         emit_json({"runs": [{k: r[k] for k in ("id", "status", "experiment", "script", "exit_code", "created")}
-                            for r in found]})
+                            for r in shown], "total": total})
         return
-    if not found:
-        click.echo("no runs yet; start one with `dockyard run SCRIPT`")
-    for r in found:
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created"]))
-        code = "" if r["exit_code"] is None else f" exit {r['exit_code']}"
-        click.echo(f"{r['id']:<44} {r['status']:<10} {when}  {r['script']}{code}")
+    if not shown:
+        if wanted or experiment:
+            which = " and ".join(filter(None, [
+                f"status {' or '.join(sorted(wanted))}" if wanted else "",
+                f"experiment {experiment!r}" if experiment else ""]))
+            click.echo(f"no runs with {which}")
+        else:
+            click.echo("no runs yet; start one with `dockyard run SCRIPT`")
+        return
+    now = time.time()
+    for line in _table([_run_row(r, now) for r in shown]):
+        click.echo(line)
+    if len(shown) < total:
+        click.echo(f"showing {len(shown)} of {total} runs (--limit 0 for all)")
 
 
 @runs.command("show")
@@ -159,7 +263,7 @@ def runs_show(run_id: str, plot: str | None, as_json: bool, workspace_name: str 
     """Show a run: status, times, image, exit code and its metrics (table and sparklines)."""
     from ._terminal import sparkline
 
-    run = workspace_named(workspace_name).get_run(run_id)
+    run = run_by_id(run_id, workspace_name)
     doc = run.to_json()
     if as_json:
         emit_json(doc)
@@ -194,7 +298,7 @@ def runs_show(run_id: str, plot: str | None, as_json: bool, workspace_name: str 
 @_WORKSPACE
 def runs_logs(run_id: str, follow: bool, workspace_name: str | None) -> None:
     """Print a run's output (stdout and stderr, in order)."""
-    run = workspace_named(workspace_name).get_run(run_id)
+    run = run_by_id(run_id, workspace_name)
     if follow:
         run.wait_for_completion(show_output=True, raise_on_error=False)
         return
@@ -213,7 +317,7 @@ def runs_logs(run_id: str, follow: bool, workspace_name: str | None) -> None:
 @_WORKSPACE
 def runs_cancel(run_id: str, workspace_name: str | None) -> None:
     """Cancel a run (queued: at once; running: its container or process is stopped)."""
-    run = workspace_named(workspace_name).get_run(run_id)
+    run = run_by_id(run_id, workspace_name)
     run.cancel()
     click.echo(f"cancel requested for {run_id} (now {run.get_status()})")
 

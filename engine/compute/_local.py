@@ -459,6 +459,7 @@ class LocalBackend:
         if runtime.datasets:  # Run.get_context().input_datasets reads them
             variables["DOCKYARD_INPUT_DATASETS"] = json.dumps(dict(runtime.datasets))
         if record.launcher == "process":
+            folder.link_outputs()  # ./outputs is collected as a container run's is
             # Local processes are isolated by CUDA alone; "" hides every GPU from a CPU-only run.
             variables.update({
                 "CUDA_VISIBLE_DEVICES": ",".join(gpus),

@@ -17,4 +17,15 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+_lazy_getattr, __dir__ = lazy_exports(__name__, _EXPORTS)
+
+
+def __getattr__(name):  # type: ignore[no-untyped-def]
+    try:
+        return _lazy_getattr(name)
+    except AttributeError:
+        # An Azure ML name dockyard does not have (Model, Datastore, …): one clear error naming the
+        # local way. Imported only then: the in-run path stays standard library only.
+        from dockyard._azure_only import not_here
+
+        raise not_here("dockyard.core", name) from None

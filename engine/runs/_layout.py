@@ -54,6 +54,22 @@ class RunFolder:
         self.meta.mkdir(parents=True, exist_ok=True)
         self.outputs.mkdir(parents=True, exist_ok=True)
 
+    def link_outputs(self) -> None:
+        """For a local process: make ``work/outputs`` the run's ``outputs/`` (a relative symlink), as
+        a container's mount does, so what the script writes to ./outputs is collected the same way.
+        Files the snapshot had there move into ``outputs/`` first."""
+        import shutil
+
+        inside = self.work / "outputs"
+        if inside.is_symlink() or (inside.exists() and not inside.is_dir()):
+            return  # already linked, or a file the script owns: left alone
+        if inside.is_dir():
+            for item in inside.iterdir():
+                if not (self.outputs / item.name).exists():
+                    shutil.move(str(item), str(self.outputs / item.name))
+            shutil.rmtree(inside)
+        inside.symlink_to(os.path.relpath(self.outputs, self.work))
+
     # -- in a container ---------------------------------------------------------------------------
 
     @property

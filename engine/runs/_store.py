@@ -84,7 +84,10 @@ CREATE TABLE IF NOT EXISTS runs (
     run_dir TEXT NOT NULL,
     gpu_request TEXT NOT NULL DEFAULT '{}',  -- JSON: count, min_memory_mib, name_filter, priority, time_limit_s
     launcher TEXT NOT NULL DEFAULT 'container',  -- container | process (``docker`` is its old spelling)
-    runtime TEXT NOT NULL DEFAULT '{}'          -- JSON: mounts, shm_size, ulimits, ipc, variables, datasets
+    runtime TEXT NOT NULL DEFAULT '{}',         -- JSON: mounts, shm_size, ulimits, ipc, variables, datasets
+    tags TEXT NOT NULL DEFAULT '{}',            -- JSON: tags set at submit or from the host (in-run ones are metrics)
+    properties TEXT NOT NULL DEFAULT '{}',      -- JSON: Azure's properties (added, never changed)
+    display_name TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS runs_status ON runs(status, created);
 CREATE TABLE IF NOT EXISTS metrics (
@@ -95,6 +98,13 @@ CREATE TABLE IF NOT EXISTS metrics (
     value TEXT NOT NULL,              -- JSON
     t REAL NOT NULL,
     PRIMARY KEY (run_id, seq)
+);
+CREATE TABLE IF NOT EXISTS environments (   -- the workspace's registered environments (Azure's names)
+    name TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    spec TEXT NOT NULL,               -- JSON: the file form (never a password)
+    created REAL NOT NULL,
+    PRIMARY KEY (name, version)
 );
 CREATE TABLE IF NOT EXISTS computes (
     name TEXT PRIMARY KEY,
@@ -108,7 +118,7 @@ CREATE TABLE IF NOT EXISTS computes (
 _COLUMNS = (
     "id, experiment, status, script, arguments, source_dir, snapshot, environment, compute, launcher, "
     "image, gpus, exit_code, reason, container_id, pid, created, started, ended, cancel_requested, "
-    "metrics_offset, run_dir, gpu_request, runtime"
+    "metrics_offset, run_dir, gpu_request, runtime, tags, properties, display_name"
 )
 _COMPUTE_COLUMNS = "name, max_nodes, vm_size, created, kind"
 
@@ -141,6 +151,9 @@ class RunRecord:
     run_dir: str
     gpu_request: dict[str, Any] = field(default_factory=dict)
     runtime: dict[str, Any] = field(default_factory=dict)  # RunRuntime.to_dict(): mounts, shm, limits
+    tags: dict[str, str] = field(default_factory=dict)  # set at submit or from the host
+    properties: dict[str, str] = field(default_factory=dict)
+    display_name: str = ""
 
     @classmethod
     def from_row(cls, row: tuple[Any, ...]) -> RunRecord:
@@ -152,6 +165,8 @@ class RunRecord:
         values[19] = bool(values[19])
         values[22] = json.loads(values[22] or "{}")
         values[23] = json.loads(values[23] or "{}")
+        values[24] = json.loads(values[24] or "{}")
+        values[25] = json.loads(values[25] or "{}")
         return cls(*values)
 
     @property
@@ -226,6 +241,10 @@ class RunStore(SqliteFile):
             conn.execute("UPDATE runs SET launcher = 'process' WHERE docker = 0")
         if "runtime" not in columns:  # a store from before mounts and shared memory settings
             conn.execute("ALTER TABLE runs ADD COLUMN runtime TEXT NOT NULL DEFAULT '{}'")
+        if "tags" not in columns:  # a store from before tags, properties and display names
+            conn.execute("ALTER TABLE runs ADD COLUMN tags TEXT NOT NULL DEFAULT '{}'")
+            conn.execute("ALTER TABLE runs ADD COLUMN properties TEXT NOT NULL DEFAULT '{}'")
+            conn.execute("ALTER TABLE runs ADD COLUMN display_name TEXT NOT NULL DEFAULT ''")
         if "kind" not in {row[1] for row in conn.execute("PRAGMA table_info(computes)")}:
             conn.execute("ALTER TABLE computes ADD COLUMN kind TEXT NOT NULL DEFAULT 'local'")
 
@@ -243,7 +262,7 @@ class RunStore(SqliteFile):
             record.launcher, record.image, json.dumps(list(record.gpus)), record.exit_code, record.reason,
             record.container_id, record.pid, record.created, record.started, record.ended,
             int(record.cancel_requested), record.metrics_offset, record.run_dir, json.dumps(record.gpu_request),
-            json.dumps(record.runtime),
+            json.dumps(record.runtime), json.dumps(record.tags), json.dumps(record.properties), record.display_name,
             int(record.launcher == "container"),  # the old spelling, kept for stores read by older code
         )
         with self._tx() as conn:
@@ -319,6 +338,36 @@ class RunStore(SqliteFile):
         with self._tx() as conn:
             conn.execute(f"UPDATE runs SET {sets} WHERE id = ?", (*values, run_id))
 
+    def merge_json(self, run_id: str, column: str, values: dict[str, str], *, keep_existing: bool = False) -> None:
+        """Add ``values`` to a run's ``tags`` or ``properties`` in one transaction (a concurrent
+        writer's keys are never lost); with ``keep_existing`` a key already set keeps its value.
+
+        Raises:
+            RunNotFound: no such run.
+        """
+        if column not in ("tags", "properties"):
+            raise ValueError(column)
+        with self._tx() as conn:
+            row = conn.execute(f"SELECT {column} FROM runs WHERE id = ?", (run_id,)).fetchone()
+            if row is None:
+                raise RunNotFound(f"no run with id {run_id!r}", hint="list runs with `dockyard runs ls`")
+            current = json.loads(row[0] or "{}")
+            merged = {**values, **current} if keep_existing else {**current, **values}
+            conn.execute(f"UPDATE runs SET {column} = ? WHERE id = ?", (json.dumps(merged), run_id))
+
+    def tags_logged(self, run_id: str) -> dict[str, str]:
+        """Tags the run's script set (``run.tag`` inside the run), in order: the last value wins."""
+        out: dict[str, str] = {}
+        for name, value in self._read(
+            "SELECT name, value FROM metrics WHERE run_id = ? AND kind = 'tag' ORDER BY seq", (run_id,)
+        ):
+            out[str(name)] = json.loads(value)
+        return out
+
+    def experiments(self) -> list[str]:
+        """Every experiment name that has a run, sorted."""
+        return [str(r[0]) for r in self._read("SELECT DISTINCT experiment FROM runs ORDER BY experiment")]
+
     def request_cancel(self, run_id: str) -> RunRecord:
         """Ask the agent to cancel; a queued run is canceled at once. Raises: RunNotFound."""
         record = self.get(run_id)
@@ -330,6 +379,42 @@ class RunStore(SqliteFile):
             return self.get(run_id)
         self.update(run_id, cancel_requested=1)
         return self.get(run_id)
+
+    # -- registered environments --------------------------------------------------------------------
+
+    def register_environment(self, name: str, spec: dict[str, Any]) -> tuple[int, bool]:
+        """Record ``spec`` as the next version of ``name`` unless it equals the latest one.
+
+        Returns:
+            (its version, whether it is new). One transaction: two processes registering at once get
+            consecutive versions, never the same one.
+        """
+        canonical = json.dumps(spec, sort_keys=True)
+        with self._tx() as conn:
+            latest = conn.execute(
+                "SELECT version, spec FROM environments WHERE name = ? ORDER BY version DESC LIMIT 1", (name,)
+            ).fetchone()
+            if latest is not None and json.dumps(json.loads(latest[1]), sort_keys=True) == canonical:
+                return int(latest[0]), False
+            version = int(latest[0]) + 1 if latest is not None else 1
+            conn.execute("INSERT INTO environments (name, version, spec, created) VALUES (?, ?, ?, ?)",
+                         (name, version, canonical, time.time()))
+            return version, True
+
+    def environment(self, name: str, version: int | None = None) -> tuple[int, dict[str, Any], float] | None:
+        """(version, spec, created) of ``name`` (the latest unless ``version``), or None."""
+        if version is None:
+            rows = self._read("SELECT version, spec, created FROM environments WHERE name = ? "
+                              "ORDER BY version DESC LIMIT 1", (name,))
+        else:
+            rows = self._read("SELECT version, spec, created FROM environments WHERE name = ? AND version = ?",
+                              (name, int(version)))
+        return (int(rows[0][0]), json.loads(rows[0][1]), float(rows[0][2])) if rows else None
+
+    def environment_versions(self) -> list[tuple[str, int, dict[str, Any], float]]:
+        """Every registered (name, version, spec, created), by name then version."""
+        return [(str(n), int(v), json.loads(spec), float(t)) for n, v, spec, t in
+                self._read("SELECT name, version, spec, created FROM environments ORDER BY name, version")]
 
     # -- metrics ----------------------------------------------------------------------------------
 

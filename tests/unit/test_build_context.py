@@ -144,12 +144,12 @@ def test_from_docker_build_context_and_its_file_form_agree_and_survive_a_round_t
     env = Environment.from_docker_build_context(
         "ctx", DockerBuildContext.from_local_directory(None, root, dockerfile_path="train.Dockerfile"))
     spec = tmp_path / "env.yml"
-    spec.write_text("name: ctx\nbuild:\n  path: ctx\n  dockerfile_path: train.Dockerfile\n")
+    spec.write_text("name: ctx\ndocker:\n  build_context:\n    path: ctx\n    dockerfile_path: train.Dockerfile\n")
     loaded = Environment.load(spec)
     assert loaded.content_key() == env.content_key()
     monkeypatch.chdir(tmp_path / "ctx")  # the stored form means the same from anywhere
     again = Environment.from_dict(env.to_dict())
-    assert again.content_key() == env.content_key() and again.to_dict()["build"]["path"] == str(root)
+    assert again.content_key() == env.content_key() and again.to_dict()["docker"]["build_context"]["path"] == str(root)
 
 
 def test_build_context_bad_inputs(tmp_path):
@@ -160,11 +160,11 @@ def test_build_context_bad_inputs(tmp_path):
         DockerBuildContext.from_local_directory(None, tmp_path / "ctx")
     assert "Dockerfile 'Dockerfile' not found" in err.value.message
     spec = tmp_path / "env.yml"
-    spec.write_text("name: x\nbuild:\n  path: nope\n")
+    spec.write_text("name: x\ndocker:\n  build_context:\n    path: nope\n")
     with pytest.raises(SpecError) as bad:
         Environment.load(spec)
-    assert bad.value.line == 3 and bad.value.field == "build.path"
-    spec.write_text(f"name: x\ndocker:\n  base_image: {BASE}\nbuild:\n  path: ctx\n")
+    assert bad.value.line == 4 and bad.value.field == "docker.build_context.path"
+    spec.write_text(f"name: x\ndocker:\n  base_image: {BASE}\n  build_context:\n    path: ctx\n")
     (tmp_path / "ctx" / "Dockerfile").write_text("FROM x\n")
-    with pytest.raises(SpecError, match="both build"):
+    with pytest.raises(SpecError, match=r"both docker\.build_context"):
         Environment.load(spec)
