@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._azure_only import AzureNames, instance_getattr
 from ._environment import Environment
-from ._home import WORKSPACES, dockyard_home
+from ._home import WORKSPACES, dockyard_home, workspace_folders
 from ._runtime import DockerConfiguration, check_mount, parse_docker_arguments, parse_mount, parse_shm_size
 from .compute import LOCAL_COMPUTE
 from .errors import ComputeTargetException, InputError
@@ -192,6 +192,30 @@ class Workspace(metaclass=AzureNames):
 
         self.wake_agent()
         return Run(Experiment(self, self.store.get(run_id).experiment), run_id)
+
+    def remove_run(self, run_id: str) -> None:
+        """Forget a finished run of this workspace: its row, metrics and folder.
+
+        Raises:
+            RunNotFound: no such run.
+            InputError: the run has not finished.
+        """
+        self.store.remove(run_id)
+
+    def collect_snapshots(self) -> tuple[int, int]:
+        """Remove the home's snapshots no run of any workspace names any more (older than an hour:
+        a submit writes its snapshot just before its run). Returns (snapshots, bytes freed)."""
+        from .runs import RunStore, SnapshotStore
+
+        keep: set[str] = set()
+        for folder in workspace_folders(self.home):
+            store = self.store if folder == self.directory else RunStore(folder)
+            try:
+                keep |= store.snapshot_ids()
+            finally:
+                if store is not self.store:
+                    store.close()
+        return SnapshotStore(self.home / "snapshots").collect(keep)
 
     def wake_agent(self) -> None:
         """Start the machine's agent if runs are unfinished and no agent follows them (it was

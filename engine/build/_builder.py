@@ -337,6 +337,8 @@ class Builder:
         rendered = render_dockerfile(env, key, inputs=inputs, spec_image=spec_tag,
                                      rattler_image=self._rattler_image(env, inputs))
         attrs = {f"label:{k}": v for k, v in rendered.labels.items()}
+        # Which home's index owns the image: GC of another home sharing this engine leaves it alone.
+        attrs["label:dockyard.home"] = home_label(self.home)
         attrs.update({f"build-arg:{k}": v for k, v in rendered.build_args.items()})
         attrs["platform"] = env.docker.platform
         if no_cache:
@@ -402,6 +404,7 @@ class Builder:
     ) -> tuple[str, str, int]:
         from ._buildkit import BuildKitClient
 
+        replaced = self._local_id(tag) if self.buildkit == "docker" else None
         with BuildKitClient(self.buildkit, engine=self.engine) as client:
             result = client.solve(spec, on_event=on_event, cancel=cancel)
         image_id = result.exporter_response.get("containerimage.digest", "")
@@ -410,7 +413,25 @@ class Builder:
         if found is not None:
             image_id = str(found.get("Id") or image_id)
             size = int(found.get("Size") or 0)
+        if replaced and replaced != image_id:
+            self._drop_replaced(replaced)
         return tag, image_id, size
+
+    def _drop_replaced(self, image_id: str) -> None:
+        """The image a rebuild (``--no-cache``, a vanished entry) took the tag from is now untagged
+        and tracked by nothing: remove it, unless a container or another tag still uses it."""
+        from ._image_gc import images_in_use, remove_image
+
+        try:
+            if image_id not in images_in_use(self.engine):
+                remove_image(self.engine, image_id)
+        except DockyardError:
+            pass  # still referenced (another tag): the engine keeps it, and so do we
+
+
+def home_label(home: Path) -> str:
+    """The ``dockyard.home`` label value of a home: a digest of its path, not the path itself."""
+    return hashlib.sha256(str(Path(home).expanduser().resolve()).encode()).hexdigest()[:16]
 
 
 def _combined_digest(resolved: dict[str, str]) -> str | None:

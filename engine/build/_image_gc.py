@@ -6,14 +6,15 @@ import urllib.parse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .._home import index_path
+from .._home import dockyard_home, index_path
 from ..dockerd import EngineClient
 from ..errors import DockyardError, EngineError, InputError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from dockyard.cache import GcReport
+    from dockyard.cache import CacheEntry, GcReport
 
-__all__ = ["collect_build_inputs", "collect_garbage", "images_in_use", "parse_size", "remove_image"]
+__all__ = ["collect_build_inputs", "collect_garbage", "images_in_use", "parse_size", "prune_build_cache",
+           "remove_image"]
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -93,8 +94,18 @@ def collect_garbage(
     try:
         used = images_in_use(engine)
         in_use = [e.key for e in index.entries() if e.image_id in used]
-        return index.gc(keep_bytes=keep_bytes, keep_days=keep_days, in_use=in_use, dry_run=dry_run,
-                        remove=lambda entry: remove_image(engine, entry.image))
+        from ._builder import home_label
+
+        mine = home_label(home or dockyard_home())
+
+        def remove(entry: CacheEntry) -> None:
+            # An image another home's index owns (a shared engine, the same key built there last)
+            # is forgotten here but kept in the engine: that home still uses it.
+            labels = engine.image_labels(entry.image) or {}
+            if labels.get("dockyard.home", mine) == mine:
+                remove_image(engine, entry.image)
+
+        return index.gc(keep_bytes=keep_bytes, keep_days=keep_days, in_use=in_use, dry_run=dry_run, remove=remove)
     finally:
         index.close()
 
@@ -142,3 +153,17 @@ def collect_build_inputs(
             if not dry_run:
                 remove_image(engine, tag)
     return out
+
+
+def prune_build_cache(*, keep_bytes: int = 0, engine: EngineClient | None = None) -> int:
+    """``Control.Prune`` on the engine's BuildKit: drop build-cache records beyond ``keep_bytes``
+    (images are not touched). Returns the bytes freed.
+
+    Raises:
+        EngineUnavailable, BuildKitUnavailable: the engine or its BuildKit cannot be reached.
+    """
+    from ._buildkit import BuildKitClient
+
+    engine = engine or EngineClient.from_env()
+    with BuildKitClient("docker", engine=engine) as client:
+        return client.prune(keep_bytes=keep_bytes)

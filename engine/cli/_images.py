@@ -315,17 +315,43 @@ def cache_stats(as_json: bool) -> None:
     click.echo(f"hits     {stats.hits}")
 
 
+#: The policy ``cache gc --dry-run`` shows when no limit is given.
+_DEFAULT_GC_DAYS = 30.0
+
+
+@cache.command("prune-build-cache")
+@click.option("--keep-bytes", default=None, metavar="SIZE", help="Keep this much of BuildKit's cache (e.g. 10G).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def cache_prune_build_cache(keep_bytes: str | None, as_json: bool) -> None:
+    """Free BuildKit's own build cache (layers of past steps; built images stay). The next
+    build of a new environment reruns its steps; cache hits are not affected."""
+    from ..build import parse_size, prune_build_cache
+
+    freed = prune_build_cache(keep_bytes=parse_size(keep_bytes) if keep_bytes else 0)
+    if as_json:
+        emit_json({"freed_bytes": freed})
+    else:
+        click.echo(f"freed {freed / 1e6:.1f} MB of BuildKit's build cache")
+
+
 @cache.command("gc")
 @click.option("--keep-bytes", default=None, metavar="SIZE", help="Shrink to at most SIZE (e.g. 20G, 500MiB).")
 @click.option("--keep-days", type=float, default=None, help="Drop images unused for more than N days.")
 @click.option("--dry-run", is_flag=True, help="Say what would be removed; change nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def cache_gc(keep_bytes: str | None, keep_days: float | None, dry_run: bool, as_json: bool) -> None:
-    """Remove least-recently-used images (never pinned ones, never ones a container uses)."""
+    """Remove least-recently-used images (never pinned ones, never ones a container uses).
+
+    With --dry-run and no limit, shows what the default policy (--keep-days 30) would remove."""
     from ..build import collect_build_inputs, collect_garbage, parse_size
 
     if keep_bytes is None and keep_days is None:
-        raise click.UsageError("give --keep-bytes SIZE and/or --keep-days N")
+        if not dry_run:
+            raise click.UsageError("give --keep-bytes SIZE and/or --keep-days N "
+                                   f"(--dry-run alone shows what --keep-days {_DEFAULT_GC_DAYS:g} would remove)")
+        keep_days = _DEFAULT_GC_DAYS
+        if not as_json:
+            click.echo(f"default policy: --keep-days {_DEFAULT_GC_DAYS:g}")
     limit = parse_size(keep_bytes) if keep_bytes is not None else None
     report = collect_garbage(keep_bytes=limit, keep_days=keep_days, dry_run=dry_run)
     inputs = collect_build_inputs(keep_days=keep_days, dry_run=dry_run)

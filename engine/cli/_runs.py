@@ -29,7 +29,7 @@ class _RunCommand(click.Command):
         import difflib
 
         known = {opt for param in self.get_params(ctx) for opt in (*param.opts, *param.secondary_opts)}
-        for arg in args[: args.index("--")] if "--" in args else args:
+        for arg in () if ctx.resilient_parsing else (args[: args.index("--")] if "--" in args else args):
             name = arg.split("=", 1)[0]
             if arg.startswith("-") and arg != "-" and name not in known:
                 close = difflib.get_close_matches(name, sorted(o for o in known if o.startswith("--")), n=1,
@@ -45,7 +45,7 @@ class _RunCommand(click.Command):
 @click.argument("script")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 @click.option("--source", default=".", show_default=True, help="Source directory (snapshotted; the script is relative to it).")
-@click.option("--env", "env_file", default=None, help="Environment file (default: the default python base image).")
+@click.option("--env", "env_file", default=None, type=click.Path(dir_okay=False), help="Environment file (default: the default python base image).")
 @click.option("--compute", default=None, help="Compute target (default: local).")
 @click.option("--experiment", default="default", show_default=True, help="Experiment name.")
 @click.option("--gpus", type=click.IntRange(min=0), default=0, show_default=True, help="GPUs the run needs (0 = CPU only).")
@@ -124,6 +124,15 @@ def exit_after(run: Run, as_json: bool) -> None:
     code = finish_run(run, as_json, _echo, _echo_err)
     if code:
         sys.exit(code)
+
+
+def _complete_run_ids(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+    """Shell completion of run ids: the newest runs of the workspace (``--workspace`` if typed)."""
+    try:
+        ws = workspace_named(ctx.params.get("workspace_name"))
+        return [r.id for r in ws.store.list(limit=500) if r.id.startswith(incomplete)]
+    except DockyardError:
+        return []  # completion must never print an error into the user's shell
 
 
 @click.group()
@@ -255,7 +264,7 @@ def runs_ls(experiment: str | None, statuses: tuple[tuple[str, ...], ...], limit
 
 
 @runs.command("show")
-@click.argument("run_id")
+@click.argument("run_id", shell_complete=_complete_run_ids)
 @click.option("--plot", default=None, metavar="FILE", help="Also draw each metric series into a PNG (needs matplotlib).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @_WORKSPACE
@@ -293,7 +302,7 @@ def runs_show(run_id: str, plot: str | None, as_json: bool, workspace_name: str 
 
 
 @runs.command("logs")
-@click.argument("run_id")
+@click.argument("run_id", shell_complete=_complete_run_ids)
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new output until the run ends.")
 @_WORKSPACE
 def runs_logs(run_id: str, follow: bool, workspace_name: str | None) -> None:
@@ -313,13 +322,95 @@ def runs_logs(run_id: str, follow: bool, workspace_name: str | None) -> None:
 
 
 @runs.command("cancel")
-@click.argument("run_id")
+@click.argument("run_id", shell_complete=_complete_run_ids)
 @_WORKSPACE
 def runs_cancel(run_id: str, workspace_name: str | None) -> None:
     """Cancel a run (queued: at once; running: its container or process is stopped)."""
     run = run_by_id(run_id, workspace_name)
     run.cancel()
     click.echo(f"cancel requested for {run_id} (now {run.get_status()})")
+
+
+@runs.command("rm")
+@click.argument("run_ids", nargs=-1, shell_complete=_complete_run_ids)
+@click.option("--older-than", "older_than", type=click.FloatRange(min=0), default=None, metavar="DAYS",
+              help="Also every finished run that ended more than DAYS ago.")
+@click.option("--experiment", default=None, help="With --older-than: only this experiment's runs.")
+@click.option("--dry-run", is_flag=True, help="Say what would be removed; change nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_WORKSPACE
+def runs_rm(run_ids: tuple[str, ...], older_than: float | None, experiment: str | None, dry_run: bool,
+            as_json: bool, workspace_name: str | None) -> None:
+    """Remove finished runs (row, metrics, folder), then snapshots no run names any more."""
+    from ..runs import RunStatus
+
+    if not run_ids and older_than is None:
+        raise click.UsageError("name runs to remove, or give --older-than DAYS")
+    ws = workspace_named(workspace_name)
+    doomed: list[str] = []
+    for run_id in run_ids:
+        run = ws.get_run(run_id)  # an unknown id fails before anything is removed
+        if run.get_status() in (RunStatus.QUEUED, RunStatus.RUNNING):
+            raise click.UsageError(f"run {run_id} has not finished; cancel it first (dockyard runs cancel {run_id})")
+        doomed.append(run_id)
+    if older_than is not None:
+        cutoff = time.time() - older_than * 86400
+        for run in ws.get_runs(experiment=experiment, limit=_EVERY_RUN,
+                               statuses=(RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELED)):
+            ended = run.to_json(metrics=False)["ended"]
+            if ended is not None and ended < cutoff and run.id not in doomed:
+                doomed.append(run.id)
+    if not dry_run:
+        for run_id in doomed:
+            ws.remove_run(run_id)
+    snapshots, freed = (0, 0) if dry_run else ws.collect_snapshots()
+    if as_json:
+        emit_json({"dry_run": dry_run, "removed": doomed, "snapshots_removed": snapshots, "freed_bytes": freed})
+        return
+    verb = "would remove" if dry_run else "removed"
+    for run_id in doomed:
+        click.echo(f"{verb} {run_id}")
+    click.echo(f"{verb} {len(doomed)} run(s)" + ("" if dry_run else
+               f"; {snapshots} unused snapshot(s), {freed / 1e6:.1f} MB"))
+
+
+@runs.command("compare")
+@click.argument("run_ids", nargs=-1, required=True, shell_complete=_complete_run_ids)
+@click.option("--metric", default=None, help="Only this metric (with --plot: the one drawn).")
+@click.option("--plot", default=None, metavar="FILE", help="Draw the metric's series of every run into one PNG.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_WORKSPACE
+def runs_compare(run_ids: tuple[str, ...], metric: str | None, plot: str | None, as_json: bool,
+                 workspace_name: str | None) -> None:
+    """Metrics of several runs side by side: the last value of each (and how many were logged)."""
+    runs_ = [run_by_id(run_id, workspace_name) for run_id in run_ids]
+    metrics = {run.id: run.to_json()["metrics"] for run in runs_}
+    names = sorted({n for m in metrics.values() for n in m if metric is None or n == metric})
+    if metric is not None and not names:
+        raise click.UsageError(f"no run among these logged {metric!r}")
+    if as_json:
+        emit_json({"runs": list(metrics), "metrics": {n: {rid: metrics[rid].get(n) for rid in metrics} for n in names}})
+    else:
+        def cell(values: list[Any] | None) -> str:
+            if not values:
+                return "-"
+            last = fmt(values[-1]) if not isinstance(values[-1], (dict, list)) else "(table)"
+            return last if len(values) == 1 else f"{last} ({len(values)})"
+
+        header = ("METRIC", *(r.id for r in runs_))
+        rows = [(n, *(cell(metrics[r.id].get(n)) for r in runs_)) for n in names]
+        widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
+        for row in (header, *rows):
+            click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    if plot:
+        if metric is None and len(names) != 1:
+            raise click.UsageError("--plot draws one metric across runs: give --metric NAME")
+        from ._terminal import plot_runs
+
+        name = metric or names[0]
+        plot_runs({rid: metrics[rid].get(name) or [] for rid in metrics}, plot, title=name)
+        if not as_json:
+            click.echo(f"plot written to {plot}")
 
 
 @click.command("gpus")

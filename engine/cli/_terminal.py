@@ -149,12 +149,7 @@ def sparkline(values: list[float], width: int = 40) -> str:
     return "".join(_BARS[min(len(_BARS) - 1, int((v - low) / span * (len(_BARS) - 1) + 0.5))] for v in points)
 
 
-def plot_metrics(metrics: dict[str, list[object]], path: str, title: str = "") -> None:
-    """Draw each numeric series into one PNG.
-
-    Raises:
-        InputError: matplotlib is not installed.
-    """
+def _pyplot():  # type: ignore[no-untyped-def]
     from ..errors import InputError
 
     try:
@@ -163,7 +158,36 @@ def plot_metrics(metrics: dict[str, list[object]], path: str, title: str = "") -
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as exc:
-        raise InputError("--plot needs matplotlib", hint="pip install matplotlib") from exc
+        raise InputError("--plot needs matplotlib", hint="pip install 'dockyard[plot]' (./scripts/quickstart does)") from exc
+    return plt
+
+
+def plot_runs(series: dict[str, list[object]], path: str, title: str = "") -> None:
+    """One metric of several runs (run id -> values) as lines in one PNG.
+
+    Raises:
+        InputError: matplotlib is not installed.
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for run_id, values in series.items():
+        numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if numbers:
+            ax.plot(range(1, len(numbers) + 1), numbers, marker="o", label=run_id)
+    ax.set_title(title)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_metrics(metrics: dict[str, list[object]], path: str, title: str = "") -> None:
+    """Draw each numeric series into one PNG.
+
+    Raises:
+        InputError: matplotlib is not installed.
+    """
+    plt = _pyplot()
     series = {k: [v for v in vs if isinstance(v, (int, float)) and not isinstance(v, bool)] for k, vs in metrics.items()}
     series = {k: v for k, v in series.items() if v}
     fig, axes = plt.subplots(max(1, len(series)), 1, figsize=(6, 2.2 * max(1, len(series))), squeeze=False)

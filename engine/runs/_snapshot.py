@@ -26,6 +26,7 @@ import re
 import secrets
 import shutil
 import stat
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -373,6 +374,48 @@ class SnapshotStore:
         except FileNotFoundError:
             return []
         return sorted(n[:-5] for n in names if n.endswith(".json") and _ID.match(n[:-5]))
+
+    def collect(self, keep: set[str], *, min_age_s: float = 3600.0) -> tuple[int, int]:
+        """Remove snapshots not in ``keep`` (the ids runs still name) and the blobs only they used.
+
+        Anything younger than ``min_age_s`` stays: a submit writes its snapshot before its run row,
+        and a snapshot being taken writes blobs before its manifest.
+
+        Returns:
+            (snapshots removed, bytes freed).
+        """
+        now = time.time()
+        removed, freed = 0, 0
+        for snapshot_id in self.ids():
+            path = self._manifests / f"{snapshot_id}.json"
+            try:
+                young = now - path.stat().st_mtime < min_age_s
+            except OSError:
+                continue
+            if snapshot_id in keep or young:
+                continue
+            path.unlink(missing_ok=True)
+            removed += 1
+        used: set[str] = set()
+        for snapshot_id in self.ids():
+            try:
+                body = self._load(snapshot_id)
+            except InputError:
+                continue  # a damaged manifest: its blobs stay (doctor's business, not GC's)
+            used.update(e["blob"] for e in body["entries"] if e.get("type") == "file")
+        if not self._blobs.is_dir():
+            return removed, freed
+        for folder in self._blobs.iterdir():
+            for blob in folder.iterdir() if folder.is_dir() else ():
+                try:
+                    st = blob.stat()
+                except OSError:
+                    continue
+                if blob.name in used or now - st.st_mtime < min_age_s:
+                    continue
+                blob.unlink(missing_ok=True)
+                freed += st.st_size
+        return removed, freed
 
     def materialize(self, snapshot_id: str, dest: str | os.PathLike[str]) -> Path:
         """Recreate the snapshot's tree in ``dest`` (created if absent) and return ``dest``.

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .._sqlite import SqliteFile, sqlite3
-from ..errors import EnvironmentProblem, RunNotFound
+from ..errors import EnvironmentProblem, InputError, RunNotFound
 from ._layout import RunFolder
 
 __all__ = [
@@ -367,6 +367,29 @@ class RunStore(SqliteFile):
     def experiments(self) -> list[str]:
         """Every experiment name that has a run, sorted."""
         return [str(r[0]) for r in self._read("SELECT DISTINCT experiment FROM runs ORDER BY experiment")]
+
+    def remove(self, run_id: str) -> RunRecord:
+        """Forget a finished run: its row and metrics (one transaction), then its folder.
+
+        Raises:
+            RunNotFound: no such run.
+            InputError: the run has not finished (cancel it first).
+        """
+        import shutil
+
+        record = self.get(run_id)
+        if not record.final:
+            raise InputError(f"run {run_id} is {record.status}: only finished runs are removed",
+                             hint=f"cancel it first: dockyard runs cancel {run_id}")
+        with self._tx() as conn:
+            conn.execute("DELETE FROM metrics WHERE run_id = ?", (run_id,))
+            conn.execute("DELETE FROM runs WHERE id = ? AND status IN ('Completed', 'Failed', 'Canceled')", (run_id,))
+        shutil.rmtree(self.folder_of(run_id).root, ignore_errors=True)
+        return record
+
+    def snapshot_ids(self) -> set[str]:
+        """The snapshots this workspace's runs name (what snapshot GC must keep)."""
+        return {str(r[0]) for r in self._read("SELECT DISTINCT snapshot FROM runs")}
 
     def request_cancel(self, run_id: str) -> RunRecord:
         """Ask the agent to cancel; a queued run is canceled at once. Raises: RunNotFound."""

@@ -174,3 +174,56 @@ def test_azure_only_names_fail_with_one_clear_error(workspace):
     run_ctx = __import__("dockyard").Run.get_context()
     with pytest.raises(NotImplementedError, match="outputs/"):
         run_ctx.register_model("m", "outputs/m.pkl")
+
+
+def _cli(home: Path, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    import os
+
+    return subprocess.run([sys.executable, "-m", "dockyard", *args], capture_output=True, text=True, timeout=120,
+                          cwd=cwd, env={**os.environ, "DOCKYARD_HOME": str(home)})
+
+
+def test_runs_compare_and_rm_with_the_snapshots_nobody_names(workspace, tmp_path):
+    src = source(tmp_path, "m.py", "import sys\nfrom dockyard import Run\nr = Run.get_context()\n"
+                                   "for i in range(3):\n    r.log('loss', float(sys.argv[1]) / (i + 1))\nr.log('acc', 0.9)\n")
+    exp = Experiment(workspace, "cmp")
+    a = exp.submit(ScriptRunConfig(str(src), "m.py", arguments=["1"], environment=local_env()))
+    b = exp.submit(ScriptRunConfig(str(src), "m.py", arguments=["2"], environment=local_env()))
+    a.wait_for_completion()
+    b.wait_for_completion()
+    table = _cli(workspace.home, "runs", "compare", a.id, b.id, "--workspace", workspace.name)
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[0].split() == ["METRIC", a.id, b.id]
+    assert lines[2].split() == ["loss", "0.3333", "(3)", "0.6667", "(3)"] and lines[1].split()[0] == "acc"
+    png = tmp_path / "loss.png"
+    drawn = _cli(workspace.home, "runs", "compare", a.id, b.id, "--metric", "loss", "--plot", str(png),
+                 "--workspace", workspace.name)
+    assert drawn.returncode == 0, drawn.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    shown = _cli(workspace.home, "runs", "show", a.id, "--plot", str(tmp_path / "a.png"))
+    assert shown.returncode == 0 and (tmp_path / "a.png").stat().st_size > 0, shown.stderr
+    # rm: a finished run goes with its folder; a running one is refused; an old snapshot nobody names goes.
+    folder = Path(workspace.store.get(a.id).run_dir)
+    from dockyard.runs import SnapshotStore
+
+    store = SnapshotStore(workspace.home / "snapshots")
+    (tmp_path / "lonely").mkdir()
+    (tmp_path / "lonely" / "x.py").write_text("print('nobody runs me')\n")
+    lonely = store.take(tmp_path / "lonely").id
+    manifest = workspace.home / "snapshots" / "manifests" / f"{lonely}.json"
+    old = __import__("time").time() - 7200
+    __import__("os").utime(manifest, (old, old))
+    dry = _cli(workspace.home, "runs", "rm", a.id, "--dry-run", "--workspace", workspace.name)
+    assert dry.returncode == 0 and f"would remove {a.id}" in dry.stdout and folder.exists()
+    gone = _cli(workspace.home, "runs", "rm", a.id, "--workspace", workspace.name, "--json")
+    doc = json.loads(gone.stdout)
+    assert doc["removed"] == [a.id] and doc["snapshots_removed"] >= 1 and not folder.exists()
+    assert lonely not in store.ids() and b.get_status() == "Completed"
+    assert b.id in [r.id for r in workspace.get_runs()] and a.id not in [r.id for r in workspace.get_runs()]
+    store.materialize(workspace.store.get(b.id).snapshot, tmp_path / "still-there")  # b's snapshot is kept
+    nap = source(tmp_path, "nap.py", "import time\ntime.sleep(30)\n")
+    running = exp.submit(ScriptRunConfig(str(nap), "nap.py", environment=local_env()))
+    refused = _cli(workspace.home, "runs", "rm", running.id, "--workspace", workspace.name)
+    assert refused.returncode == 2 and "cancel it first" in refused.stderr
+    running.cancel()

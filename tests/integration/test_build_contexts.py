@@ -306,3 +306,45 @@ def test_every_env_command_shows_the_key_env_build_tags_and_cache_pin_takes_eith
     assert doc["resolved"] is False and "cannot be asked" in doc["note"] and doc["key"] != image_key
     unpinned = dockyard("cache", "unpin", doc["key"])  # the spec's key names the same image
     assert unpinned.returncode == 0 and image_key in unpinned.stdout, unpinned.stderr
+
+
+def test_no_cache_rebuild_removes_the_image_it_replaced_and_gc_spares_another_homes_image(builder, tmp_path):
+    from dockyard.build import collect_garbage
+
+    env = Environment("nc")
+    env.docker.base_image = PYTHON
+    env.docker.build_args = {"STAMP": uuid.uuid4().hex}
+    env.docker.base_dockerfile = None
+    first = builder.ensure_image(env)
+    engine = EngineClient.from_env()
+    second = builder.ensure_image(env, no_cache=True)
+    assert second.image == first.image
+    if second.image_id != first.image_id:
+        assert engine.inspect_image(first.image_id) is None, "the replaced image was left dangling"
+    assert engine.image_labels(second.image).get("dockyard.home"), "the image says which home owns it"
+    # Another home built the same key last: its label wins, and this home's GC only forgets its row.
+    other = Builder(tmp_path / "other-home")
+    try:
+        other.ensure_image(env, no_cache=True)
+    finally:
+        other.close()
+    report = collect_garbage(keep_days=0, home=builder.home)
+    assert first.key in [e.key for e in report.removed]
+    assert engine.inspect_image(second.image) is not None, "GC removed an image another home owns"
+    assert builder.cache.lookup(first.key) is None
+
+
+def test_cache_gc_dry_run_alone_shows_the_default_policy_and_prune_build_cache_reports(tmp_path):
+    import json
+
+    def dockyard(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "dockyard", *args], capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "DOCKYARD_HOME": str(tmp_path / "home")})
+
+    dry = dockyard("cache", "gc", "--dry-run")
+    assert dry.returncode == 0 and "default policy: --keep-days 30" in dry.stdout, dry.stderr
+    refused = dockyard("cache", "gc")
+    assert refused.returncode == 2 and "--dry-run alone" in refused.stderr
+    pruned = dockyard("cache", "prune-build-cache", "--keep-bytes", "1000G", "--json")
+    assert pruned.returncode == 0, pruned.stderr
+    assert json.loads(pruned.stdout)["freed_bytes"] >= 0

@@ -162,3 +162,15 @@ def test_start_time_is_short_local_time():
     assert _when(now - 3600, now) == "11:00:00"
     assert _when(time.mktime((2025, 3, 4, 9, 7, 0, 0, 0, -1)), now) == "Mar 04 09:07"
     assert _when(time.mktime((2024, 3, 4, 9, 7, 0, 0, 0, -1)), now) == "2024-03-04 09:07"
+
+
+def test_shell_completion_offers_run_ids_and_keeps_run_options_completable(four: Path):
+    from click.shell_completion import ShellComplete
+    from dockyard.cli._app import cli
+
+    def complete(args: list[str], incomplete: str) -> list[str]:
+        return [c.value for c in ShellComplete(cli, {}, "dockyard", "_DOCKYARD_COMPLETE").get_completions(args, incomplete)]
+
+    assert complete(["runs", "show"], "exp_") == ["exp_4_queued", "exp_2_failed", "exp_1_done"]
+    assert complete(["runs", "compare", "exp_1_done"], "other") == ["other_3_running"]
+    assert "--detach" in complete(["run", "train.py"], "--det"), "a partial option is not a usage error here"
