@@ -40,6 +40,7 @@ _EXPORTS = {
     "collect_garbage": "._image_gc",
     "collect_build_inputs": "._image_gc",
     "prune_build_cache": "._image_gc",
+    "image_names": "._image_gc",
     "parse_size": "._image_gc",
     # the CLI fast lane's memo
     "spec_fingerprint": "._memo",
@@ -52,6 +53,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from ._builder import Builder, BuiltImage, ensure_image
     from ._buildkit import BuildEvent, BuildKitClient, SolveSpec, Worker
     from ._dockerfile import RenderedBuild, image_tag, render_dockerfile
-    from ._image_gc import collect_build_inputs, collect_garbage, parse_size, prune_build_cache
+    from ._image_gc import collect_build_inputs, collect_garbage, image_names, parse_size, prune_build_cache
     from ._memo import spec_fingerprint
     from ._registry import ImageName, login_check, parse_image_ref, pull_image, push_image, qualify

@@ -339,6 +339,8 @@ class Builder:
         attrs = {f"label:{k}": v for k, v in rendered.labels.items()}
         # Which home's index owns the image: GC of another home sharing this engine leaves it alone.
         attrs["label:dockyard.home"] = home_label(self.home)
+        # The name it was first built as, for listings (not in the key: the image serves any name).
+        attrs["label:dockyard.name"] = env.name
         attrs.update({f"build-arg:{k}": v for k, v in rendered.build_args.items()})
         attrs["platform"] = env.docker.platform
         if no_cache:

@@ -13,8 +13,8 @@ from ..errors import DockyardError, EngineError, InputError
 if TYPE_CHECKING:  # pragma: no cover
     from dockyard.cache import CacheEntry, GcReport
 
-__all__ = ["collect_build_inputs", "collect_garbage", "images_in_use", "parse_size", "prune_build_cache",
-           "remove_image"]
+__all__ = ["collect_build_inputs", "collect_garbage", "image_names", "images_in_use", "parse_size",
+           "prune_build_cache", "remove_image"]
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -167,3 +167,25 @@ def prune_build_cache(*, keep_bytes: int = 0, engine: EngineClient | None = None
     engine = engine or EngineClient.from_env()
     with BuildKitClient("docker", engine=engine) as client:
         return client.prune(keep_bytes=keep_bytes)
+
+
+def image_names(engine: EngineClient | None = None) -> dict[str, str]:
+    """tag -> the environment name each ``dockyard/env`` image was built as (one engine request);
+    empty when the engine cannot be asked (listings then show no names, and say nothing false)."""
+    import json
+
+    engine = engine or EngineClient.from_env()
+    filters = urllib.parse.quote(json.dumps({"reference": ["dockyard/env"]}))
+    try:
+        reply = engine.request("GET", f"/images/json?filters={filters}")
+    except DockyardError:
+        return {}
+    if reply.status != 200:
+        return {}
+    out = {}
+    for image in reply.json() or []:
+        name = (image.get("Labels") or {}).get("dockyard.name")
+        for tag in image.get("RepoTags") or []:
+            if name:
+                out[tag] = str(name)
+    return out

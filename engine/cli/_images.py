@@ -279,15 +279,21 @@ def _entries():  # type: ignore[no-untyped-def]
 
 
 def _list_entries(as_json: bool) -> None:
+    from ..build import image_names
+
     entries = _entries()
+    names = image_names() if entries else {}
     if as_json:
-        emit_json({"images": [e.to_json() for e in entries]})
+        emit_json({"images": [{**e.to_json(), "name": names.get(e.image)} for e in entries]})
         return
     if not entries:
         click.echo("no environment images yet; build one with `dockyard env build FILE`")
+        return
+    width = max([4, *(len(names.get(e.image, "-")) for e in entries)])
+    click.echo(f"{'KEY':<32}  {'NAME':<{width}}  {'SIZE':>11}  {'HITS':>5}")
     for e in entries:
-        pin = " pinned" if e.pinned else ""
-        click.echo(f"{e.key}  {e.image:<48} {e.size / 1e6:8.1f} MB  hits {e.hit_count}{pin}")
+        pin = "  pinned" if e.pinned else ""
+        click.echo(f"{e.key}  {names.get(e.image, '-'):<{width}}  {e.size / 1e6:8.1f} MB  {e.hit_count:>5}{pin}")
 
 
 @cache.command("ls")

@@ -47,6 +47,9 @@ def test_gc_removes_unpinned_images_and_keeps_pinned(home: Path, tmp_path: Path,
     assert engine.image_labels(a["image"]) is not None, "gc removed a pinned image"
     listed = json.loads(cli(home, "cache", "ls", "--json").stdout)["images"]
     assert [e["key"] for e in listed] == [a["key"]] and listed[0]["pinned"] is True
+    assert listed[0]["name"] == "gc", "the listing names the environment it was built as"
+    table = cli(home, "cache", "ls").stdout.splitlines()
+    assert table[0].split()[:2] == ["KEY", "NAME"] and table[1].split()[:2] == [a["key"], "gc"]
 
 
 def test_gc_never_removes_an_image_a_container_uses(home: Path, tmp_path: Path, engine_resources):
