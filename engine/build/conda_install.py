@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -151,6 +152,49 @@ def virtual_packages() -> list:
         return []
 
 
+_NAME = re.compile(r"^\s*([A-Za-z0-9_.\-]+)")
+_FROM_BASE = ("python", "pip")
+
+
+def spec_name(spec: str) -> str:
+    m = _NAME.match(spec)
+    return m.group(1).lower() if m else ""
+
+
+async def _python_from_base(specs: list, matchspecs: list, sources: list, subdirs: list, gateway: object) -> tuple:
+    """Azure-style specs pin ``python=3.x`` and ``pip``. When the channels carry no Python at all (a
+    local channel of tools), the base image's Python runs the environment instead, provided it meets
+    the pin; then those two specs are dropped from the solve (a venv over the base Python follows).
+
+    Raises:
+        Failure: the channels have no Python and the base image's does not meet the pin.
+    """
+    import platform
+
+    import rattler
+
+    if not any(spec_name(s) in _FROM_BASE for s in specs):
+        return specs, matchspecs
+    found = await gateway.query(sources, subdirs, ["python"], recursive=False)  # type: ignore[attr-defined]
+    if any(len(list(records)) for records in found):
+        return specs, matchspecs  # the channels have Python: the solver decides, as conda would
+    base = platform.python_version()
+    build_string = getattr(rattler, "BuildString", None)
+    if build_string is None:
+        from rattler.package.build_string import BuildString as build_string
+    record = rattler.PackageRecord(name="python", version=base, build=build_string("0"), build_number=0,
+                                   subdir="noarch")
+    pins = [(s, m) for s, m in zip(specs, matchspecs) if spec_name(s) == "python"]
+    for text, spec in pins:
+        if not spec.matches(record):
+            raise Failure(f"the spec asks for {text}, the channels have no python, and the base image's "
+                          f"Python is {base}: use a base image with a matching Python, or a channel that has it")
+    say(f"the channels have no python: the base image's Python {base} runs the environment"
+        + (f" (it meets {', '.join(t for t, _ in pins)})" if pins else ""))
+    kept = [(s, m) for s, m in zip(specs, matchspecs) if spec_name(s) not in _FROM_BASE]
+    return [s for s, _ in kept], [m for _, m in kept]
+
+
 async def solve_and_install(channels: list[str], specs: list[str], prefix: Path, cache: Path) -> None:
     import rattler
     from rattler.exceptions import (
@@ -179,8 +223,15 @@ async def solve_and_install(channels: list[str], specs: list[str], prefix: Path,
     except ParseSubdirError as error:
         raise Failure(f"DOCKYARD_CONDA_PLATFORM: {shorten(error)}") from None
 
-    say(f"solving {len(specs)} specs from channels {', '.join(channels)} for {platform}")
     gateway = rattler.Gateway(cache_dir=cache / "repodata")
+    try:
+        specs, matchspecs = await _python_from_base(specs, matchspecs, sources, subdirs, gateway)
+    except (GatewayError, FetchRepoDataError) as error:
+        raise Failure(f"cannot read the channels: {shorten(error, lines=2)}", BAD_CHANNEL) from None
+    if not specs:
+        say("no conda packages to install besides the base image's Python")
+        return
+    say(f"solving {len(specs)} specs from channels {', '.join(channels)} for {platform}")
     try:
         records = await rattler.solve(
             sources,

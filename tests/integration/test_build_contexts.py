@@ -194,7 +194,9 @@ def channel(tmp_path: Path) -> Path:
 
 
 def test_conda_packages_install_from_a_local_channel_without_conda(builder, tmp_path, channel):
-    spec = CondaDependencies.create(conda_packages=["greet>=2"], pip_packages=[])
+    # Azure ML's usual shape: a python pin and pip next to the packages; the local channel has no
+    # Python, so the base image's (3.11) runs the environment.
+    spec = CondaDependencies.create(conda_packages=["pip", "greet>=2"], pip_packages=[], python_version="3.11")
     spec["channels"] = [f"file://{channel}"]
     env = Environment("conda-local")
     env.docker.base_image = PYTHON

@@ -118,3 +118,18 @@ def test_packages_are_real_bz2_tarballs_with_executable_bin(tmp_path: Path) -> N
         members = {m.name: m for m in tar.getmembers()}
     assert {"info/index.json", "info/paths.json", "info/files", "bin/tool"} <= set(members)
     assert members["bin/tool"].mode == 0o755
+
+
+def test_a_python_pin_is_met_by_the_base_python_when_the_channels_have_none(tmp_path: Path, channel: str) -> None:
+    import platform
+
+    major_minor = ".".join(platform.python_version_tuple()[:2])
+    out, prefix = _install(tmp_path, [channel], [f"python={major_minor}", "pip", "tool>=2"])
+    assert out.returncode == 0, out.stderr
+    assert f"the base image's Python {platform.python_version()} runs the environment" in out.stdout
+    assert (prefix / "bin/tool").exists()
+    (tmp_path / "old").mkdir()
+    too_old, _ = _install(tmp_path / "old", [channel], ["python=2.7", "tool"])
+    assert too_old.returncode == 2
+    line = _one_error_line(too_old)
+    assert "python=2.7" in line and "channels have no python" in line
