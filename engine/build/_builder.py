@@ -11,6 +11,7 @@ import os
 import re
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from .._environment import ContainerRegistry, Environment
 from .._home import dockyard_home, index_path
 from ..dockerd import EngineClient
-from ..errors import DockyardError, InputError
+from ..errors import DockyardError, InputError, RegistryAuthError
 
 if TYPE_CHECKING:  # pragma: no cover
     from dockyard.cache import ContentKey, ImageCache
@@ -77,6 +78,8 @@ class Builder:
         engine: the Docker Engine (default from ``DOCKER_HOST``).
         buildkit: ``docker`` (the engine's BuildKit) or a standalone buildkitd address.
         resolve_ttl: seconds a base image's resolved digest is reused (``DOCKYARD_RESOLVE_TTL``).
+        cache_registry: the shared cache (``REG/REPO``; default ``DOCKYARD_CACHE_REGISTRY``), see
+            :mod:`._shared`; ``""`` turns it off.
     """
 
     def __init__(
@@ -86,16 +89,29 @@ class Builder:
         engine: EngineClient | None = None,
         buildkit: str | None = None,
         resolve_ttl: float | None = None,
+        cache_registry: str | None = None,
     ) -> None:
         from dockyard.cache import ImageCache
+
+        from ._shared import CacheRegistry
 
         self.home = Path(home) if home is not None else dockyard_home()
         self.engine = engine or EngineClient.from_env()
         self.buildkit = buildkit or os.environ.get("DOCKYARD_BUILDKIT", "docker")
         self.resolve_ttl = _resolve_ttl() if resolve_ttl is None else resolve_ttl
         self.cache: ImageCache = ImageCache(index_path(self.home))
+        # The credentials' variables apply to a registry given here as to one set in the environment.
+        environ = dict(os.environ) if cache_registry is None else {**os.environ, "DOCKYARD_CACHE_REGISTRY": cache_registry}
+        self.shared = CacheRegistry.from_env(environ)
+        self._publishing: list[threading.Thread] = []
+        #: What the last publish of each key said (None: pushed), for `dockyard cache` to report.
+        self.published: dict[str, str | None] = {}
 
     def close(self) -> None:
+        """Wait for pushes to the shared cache still under way, then close the index."""
+        for thread in self._publishing:
+            thread.join()
+        self._publishing.clear()
         self.cache.close()
 
     # -- resolution -----------------------------------------------------------------------------
@@ -258,7 +274,7 @@ class Builder:
         """
         started = time.perf_counter()
         report = progress or (lambda _l: None)
-        key, pulled = self.key_for(env, report)
+        key, _ = self.key_for(env, report)
         if no_cache:
             self.cache.remove(key)
         entry = self.cache.lookup(key)
@@ -273,7 +289,6 @@ class Builder:
         # resolved (pulled) again now, and the key recomputed from what that gave.
         if self._bases_refreshed(env, report):
             key, _ = self.key_for(env, report)
-            pulled = True
             if no_cache:
                 self.cache.remove(key)
             entry = self.cache.lookup(key)
@@ -287,9 +302,115 @@ class Builder:
             if not slot.must_build:
                 assert slot.entry is not None
                 return self._done(key, slot.entry.image, slot.entry.image_id, True, "local-hit", started)
+            fetched = None if no_cache or self.shared is None else self._from_shared(key, report)
+            if fetched is not None:
+                image, image_id, size = fetched
+                slot.record(image=image, image_id=image_id, size=size, parts=dict(key.parts), builder="pulled")
+                return self._done(key, image, image_id, False, "pulled", started)
             image, image_id, size = self._build(env, key, no_cache=no_cache, on_event=on_event, cancel=cancel)
             slot.record(image=image, image_id=image_id, size=size, parts=dict(key.parts), builder="buildkit")
-        return self._done(key, image, image_id, False, "pulled" if pulled else "built", started)
+        if self.shared is not None and self.buildkit == "docker":
+            self._publish_later(key.hex, image, report)
+        return self._done(key, image, image_id, False, "built", started)
+
+    # -- the shared cache (see _shared) -----------------------------------------------------------
+
+    def _from_shared(self, key: ContentKey, report: Callable[[str], None]) -> tuple[str, str, int] | None:
+        """Pull the key's image from the shared cache, or None to build (absent or unknown).
+
+        Raises:
+            RegistryAuthError: the registry refused the credentials.
+        """
+        from ._dockerfile import image_tag
+        from ._registry import pull_image
+        from ._shared import Presence
+
+        shared = self.shared
+        assert shared is not None
+        answer, why = shared.presence(key.hex)
+        if answer is Presence.ABSENT:
+            return None
+        if answer is Presence.UNKNOWN:
+            report(f"warning: the shared cache {shared} could not be asked ({why}); building instead")
+            return None
+        remote = shared.ref(key.hex)
+        report(f"pulling {remote} from the shared cache")
+        try:
+            pulled_id = pull_image(remote, shared.credentials(), engine=self.engine, progress=report)
+        except RegistryAuthError:
+            raise
+        except DockyardError as exc:
+            report(f"warning: pulling {remote} failed ({exc.message}); building instead")
+            return None
+        labels = self.engine.image_labels(pulled_id) or {}
+        tag = image_tag(key.hex)
+        try:
+            if labels.get("dockyard.key") != key.hex:
+                # Its name says this key, its content does not: never trust a tag over the image.
+                report(f"warning: {remote} is not the image of {key.hex} (label dockyard.key "
+                       f"{labels.get('dockyard.key')!r}); building instead")
+                return None
+            self._tag(pulled_id, tag)
+        finally:
+            self._untag(remote)
+        found = self.engine.inspect_image(tag) or {}
+        return tag, str(found.get("Id") or pulled_id), int(found.get("Size") or 0)
+
+    def _tag(self, image_id: str, ref: str) -> None:
+        from ..errors import EngineError
+
+        repo, _, tag = ref.rpartition(":")
+        query = urllib.parse.urlencode({"repo": repo, "tag": tag})
+        reply = self.engine.request("POST", f"/images/{urllib.parse.quote(image_id, safe='')}/tag?{query}")
+        if reply.status not in (200, 201):
+            raise EngineError(f"tagging {image_id[:19]} as {ref} answered HTTP {reply.status}", status=reply.status)
+
+    def _untag(self, ref: str) -> None:
+        from ._image_gc import remove_image
+
+        try:
+            remove_image(self.engine, ref)  # only the name goes while another tag holds the image
+        except DockyardError:
+            pass
+
+    def publish(self, key_hex: str, image: str, report: Callable[[str], None] | None = None) -> str:
+        """Push ``image`` to the shared cache as ``REG/REPO:<key>``; returns the pushed digest.
+
+        Raises:
+            InputError: no shared cache is configured.
+            RegistryAuthError, RegistryError: the registry refused or cannot be reached.
+        """
+        from ._registry import push_image
+
+        if self.shared is None:
+            raise InputError("no shared cache is configured",
+                             hint="set DOCKYARD_CACHE_REGISTRY=REG/REPO (or pass --cache-registry)")
+        remote = self.shared.ref(key_hex)
+        self._tag(image, remote)
+        try:
+            digest = push_image(remote, self.shared.credentials(), engine=self.engine, progress=report)
+        finally:
+            self._untag(remote)
+        self.shared.forget_absent(key_hex)
+        return digest
+
+    def _publish_later(self, key_hex: str, image: str, report: Callable[[str], None]) -> None:
+        """Push in the background: a failed push is a warning, never the run's failure."""
+
+        def push() -> None:
+            try:
+                self.publish(key_hex, image)
+                self.published[key_hex] = None
+            except DockyardError as exc:
+                self.published[key_hex] = exc.message
+                try:
+                    report(f"warning: publishing {image} to the shared cache failed: {exc.message}")
+                except Exception:  # noqa: BLE001 - the caller's view may be gone; `published` keeps it
+                    pass
+
+        thread = threading.Thread(target=push, name=f"publish-{key_hex[:12]}", daemon=True)
+        self._publishing.append(thread)
+        thread.start()
 
     def _bases_refreshed(self, env: Environment, report: Callable[[str], None]) -> bool:
         """Resolve again (pull) every base the engine no longer holds: one inspect per base.

@@ -187,32 +187,76 @@ def env_render(file: str) -> None:
         click.echo(f"# --- build context {ctx.root}: {files} files, {ctx.size} bytes (digest {ctx.digest}) ---")
 
 
+_CACHE_REGISTRY = click.option(
+    "--cache-registry", default=None, metavar="REG/REPO",
+    help="Shared cache in a registry (default: DOCKYARD_CACHE_REGISTRY): pull a key built elsewhere, push what is built.")
+
+
 @env.command("build")
 @click.argument("file", type=_ENV_FILE)
 @click.option("--no-cache", is_flag=True, help="Rebuild from scratch and replace the cached image.")
 @click.option("--progress", "progress_mode", type=click.Choice(["auto", "tty", "plain", "json"]), default="auto",
               show_default=True, help="How to show build progress (on stderr).")
+@_CACHE_REGISTRY
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def env_build(file: str, no_cache: bool, progress_mode: str, as_json: bool) -> None:
+def env_build(file: str, no_cache: bool, progress_mode: str, cache_registry: str | None, as_json: bool) -> None:
     """Build the environment in FILE once; later calls are cache hits in milliseconds."""
     from .. import Environment
     from ..build import Builder
     from ._terminal import BuildProgress
 
     environment = Environment.load(file)
-    builder = Builder()
+    builder = Builder(cache_registry=cache_registry)
     try:
         # The view draws nothing until the first event: a cache hit never loads rich or grpc.
         with BuildProgress(progress_mode, f"building {environment.name}") as view:
             image = builder.ensure_image(environment, no_cache=no_cache, progress=view.note, on_event=view.event)
     finally:
-        builder.close()
+        builder.close()  # waits for the push to the shared cache, if one is under way
+    failed = builder.published.get(image.key)
+    pushed = image.key in builder.published and failed is None
     if as_json:
-        emit_json(image.to_json())
-    elif image.cached:
+        doc = image.to_json()
+        if builder.shared is not None:
+            doc["shared_cache"] = {"registry": str(builder.shared), "pushed": pushed, "push_error": failed}
+        emit_json(doc)
+        return
+    if image.cached:
         click.echo(f"{image.image} (cache hit in {image.seconds * 1000:.1f} ms)")
+    elif image.source == "pulled" and builder.shared is not None and not builder.published:
+        click.echo(f"{image.image} pulled from the shared cache {builder.shared} in {image.seconds:.1f}s")
     else:
         click.echo(f"{image.image} built in {image.seconds:.1f}s ({image.image_id[:19]})")
+    if pushed:
+        click.echo(f"pushed to the shared cache as {builder.shared.ref(image.key)}")  # type: ignore[union-attr]
+    elif failed:
+        click.echo(f"warning: not pushed to the shared cache: {failed}", err=True)
+
+
+@env.command("push")
+@click.argument("file", type=_ENV_FILE)
+@_CACHE_REGISTRY
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def env_push(file: str, cache_registry: str | None, as_json: bool) -> None:
+    """Push the built image of the environment in FILE to the shared cache (REG/REPO:<key>)."""
+    from .. import Environment
+    from ..build import Builder
+
+    environment = Environment.load(file)
+    builder = Builder(cache_registry=cache_registry)
+    try:
+        key, why = builder.image_key(environment)
+        entry = builder.cache.find(key) if why is None else None
+        if entry is None:
+            raise click.UsageError(f"{file} is not built here (key {key.hex}); build it first: dockyard env build {file}")
+        digest = builder.publish(entry.key, entry.image)
+        remote = builder.shared.ref(entry.key)  # type: ignore[union-attr]
+    finally:
+        builder.close()
+    if as_json:
+        emit_json({"key": entry.key, "image": entry.image, "pushed": remote, "digest": digest})
+    else:
+        click.echo(f"pushed {entry.image} as {remote} ({digest[:19]})")
 
 
 @env.command("ls")

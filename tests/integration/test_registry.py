@@ -230,7 +230,7 @@ def test_env_build_pulls_a_private_base_and_keeps_the_password_out(
         try:
             built = builder.ensure_image(Environment.load(spec))
             engine_resources.track_image(built.image)
-            assert built.source == "pulled" and not built.cached
+            assert built.source == "built" and not built.cached
             assert builder.ensure_image(Environment.load(spec)).source == "local-hit"
         finally:
             builder.close()
@@ -268,7 +268,7 @@ def test_a_private_base_removed_within_the_resolve_ttl_is_pulled_again_before_bu
         first_env = env_with(_credentials(seeded.registry))
         first = builder.ensure_image(first_env)
         engine_resources.track_image(first.image)
-        assert first.source == "pulled"
+        assert first.source == "built"
         _untag(engine, seeded.full)  # the base leaves the engine; the index still trusts it
 
         # A hit never asks the engine about its base: still one index read + one engine request.
@@ -287,7 +287,7 @@ def test_a_private_base_removed_within_the_resolve_ttl_is_pulled_again_before_bu
         notes: list[str] = []
         second = builder.ensure_image(env_with(_credentials(seeded.registry)), progress=notes.append)
         engine_resources.track_image(second.image)
-        assert second.source == "pulled" and not second.cached
+        assert second.source == "built" and not second.cached
         assert inspected.count(seeded.full) >= 1
         assert any(f"{seeded.full} is gone from the engine" in n for n in notes), notes
         assert engine.image_labels(seeded.full) is not None, "the base was not pulled again"

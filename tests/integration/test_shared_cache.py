@@ -1,0 +1,186 @@
+"""The shared cache in a registry, with real parts: Debian's docker-registry (htpasswd) on loopback
+and a second Docker Engine standing in for a second machine. Engine A builds and publishes;
+engine B, whose image store holds only the base, gets the key from the registry with no Solve."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+
+import pytest
+from dockyard import Environment
+from dockyard.build._builder import Builder
+from dockyard.build._buildkit import BuildKitClient
+from dockyard.errors import InputError, RegistryAuthError
+from helpers.engine2 import second_engine_fixture
+from helpers.registry import local_registry_fixture
+
+pytestmark = pytest.mark.engine
+
+BUSYBOX = "dockyard/base:bookworm-busybox"
+local_registry = local_registry_fixture(scope="module")
+second_engine = second_engine_fixture(scope="module")
+
+
+@pytest.fixture(scope="module")
+def engine_b(second_engine):
+    from dockyard.build._base_images import bootstrap
+
+    bootstrap("busybox")  # a no-op where the set-up made it
+    second_engine.load_image(BUSYBOX)  # the same image ID as on A: both resolve the same key
+    return second_engine
+
+
+@pytest.fixture
+def shared(local_registry, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setenv("DOCKYARD_CACHE_REGISTRY_USERNAME", local_registry.username)
+    monkeypatch.setenv("DOCKYARD_CACHE_REGISTRY_PASSWORD_ENV", "TEST_CACHE_PASSWORD")
+    monkeypatch.setenv("TEST_CACHE_PASSWORD", local_registry.password)
+    return f"{local_registry.address}/team/dockyard-cache"
+
+
+@pytest.fixture
+def solves(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    calls: list[str] = []
+    real = BuildKitClient.solve
+
+    def counting(self, spec, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(spec.exporter_attrs.get("name", ""))
+        return real(self, spec, **kwargs)
+
+    monkeypatch.setattr(BuildKitClient, "solve", counting)
+    return calls
+
+
+def unique_env() -> Environment:
+    env = Environment(f"shared-{uuid.uuid4().hex[:6]}")
+    env.docker.base_dockerfile = f"FROM {BUSYBOX}\nARG STAMP\nRUN echo $STAMP > /stamp\n"
+    env.docker.build_args = {"STAMP": uuid.uuid4().hex}
+    return env
+
+
+def test_engine_b_pulls_what_engine_a_published_and_runs_no_build_step(tmp_path, shared, engine_b, solves,
+                                                                       local_registry):
+    env = unique_env()
+    a = Builder(tmp_path / "home-a", cache_registry=shared)
+    try:
+        built = a.ensure_image(env)
+    finally:
+        a.close()  # waits for the push
+    assert built.source == "built" and a.published == {built.key: None}
+    assert "team/dockyard-cache" in local_registry.catalog()
+    notes: list[str] = []
+    b = Builder(tmp_path / "home-b", engine=engine_b.client, cache_registry=shared)
+    try:
+        got = b.ensure_image(env, progress=notes.append)
+        again = b.ensure_image(env)
+        entry = b.cache.lookup(got.key)
+    finally:
+        b.close()
+    assert got.key == built.key and got.source == "pulled" and not got.cached
+    assert solves == [built.image], "engine B ran a build"
+    assert again.cached and again.source == "local-hit"
+    assert entry is not None and entry.builder == "pulled"
+    labels = engine_b.client.image_labels(got.image)
+    assert labels["dockyard.key"] == built.key and labels["dockyard.name"] == env.name
+    assert engine_b.client.inspect_image(f"{shared}:{built.key}") is None, "the registry's name is not left behind"
+    assert any("shared cache" in n for n in notes)
+
+
+def test_wrong_password_is_one_clear_error_with_no_secret_anywhere(tmp_path, shared, engine_b, monkeypatch):
+    monkeypatch.setenv("TEST_CACHE_PASSWORD", "not-the-password-4711")
+    env = unique_env()
+    b = Builder(tmp_path / "home-b", engine=engine_b.client, cache_registry=shared)
+    try:
+        with pytest.raises(RegistryAuthError) as err:
+            b.ensure_image(env)
+        assert b.cache.entries() == [], "nothing was recorded"
+    finally:
+        b.close()
+    text = f"{err.value} {err.value.hint}"
+    assert "refused" in text and "not-the-password-4711" not in text
+    index = (tmp_path / "home-b" / "index.db").read_bytes()
+    assert b"not-the-password-4711" not in index
+
+
+def test_an_unreachable_registry_builds_with_one_warning(tmp_path, engine_b, solves, monkeypatch):
+    from helpers.registry import free_port
+
+    monkeypatch.delenv("DOCKYARD_CACHE_REGISTRY_USERNAME", raising=False)
+    env = unique_env()
+    notes: list[str] = []
+    b = Builder(tmp_path / "home-b", engine=engine_b.client, cache_registry=f"127.0.0.1:{free_port()}/team/cache")
+    try:
+        got = b.ensure_image(env, progress=notes.append)
+    finally:
+        b.close()
+    assert got.source == "built" and len(solves) == 1
+    warnings = [n for n in notes if n.startswith("warning: the shared cache")]
+    assert len(warnings) == 1 and "building instead" in warnings[0]
+    assert b.published.get(got.key), "the failed push is reported, not raised"
+
+
+def test_the_cli_reports_the_push_and_env_push_publishes_an_existing_entry(tmp_path, shared, local_registry):
+    spec = tmp_path / "env.yml"
+    spec.write_text(f"name: cli-shared\ndocker:\n  base_dockerfile: |\n    FROM {BUSYBOX}\n    RUN echo {uuid.uuid4().hex}\n")
+    home = tmp_path / "home"
+    environ = {**os.environ, "DOCKYARD_HOME": str(home)}
+
+    def dockyard(*args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "dockyard", *args], capture_output=True, text=True,
+                              timeout=300, env={**environ, **extra})
+
+    plain = dockyard("env", "build", str(spec), "--json")  # no registry configured: nothing pushed
+    assert plain.returncode == 0, plain.stderr
+    assert "shared_cache" not in json.loads(plain.stdout)
+    pushed = dockyard("env", "push", str(spec), "--cache-registry", shared, "--json")
+    assert pushed.returncode == 0, pushed.stderr
+    doc = json.loads(pushed.stdout)
+    assert doc["pushed"] == f"{shared}:{doc['key']}" and doc["digest"].startswith("sha256:")
+    assert local_registry.password not in pushed.stdout + pushed.stderr
+    nothing = dockyard("env", "push", str(spec))
+    assert nothing.returncode == 2 and "DOCKYARD_CACHE_REGISTRY" in nothing.stderr
+
+
+def test_bad_cache_registry_settings_are_clear_errors():
+    from dockyard.build._shared import CacheRegistry
+
+    for bad in ("https://reg.example/x", "user:pw@reg.example/x", "noport/x", "reg.example:5000"):
+        with pytest.raises(InputError):
+            CacheRegistry.parse(bad)
+    with pytest.raises(InputError, match="NAME of a variable"):
+        CacheRegistry.parse("reg.example/x", password_env="pw=secret")
+    assert str(CacheRegistry.parse("Reg.Example:5000/team/cache")) == "reg.example:5000/team/cache"
+
+
+def test_a_local_hit_never_asks_the_registry(tmp_path, monkeypatch):
+    from dockyard.build._shared import CacheRegistry
+
+    env = unique_env()
+    b = Builder(tmp_path / "home", cache_registry="127.0.0.1:9/team/cache")  # nothing listens there
+    try:
+        b.ensure_image(env)  # a miss: asks (unknown), builds, tries to push
+        b.close()
+        asked: list[str] = []
+        monkeypatch.setattr(CacheRegistry, "presence", lambda self, key: asked.append(key) or (None, ""))
+        monkeypatch.setattr(Builder, "publish", lambda self, *a, **k: asked.append("push"))
+        b = Builder(tmp_path / "home", cache_registry="127.0.0.1:9/team/cache")
+        hit = b.ensure_image(env)
+    finally:
+        b.close()
+    assert hit.cached and asked == [], "a local hit made a registry call"
+
+
+def test_the_reuse_benchmark_prints_its_ratios():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "benchmarks/registry_reuse.py", "--n", "1", "--json"], cwd=root,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    doc = json.loads(done.stdout)
+    assert doc["ratios"]["full_build_over_pull"] > 0 and doc["ratios"]["hit_with_over_without_registry"] > 0
+    assert set(doc["rows"]) == {"b_pull_via_registry", "b_full_build", "hit_without_registry", "hit_with_registry"}
