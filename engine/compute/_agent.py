@@ -103,13 +103,15 @@ class Agent:
         except BlockingIOError:
             self.log(f"another agent already serves {self.home}; exiting")
             return 1
+        # Handlers first: a client signals the agent as soon as it sees the pid file, and SIGUSR1's
+        # default action would kill an agent that has not installed its handler yet.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_stop_signal)
+        signal.signal(signal.SIGUSR1, lambda *_: self._wake.set())
         files.pid.write_text(str(os.getpid()))
         from .._codeid import code_id
 
         files.code.write_text(code_id(fresh=True))  # clients hand work only to an agent of their code
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._on_stop_signal)
-        signal.signal(signal.SIGUSR1, lambda *_: self._wake.set())
         self.log(f"agent {os.getpid()} serving every workspace of {self.home}")
         self._retire_old_agents()
         threading.Thread(target=self._prewarm, name="prewarm", daemon=True).start()
