@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ._environment import Environment
-from .errors import DockyardError, InputError
+from .errors import InputError
 
 __all__ = ["EnvironmentRegistry", "ImageBuildDetails"]
 
@@ -46,7 +46,7 @@ class ImageBuildDetails:
         self.status = "Queued"
         self.image: str | None = None
         self.key: str | None = None
-        self.error: DockyardError | None = None
+        self.error: Exception | None = None
         if start:
             threading.Thread(target=self._build, name=f"build-{env.name}", daemon=True).start()
 
@@ -66,7 +66,7 @@ class ImageBuildDetails:
             self.image, self.key = built.image, built.key
             self._say(f"{built.image} {'(cache hit)' if built.cached else f'built in {built.seconds:.1f}s'}")
             self.status = "Succeeded"
-        except DockyardError as exc:
+        except Exception as exc:  # noqa: BLE001 - kept for wait_for_completion to raise in the caller's thread
             self.error, self.status = exc, "Failed"
             self._say(f"error: {exc}")
         finally:
@@ -98,8 +98,8 @@ class ImageBuildDetails:
         return self.get_details()
 
     def get_details(self) -> dict[str, Any]:
-        return {"status": self.status, "image": self.image, "key": self.key,
-                "error": None if self.error is None else self.error.message}
+        error = None if self.error is None else getattr(self.error, "message", None) or str(self.error)
+        return {"status": self.status, "image": self.image, "key": self.key, "error": error}
 
     def get_log(self) -> str:
         with self._cond:
