@@ -184,3 +184,52 @@ def test_the_reuse_benchmark_prints_its_ratios():
     doc = json.loads(done.stdout)
     assert doc["ratios"]["full_build_over_pull"] > 0 and doc["ratios"]["hit_with_over_without_registry"] > 0
     assert set(doc["rows"]) == {"b_pull_via_registry", "b_full_build", "hit_without_registry", "hit_with_registry"}
+
+
+def test_kill_9_during_a_pull_records_nothing_and_the_next_call_finishes(tmp_path, shared, engine_b):
+    """A process pulling from the shared cache is SIGKILLed mid-pull: no index entry, no
+    dockyard/env tag; the next call (its lease holder is dead) pulls again and records it."""
+    import signal
+    import time
+
+    spec = tmp_path / "env.yml"
+    # The python base is ~150 MB: a pull long enough to be killed in the middle.
+    spec.write_text("name: killed-pull\ndocker:\n  base_image: dockyard/base:bookworm-python3\n"
+                    f"  build_args: {{STAMP: {uuid.uuid4().hex}}}\npython:\n  pip_requirements: []\n")
+    a_home = tmp_path / "home-a"
+    environ = {**os.environ, "DOCKYARD_CACHE_REGISTRY": shared}
+    built = subprocess.run([sys.executable, "-m", "dockyard", "env", "build", str(spec), "--json"],
+                           capture_output=True, text=True, timeout=300, env={**environ, "DOCKYARD_HOME": str(a_home)})
+    assert built.returncode == 0, built.stderr
+    key = json.loads(built.stdout)["key"]
+    assert json.loads(built.stdout)["shared_cache"]["pushed"] is True
+    b_env = {**environ, "DOCKYARD_HOME": str(tmp_path / "home-b"), "DOCKER_HOST": engine_b.docker_host}
+    # B needs the same base image (same ID, hence the same key); the rest comes from the registry.
+    engine_b.load_image("dockyard/base:bookworm-python3")
+    puller = subprocess.Popen([sys.executable, "-m", "dockyard", "env", "build", str(spec), "--progress", "plain"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=b_env)
+    deadline = time.monotonic() + 120
+    seen = ""
+    while time.monotonic() < deadline:
+        line = puller.stderr.readline()
+        seen += line
+        if "pulling" in line and "shared cache" in line:
+            break
+    else:  # pragma: no cover - the test's own precondition
+        puller.kill()
+        raise AssertionError(f"the pull never started:\n{seen}")
+    os.kill(puller.pid, signal.SIGKILL)
+    puller.wait(timeout=30)
+    from dockyard.cache import ImageCache
+
+    index = ImageCache(tmp_path / "home-b" / "index.db")
+    try:
+        assert index.lookup(key) is None, "a killed pull left an entry"
+    finally:
+        index.close()
+    assert engine_b.client.inspect_image(f"dockyard/env:{key}") is None, "a killed pull left the tag"
+    again = subprocess.run([sys.executable, "-m", "dockyard", "env", "build", str(spec), "--json"],
+                           capture_output=True, text=True, timeout=300, env=b_env)
+    assert again.returncode == 0, again.stderr
+    doc = json.loads(again.stdout)
+    assert doc["key"] == key and doc["source"] == "pulled"
