@@ -522,6 +522,17 @@ class Experiment(metaclass=AzureNames):
                 builder.pull_bases(env)  # also when a remembered resolution outlived the image
             finally:
                 builder.close()
+        shared_password = os.environ.get(os.environ.get("DOCKYARD_CACHE_REGISTRY_PASSWORD_ENV") or "-")
+        if container and os.environ.get("DOCKYARD_CACHE_REGISTRY") and shared_password:
+            # Same reason: the agent cannot hold the shared cache's password, so a key published
+            # elsewhere is pulled now, by this process; the agent then finds it here.
+            from .build import Builder
+
+            builder = Builder(ws.home)
+            try:
+                builder.fetch_shared(env)
+            finally:
+                builder.close()
         snapshot = SnapshotStore(ws.home / "snapshots").take(source)
         run_id = new_run_id(self.name)
         run_dir = ws.store.folder_of(run_id).root

@@ -373,6 +373,33 @@ class Builder:
         except DockyardError:
             pass
 
+    def fetch_shared(self, env: Environment, progress: Callable[[str], None] | None = None) -> BuiltImage | None:
+        """Bring ``env``'s image from the shared cache into the engine now, if it is there and not
+        here already; build nothing. A submit calls it while it holds the registry's password (the
+        agent, which builds, never does). Returns the image, or None when it must be built.
+
+        Raises:
+            RegistryAuthError: the registry refused the credentials.
+        """
+        if self.shared is None:
+            return None
+        started = time.perf_counter()
+        report = progress or (lambda _l: None)
+        key, _ = self.key_for(env, report)
+        entry = self.cache.lookup(key)
+        if entry is not None and self._verified(entry.image, entry.image_id):
+            return self._done(key, entry.image, entry.image_id, True, "local-hit", started)
+        with self.cache.building(key, on_wait=_wait_note(key.hex, report)) as slot:
+            if not slot.must_build:
+                assert slot.entry is not None
+                return self._done(key, slot.entry.image, slot.entry.image_id, True, "local-hit", started)
+            fetched = self._from_shared(key, report)
+            if fetched is None:
+                return None  # leaving the slot unrecorded: the agent's build takes the key
+            image, image_id, size = fetched
+            slot.record(image=image, image_id=image_id, size=size, parts=dict(key.parts), builder="pulled")
+        return self._done(key, image, image_id, False, "pulled", started)
+
     def publish(self, key_hex: str, image: str, report: Callable[[str], None] | None = None) -> str:
         """Push ``image`` to the shared cache as ``REG/REPO:<key>``; returns the pushed digest.
 

@@ -140,7 +140,12 @@ class CacheRegistry:
             seen = self._negative.get(key_hex)
             if seen is not None and time.monotonic() - seen < NEGATIVE_TTL:
                 return Presence.ABSENT, ""
-        creds = self.credentials()
+        try:
+            creds = self.credentials()
+        except RegistryAuthError as exc:
+            # This process cannot hold the password (the agent never inherits one): it cannot ask,
+            # which is "unknown", not a refusal by the registry.
+            return Presence.UNKNOWN, exc.message
         try:
             status = self._head(key_hex, creds)
         except (OSError, http.client.HTTPException) as exc:

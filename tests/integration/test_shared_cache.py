@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 
 import pytest
 from dockyard import Environment
@@ -233,3 +234,42 @@ def test_kill_9_during_a_pull_records_nothing_and_the_next_call_finishes(tmp_pat
     assert again.returncode == 0, again.stderr
     doc = json.loads(again.stdout)
     assert doc["key"] == key and doc["source"] == "pulled"
+
+
+def test_a_submit_pulls_from_the_shared_cache_itself_since_the_agent_holds_no_password(tmp_path, shared,
+                                                                                      monkeypatch):
+    from dockyard import Experiment, ScriptRunConfig, Workspace
+    from dockyard.cache import ImageCache
+    from dockyard.compute import stop_agent
+    from dockyard.dockerd import EngineClient
+
+    env = unique_env()
+    env.docker.base_dockerfile = env.docker.base_dockerfile.replace(BUSYBOX, "dockyard/base:bookworm-python3")
+    a = Builder(tmp_path / "home-a", cache_registry=shared)
+    try:
+        built = a.ensure_image(env)
+    finally:
+        a.close()
+    engine = EngineClient.from_env()
+    engine.request("DELETE", f"/images/{built.image}")  # this machine has it no more: only the registry does
+    home = tmp_path / "home-b"
+    monkeypatch.setenv("DOCKYARD_HOME", str(home))
+    monkeypatch.setenv("DOCKYARD_CACHE_REGISTRY", shared)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "show.py").write_text("print(open('/stamp').read().strip())\n")
+    ws = Workspace(f"sc{uuid.uuid4().hex[:6]}", home=home)
+    try:
+        run = Experiment(ws, "shared").submit(ScriptRunConfig(str(src), "show.py", environment=env))
+        details = run.wait_for_completion(raise_on_error=False)
+        log = Path(details["logFiles"]["logs/std.log"]).read_text()
+        assert details["status"] == "Completed", log
+        assert env.docker.build_args["STAMP"] in log
+    finally:
+        stop_agent(home)
+    index = ImageCache(home / "index.db")
+    try:
+        entry = index.lookup(built.key)
+    finally:
+        index.close()
+    assert entry is not None and entry.builder == "pulled", "the run's image was built, not pulled"
