@@ -436,6 +436,8 @@ class Builder:
                     pass
 
         thread = threading.Thread(target=push, name=f"publish-{key_hex[:12]}", daemon=True)
+        # The agent's builder lives for days: keep only the pushes still under way.
+        self._publishing = [t for t in self._publishing if t.is_alive()]
         self._publishing.append(thread)
         thread.start()
 
