@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ._units import binary_size, human_bytes
 from .errors import SpecError
 
 __all__ = [
@@ -39,8 +40,6 @@ __all__ = [
 
 #: The largest context dockerd is sent by default (``DOCKYARD_MAX_CONTEXT`` changes it).
 DEFAULT_MAX_CONTEXT = 8 << 30
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.I)
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _CHUNK = 1 << 20
 
 
@@ -49,10 +48,10 @@ def max_context_bytes() -> int:
     raw = os.environ.get("DOCKYARD_MAX_CONTEXT")
     if not raw:
         return DEFAULT_MAX_CONTEXT
-    m = _SIZE.match(raw)
-    if not m:
+    size = binary_size(raw)
+    if size is None:
         raise SpecError(f"DOCKYARD_MAX_CONTEXT={raw!r} is not a size", hint="write e.g. 4g, 500m or a number of bytes")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    return size
 
 
 # -- patterns ---------------------------------------------------------------------------------------
@@ -284,14 +283,6 @@ class BuildContext:
     digest: str
     size: int
 
-    @property
-    def only_files(self) -> bool:
-        """No symlinks: the context can travel as plain file contents (``mkfile``)."""
-        return all(e.kind != "l" for e in self.entries)
-
-    def read(self, entry: ContextEntry) -> bytes:
-        return (self.root / entry.rel).read_bytes()
-
     def write_tar(self, fileobj: object) -> None:
         """Stream the context as an uncompressed tar (owner root, times kept) into ``fileobj``."""
         with tarfile.open(fileobj=fileobj, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
@@ -326,14 +317,6 @@ def _file_hash(path: Path) -> str:
         while chunk := fh.read(_CHUNK):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"  # pragma: no cover
 
 
 def collect_context(
@@ -424,9 +407,9 @@ def collect_context(
     walk(root, "")
     if total > limit:
         largest = sorted((e for e in entries if e.kind == "f"), key=lambda e: e.size, reverse=True)[:5]
-        listing = ", ".join(f"{e.rel} ({_human(e.size)})" for e in largest)
+        listing = ", ".join(f"{e.rel} ({human_bytes(e.size)})" for e in largest)
         raise SpecError(
-            f"the build context {root} is {_human(total)}, over the {_human(limit)} limit; largest files: {listing}",
+            f"the build context {root} is {human_bytes(total)}, over the {human_bytes(limit)} limit; largest files: {listing}",
             path=where, field=field,
             hint="list what the image does not need in .dockerignore (data belongs in a mount or a Dataset), "
             "or raise DOCKYARD_MAX_CONTEXT",

@@ -10,7 +10,6 @@ transaction per registration, so two processes never get the same version.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 from typing import Any
 
 from ._environment import Environment
@@ -160,7 +159,7 @@ class EnvironmentRegistry:
             details._build()
         return details
 
-    def image_details(self, env: Environment, key_of: Callable[[Environment], Any] | None = None) -> dict[str, Any]:
+    def image_details(self, env: Environment) -> dict[str, Any]:
         """What image names ``env`` and whether the engine holds it (asked now, never assumed).
 
         Raises:

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from ._units import binary_size
 from .errors import InputError
 from .runs import DEFAULT_SHM_BYTES, RunMount, Ulimit
 
@@ -42,8 +43,6 @@ _RESERVED_PREFIXES = ("/dockyard/", "/opt/dockyard/", "/proc/", "/sys/", "/dev/"
 ALLOWED_DOCKER_ARGUMENTS = ("--shm-size SIZE", "--ulimit NAME=SOFT[:HARD]", "--ipc host|private|shareable",
                             "-e/--env NAME=VALUE", "-v/--volume HOST:CONTAINER[:ro|rw]")
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([bkmg]?)b?\s*$", re.I)
-_UNIT = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _IPC = ("host", "private", "shareable")
 
@@ -84,10 +83,10 @@ def parse_shm_size(value: str | int | None, where: str = "shm_size") -> int:
     if isinstance(value, int) and not isinstance(value, bool):
         size = value
     else:
-        found = _SIZE.match(str(value))
-        if found is None:
+        parsed = binary_size(str(value))
+        if parsed is None:
             raise InputError(f"{where} {value!r} is not a size", hint="write e.g. 2g, 512m or a number of bytes")
-        size = int(float(found.group(1)) * _UNIT[found.group(2).lower()])
+        size = parsed
     if size < 1 << 20:
         raise InputError(f"{where} {value!r} is under 1 MiB", hint="shared memory that small breaks every DataLoader; "
                          "the default is 2g")

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from .._environment import ContainerRegistry, Environment
+from .._environment import BuildInputs, ContainerRegistry, Environment
 from .._home import dockyard_home, index_path
 from ..dockerd import EngineClient
 from ..errors import DockyardError, InputError, RegistryAuthError
@@ -218,9 +218,14 @@ class Builder:
 
     # -- the hit path ---------------------------------------------------------------------------
 
-    def key_for(self, env: Environment, progress: Callable[[str], None] | None = None) -> tuple[ContentKey, bool]:
+    def key_for(self, env: Environment, progress: Callable[[str], None] | None = None, *,
+                inputs: BuildInputs | None = None) -> tuple[ContentKey, bool]:
+        """The image's key (bases resolved, pulled if missing) and whether a pull happened.
+
+        ``inputs`` (``env.build_inputs()``) when the caller has them: they hash the context.
+        """
         digest, pulled, refs = self.resolve_base(env, progress)
-        key = env.content_key(base_digest=digest)
+        key = env.content_key(base_digest=digest, inputs=inputs)
         self._remember(env, key, refs)
         return key, pulled
 
@@ -274,7 +279,9 @@ class Builder:
         """
         started = time.perf_counter()
         report = progress or (lambda _l: None)
-        key, _ = self.key_for(env, report)
+        # What the build reads, hashed once: the key, a rebuild's key and the build itself use it.
+        inputs = env.build_inputs()
+        key, _ = self.key_for(env, report, inputs=inputs)
         if no_cache:
             self.cache.remove(key)
         entry = self.cache.lookup(key)
@@ -288,7 +295,7 @@ class Builder:
         # no session to pull a private one with), so a base removed within resolve_ttl is
         # resolved (pulled) again now, and the key recomputed from what that gave.
         if self._bases_refreshed(env, report):
-            key, _ = self.key_for(env, report)
+            key, _ = self.key_for(env, report, inputs=inputs)
             if no_cache:
                 self.cache.remove(key)
             entry = self.cache.lookup(key)
@@ -307,7 +314,8 @@ class Builder:
                 image, image_id, size = fetched
                 slot.record(image=image, image_id=image_id, size=size, parts=dict(key.parts), builder="pulled")
                 return self._done(key, image, image_id, False, "pulled", started)
-            image, image_id, size = self._build(env, key, no_cache=no_cache, on_event=on_event, cancel=cancel)
+            image, image_id, size = self._build(env, key, inputs, no_cache=no_cache, on_event=on_event,
+                                                cancel=cancel)
             slot.record(image=image, image_id=image_id, size=size, parts=dict(key.parts), builder="buildkit")
         if self.shared is not None and self.buildkit == "docker":
             self._publish_later(key.hex, image, report)
@@ -473,6 +481,7 @@ class Builder:
         self,
         env: Environment,
         key: ContentKey,
+        inputs: BuildInputs,
         *,
         no_cache: bool,
         on_event: Callable[[BuildEvent], None] | None,
@@ -482,7 +491,6 @@ class Builder:
         from ._dockerfile import image_tag, render_dockerfile
         from ._inputs import import_context, import_tree, input_tag
 
-        inputs = env.build_inputs()
         spec_tag = input_tag(key.hex, "spec")
         rendered = render_dockerfile(env, key, inputs=inputs, spec_image=spec_tag,
                                      rattler_image=self._rattler_image(env, inputs))
@@ -527,7 +535,7 @@ class Builder:
         finally:
             self._forget_inputs(imported)
 
-    def _rattler_image(self, env: Environment, inputs: Any) -> str:
+    def _rattler_image(self, env: Environment, inputs: BuildInputs) -> str:
         """The rattler tool image's tag, made now if a conda install needs it (else a placeholder)."""
         from ._dockerfile import RATTLER_PLACEHOLDER, needs_rattler
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import urllib.parse
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .._home import dockyard_home, index_path
 from ..dockerd import EngineClient
@@ -126,18 +126,13 @@ def collect_build_inputs(
     Raises:
         EngineUnavailable, EngineError: the engine cannot list images or containers.
     """
-    import json
     import time
 
     engine = engine or EngineClient.from_env()
-    filters = urllib.parse.quote(json.dumps({"reference": ["dockyard/build-input"]}))
-    reply = engine.request("GET", f"/images/json?filters={filters}")
-    if reply.status != 200:
-        raise EngineError(f"listing build inputs answered HTTP {reply.status}", status=reply.status)
     used = images_in_use(engine)
     now = time.time()
     out: list[dict[str, object]] = []
-    for image in reply.json() or []:
+    for image in _images(engine, "dockyard/build-input"):
         if image.get("Id") in used:
             continue
         age = now - float(image.get("Created") or now)
@@ -169,21 +164,31 @@ def prune_build_cache(*, keep_bytes: int = 0, engine: EngineClient | None = None
         return client.prune(keep_bytes=keep_bytes)
 
 
+def _images(engine: EngineClient, reference: str) -> list[dict[str, Any]]:
+    """``GET /images/json`` for one repository: every image with its tags, labels, size, age.
+
+    Raises:
+        EngineUnavailable, EngineError: the engine cannot be asked.
+    """
+    import json
+
+    filters = urllib.parse.quote(json.dumps({"reference": [reference]}))
+    reply = engine.request("GET", f"/images/json?filters={filters}")
+    if reply.status != 200:
+        raise EngineError(f"listing {reference} images answered HTTP {reply.status}", status=reply.status)
+    return list(reply.json() or [])
+
+
 def image_names(engine: EngineClient | None = None) -> dict[str, str]:
     """tag -> the environment name each ``dockyard/env`` image was built as (one engine request);
     empty when the engine cannot be asked (listings then show no names, and say nothing false)."""
-    import json
-
     engine = engine or EngineClient.from_env()
-    filters = urllib.parse.quote(json.dumps({"reference": ["dockyard/env"]}))
     try:
-        reply = engine.request("GET", f"/images/json?filters={filters}")
+        images = _images(engine, "dockyard/env")
     except DockyardError:
         return {}
-    if reply.status != 200:
-        return {}
     out = {}
-    for image in reply.json() or []:
+    for image in images:
         name = (image.get("Labels") or {}).get("dockyard.name")
         for tag in image.get("RepoTags") or []:
             if name:

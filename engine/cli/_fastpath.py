@@ -103,6 +103,8 @@ def try_run_via_agent(args: list[str]) -> int | None:
     head = args[: args.index("--")] if "--" in args else args
     if not args or args[0] != "run" or "-h" in head or "--help" in head:
         return None
+    if os.environ.get(os.environ.get("DOCKYARD_CACHE_REGISTRY_PASSWORD_ENV") or "-"):
+        return None  # this process holds the shared cache's password: only it can pull with it
     import _socket
 
     from .._codeid import code_id

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 import xxhash
 
+from .._units import human_bytes
 from ..errors import EnvironmentProblem, InputError, SnapshotTooLarge
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -251,23 +252,12 @@ def _budget(max_bytes: int | None) -> int:
     return int(mib * 1024**2)
 
 
-def _human(n: int) -> str:
-    if n < 1024:
-        return f"{n} B"
-    value = float(n)
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        value /= 1024
-        if value < 1024 or unit == "TiB":
-            break
-    return f"{value:.1f} {unit}"
-
-
 def _too_large(
     source: Path, entries: list[_Entry], total: int, budget: int, ignore_name: str | None
 ) -> SnapshotTooLarge:
     files = sorted((e for e in entries if e.kind == "file"), key=lambda e: (-e.size, e.path))
     largest = tuple((e.path, e.size) for e in files[:_LARGEST_SHOWN])
-    shown = ", ".join(f"{path} ({_human(size)})" for path, size in largest)
+    shown = ", ".join(f"{path} ({human_bytes(size)})" for path, size in largest)
     if ignore_name == ".amlignore":
         where = f"add patterns to {source / '.amlignore'}"
     else:
@@ -276,8 +266,8 @@ def _too_large(
             f"or to {source / '.gitignore'}"
         )
     return SnapshotTooLarge(
-        f"source directory {source} holds {_human(total)} ({total} bytes) to snapshot, over the budget of "
-        f"{_human(budget)} ({budget} bytes); largest files: {shown}",
+        f"source directory {source} holds {human_bytes(total)} ({total} bytes) to snapshot, over the budget of "
+        f"{human_bytes(budget)} ({budget} bytes); largest files: {shown}",
         hint=f"exclude what the run does not need: {where}, e.g. `data/` or `*.ckpt`; "
         f"or raise the budget with {MAX_MB_ENV}=<MiB> (or take(..., max_bytes=...))",
         source=str(source),
