@@ -128,6 +128,9 @@ def test_a_large_file_travels_once_and_gc_removes_it_when_unused(builder, tmp_pa
     assert mine <= {str(i["image"]) for i in removed} and not (blobs() & mine)
     third = builder.ensure_image(Environment.load(env_file), no_cache=True)  # a removed blob is sent again
     assert in_image(third.image, "cat /config.txt") == "lr=0.01"
+    assert blobs() - before == mine, "the same content, the same blob"
+    for blob in mine:
+        EngineClient.from_env().request("DELETE", f"/images/{blob}")
 
 
 def _wheel(folder: Path, name: str, version: str, module: str) -> Path:
