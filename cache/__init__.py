@@ -42,6 +42,7 @@ _EXPORTS = {
     "CacheStats": "._model",
     "GcFailure": "._model",
     "GcReport": "._model",
+    "PublishRecord": "._model",
     "CacheError": ".errors",
     "CacheInputError": ".errors",
     "IndexCorrupt": ".errors",
@@ -68,7 +69,7 @@ if TYPE_CHECKING:  # pragma: no cover
         unresolved_key,
     )
     from ._lease import BuildSlot
-    from ._model import BuildResult, CacheEntry, CacheStats, GcFailure, GcReport
+    from ._model import BuildResult, CacheEntry, CacheStats, GcFailure, GcReport, PublishRecord
     from .errors import (
         CacheError,
         CacheInputError,
@@ -101,6 +102,7 @@ __all__ = [
     "InvalidKeyParts",
     "KeyParts",
     "LeaseLost",
+    "PublishRecord",
     "WaitTimeout",
     "compute_key",
     "diff_keys",

@@ -36,7 +36,7 @@ __all__ = [
 ]
 
 #: ``PRAGMA user_version`` of the index this code writes; bump it with a new migration.
-INDEX_SCHEMA = 3
+INDEX_SCHEMA = 4
 
 _generation = 0
 # Connections inherited across fork() are never closed in the child nor garbage-collected there:
@@ -230,11 +230,22 @@ def _migrate_to_3(db: sqlite_utils.Database) -> None:
     )
 
 
+def _migrate_to_4(db: sqlite_utils.Database) -> None:
+    """Schema 4: the last push of each key to each shared registry (its outcome, not whether the
+    registry still holds it: that is asked of the registry)."""
+    db["publishes"].create(  # type: ignore[union-attr]
+        {"key": str, "registry": str, "ok": int, "detail": str, "at": float},
+        pk=("key", "registry"),
+        not_null={"ok", "detail", "at"},
+    )
+
+
 #: target version -> migration that brings the schema from target - 1 to target.
 _MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
     1: _migrate_to_1,
     2: _migrate_to_2,
     3: _migrate_to_3,
+    4: _migrate_to_4,
 }
 
 

@@ -37,6 +37,7 @@ from ._model import (
     CacheStats,
     GcFailure,
     GcReport,
+    PublishRecord,
     check_parts,
     check_result_fields,
     entry_from_row,
@@ -493,6 +494,51 @@ class ImageCache:
             )
         if version > _db.INDEX_SCHEMA:
             _db.check_not_newer(version, self._path_str)
+
+    # -- pushes to shared registries ----------------------------------------------------------
+
+    def record_publish(self, key: ContentKey | str, registry: str, *, ok: bool, detail: str) -> None:
+        """Remember how the last push of ``key`` to ``registry`` ended (replacing the one before).
+
+        Args:
+            key: the content key pushed.
+            registry: where (``REG/REPO``, no credentials).
+            ok: whether the push succeeded.
+            detail: the pushed digest, or why it failed.
+
+        Raises:
+            CacheInputError: an argument is invalid.
+            IndexUnavailable: the index could not be written.
+        """
+        hexkey = _key_hex(key)
+        if not isinstance(registry, str) or not registry or "@" in registry.split("/", 1)[0]:
+            raise CacheInputError("registry must be REG/REPO, without credentials")
+        if not isinstance(detail, str):
+            raise CacheInputError("detail must be a string")
+        self._update(
+            "INSERT INTO publishes (key, registry, ok, detail, at) VALUES (?, ?, ?, ?, ?)"
+            " ON CONFLICT(key, registry) DO UPDATE SET ok = excluded.ok, detail = excluded.detail,"
+            " at = excluded.at",
+            (hexkey, registry, int(bool(ok)), detail[:2000], time.time()),
+            "record a push in",
+        )
+
+    def publishes(self, registry: str | None = None) -> list[PublishRecord]:
+        """The last push of each key (to ``registry``, or to any), newest first.
+
+        Raises:
+            IndexUnavailable: the index could not be read.
+        """
+        conn = self._ensure_schema()
+        sql = "SELECT key, registry, ok, detail, at FROM publishes"
+        args: tuple[Any, ...] = ()
+        if registry is not None:
+            sql, args = sql + " WHERE registry = ?", (registry,)
+        try:
+            rows = conn.execute(sql + " ORDER BY at DESC, key", args).fetchall()
+        except sqlite3.Error as exc:
+            raise _db.translate(exc, self._path_str, "list pushes in") from exc
+        return [PublishRecord(str(k), str(r), bool(ok), str(d), float(at)) for k, r, ok, d, at in rows]
 
     # -- base-image resolutions ------------------------------------------------------------
 

@@ -17,6 +17,7 @@ __all__ = [
     "CacheStats",
     "GcFailure",
     "GcReport",
+    "PublishRecord",
     "check_parts",
     "check_result_fields",
     "entry_from_row",
@@ -206,6 +207,31 @@ class GcReport:
             "remaining_bytes": self.remaining_bytes,
             "errors": [e.to_json() for e in self.errors],
         }
+
+
+@dataclass(frozen=True)
+class PublishRecord:
+    """The last push of one key to one shared registry: what happened then, not what the
+    registry holds now (ask the registry for that).
+
+    Attributes:
+        key: the content key (32 hex).
+        registry: where it was pushed (``REG/REPO``).
+        ok: the push succeeded.
+        detail: the pushed digest when ``ok``, else why the push failed (no secret: the caller's
+            message, as it would show in a log).
+        at: when (unix seconds).
+    """
+
+    key: str
+    registry: str
+    ok: bool
+    detail: str
+    at: float
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict with every field."""
+        return {"key": self.key, "registry": self.registry, "ok": self.ok, "detail": self.detail, "at": self.at}
 
 
 @dataclass(frozen=True)

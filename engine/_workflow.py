@@ -29,6 +29,7 @@ from .runs import DATASETS_ROOT, LOCAL_KIND, RunRuntime, RunStatus, new_run_id
 if TYPE_CHECKING:  # pragma: no cover
     from ._env_registry import EnvironmentRegistry
     from ._run import Run
+    from .build import CacheRegistry
     from .runs import RunStore
 
 __all__ = [
@@ -69,27 +70,48 @@ def _check_name(kind: str, name: object, limit: int = _NAME_MAX) -> str:
     return name
 
 
+def _cache_registry_setting(value: object, where: str) -> CacheRegistry | None:
+    """A workspace's ``cache_registry`` setting, checked (None and ``""``: none).
+
+    Raises:
+        InputError: not ``REG/REPO`` or a ``{"address", "username", "password_env"}`` object.
+    """
+    if value is None or value == "":
+        return None
+    from .build import CacheRegistry
+
+    if isinstance(value, CacheRegistry):
+        return value
+    return CacheRegistry.from_setting(value, where)
+
+
 class Workspace(metaclass=AzureNames):
     """A local workspace: a folder of runs under the dockyard home.
 
     Args:
         name: the workspace name (Azure's ``workspace_name``).
         home: the dockyard home (default ``$DOCKYARD_HOME`` or ``~/.local/share/dockyard``).
+        cache_registry: the workspace's shared image cache: ``"REG/REPO"``, a
+            :class:`dockyard.build.CacheRegistry`, or the config file's ``cache_registry`` object
+            (``{"address", "username", "password_env"}``); ``DOCKYARD_CACHE_REGISTRY`` overrides it.
         subscription_id, resource_group, **kwargs: Azure-only; accepted and ignored.
 
     Attributes:
         home: the dockyard home (images, snapshots, GPU leases and the agent are shared by its workspaces).
         directory: this workspace's folder (``<home>/workspaces/<name>``: its run store and runs).
+        cache_registry: the workspace's own shared cache setting (None: none).
     """
 
     __getattr__ = instance_getattr('Workspace')
 
     def __init__(self, name: str = "default", home: str | os.PathLike[str] | None = None,
-                 subscription_id: str | None = None, resource_group: str | None = None, **kwargs: Any) -> None:
+                 subscription_id: str | None = None, resource_group: str | None = None,
+                 cache_registry: str | dict[str, Any] | CacheRegistry | None = None, **kwargs: Any) -> None:
         self.name = _check_name("workspace", name)
         self.home = Path(home).expanduser() if home is not None else dockyard_home()
         self.directory = self.home / WORKSPACES / self.name
         self._runs: RunStore | None = None
+        self.cache_registry = _cache_registry_setting(cache_registry, "Workspace(cache_registry=...)")
 
     def __repr__(self) -> str:
         return f"Workspace.create(name={self.name!r}, home={str(self.home)!r})"
@@ -100,10 +122,27 @@ class Workspace(metaclass=AzureNames):
 
         An Azure ML ``config.json`` works as is: ``workspace_name`` names the local workspace and
         ``subscription_id``/``resource_group`` are ignored. A dockyard config may add ``home``
-        (relative to the file).
+        (relative to the file) and ``cache_registry`` (the shared image cache, see ``__init__``).
 
         Raises:
             InputError: no config file found, or it is not valid JSON.
+        """
+        found = cls.find(path, _file_name)
+        if found is None:
+            start = Path(path or Path.cwd()).resolve()
+            raise InputError(
+                f"no config.json found in {start} or any folder above it",
+                hint='write {"workspace_name": "my-workspace"} to config.json (an Azure ML config.json works too)',
+            )
+        return found
+
+    @classmethod
+    def find(cls, path: str | os.PathLike[str] | None = None, _file_name: str | None = None) -> Workspace | None:
+        """The workspace the ``config.json`` above ``path`` names (see :meth:`from_config`), or
+        None when there is no such file.
+
+        Raises:
+            InputError: a config file was found but is not valid.
         """
         start = Path(path or Path.cwd()).resolve()
         names = [_file_name] if _file_name else ["config.json"]
@@ -125,17 +164,31 @@ class Workspace(metaclass=AzureNames):
                 name = data.get("workspace_name") or data.get("name") or "default"
                 home = data.get("home")
                 home_path = (candidate.parent / home) if home else None
-                return cls(name, home=home_path)
-        raise InputError(
-            f"no config.json found in {start} or any folder above it",
-            hint='write {"workspace_name": "my-workspace"} to config.json (an Azure ML config.json works too)',
-        )
+                shared = _cache_registry_setting(data.get("cache_registry"), f"{candidate}: field cache_registry")
+                return cls(name, home=home_path, cache_registry=shared)
+        return None
 
     def write_config(self, path: str | os.PathLike[str] = ".", file_name: str = "config.json") -> Path:
         """Write a config.json naming this workspace (``from_config`` finds it)."""
         target = Path(path) / file_name
-        target.write_text(json.dumps({"workspace_name": self.name}) + "\n")
+        data: dict[str, Any] = {"workspace_name": self.name}
+        shared = self.cache_registry
+        if shared is not None:  # the names of the credentials only, never a password
+            data["cache_registry"] = {"address": str(shared), "username": shared.username,
+                                      "password_env": shared.password_env}
+        target.write_text(json.dumps(data) + "\n")
         return target
+
+    def shared_cache(self) -> CacheRegistry | None:
+        """The shared image cache this workspace's builds use: ``DOCKYARD_CACHE_REGISTRY`` (with
+        its credential variables) when set, else :attr:`cache_registry`.
+
+        Raises:
+            InputError: ``DOCKYARD_CACHE_REGISTRY`` is not ``REG/REPO``.
+        """
+        from .build import resolve_cache_registry
+
+        return resolve_cache_registry(None, self.cache_registry)
 
     @property
     def compute_targets(self) -> dict[str, ComputeTarget]:
@@ -522,17 +575,23 @@ class Experiment(metaclass=AzureNames):
                 builder.pull_bases(env)  # also when a remembered resolution outlived the image
             finally:
                 builder.close()
-        shared_password = os.environ.get(os.environ.get("DOCKYARD_CACHE_REGISTRY_PASSWORD_ENV") or "-")
-        if container and os.environ.get("DOCKYARD_CACHE_REGISTRY") and shared_password:
+        shared = ws.shared_cache() if container else None
+        if shared is not None and shared.password_env and os.environ.get(shared.password_env):
             # Same reason: the agent cannot hold the shared cache's password, so a key published
             # elsewhere is pulled now, by this process; the agent then finds it here.
             from .build import Builder
 
-            builder = Builder(ws.home)
+            builder = Builder(ws.home, cache_registry=shared)
             try:
                 builder.fetch_shared(env)
             finally:
                 builder.close()
+        if shared is not None:
+            # The agent builds with the shared cache this submit saw (the workspace's setting, or
+            # this process's variable), not with whatever its own environment says.
+            runtime = runtime.with_shared_cache(str(shared), shared.username or "", shared.password_env or "")
+        elif container:
+            runtime = runtime.with_shared_cache("", "", "")
         snapshot = SnapshotStore(ws.home / "snapshots").take(source)
         run_id = new_run_id(self.name)
         run_dir = ws.store.folder_of(run_id).root
@@ -548,7 +607,8 @@ class Experiment(metaclass=AzureNames):
                 runtime=runtime.to_dict(), tags=run_tags,
             )
         )
-        ensure_agent(ws.home, scrub=[registry.password_env] if registry.password_env else [])
+        secrets = [name for name in (registry.password_env, shared.password_env if shared else None) if name]
+        ensure_agent(ws.home, scrub=secrets)
         return Run(self, run_id)
 
     def get_runs(self) -> list[Run]:

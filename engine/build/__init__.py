@@ -15,6 +15,7 @@ _EXPORTS = {
     # building environments
     "Builder": "._builder",
     "BuiltImage": "._builder",
+    "SharedStatus": "._builder",
     "ensure_image": "._builder",
     "RenderedBuild": "._dockerfile",
     "image_tag": "._dockerfile",
@@ -30,6 +31,10 @@ _EXPORTS = {
     "pull_image": "._registry",
     "push_image": "._registry",
     "qualify": "._registry",
+    # the shared cache in a registry
+    "CacheRegistry": "._shared",
+    "Presence": "._shared",
+    "resolve_cache_registry": "._shared",
     # base images made without a registry
     "BaseImage": "._base_images",
     "HOST_CA_BUNDLE": "._base_images",
@@ -50,9 +55,10 @@ __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._base_images import HOST_CA_BUNDLE, BaseImage, base_image_ref, bootstrap, list_base_images
-    from ._builder import Builder, BuiltImage, ensure_image
+    from ._builder import Builder, BuiltImage, SharedStatus, ensure_image
     from ._buildkit import BuildEvent, BuildKitClient, SolveSpec, Worker
     from ._dockerfile import RenderedBuild, image_tag, render_dockerfile
     from ._image_gc import collect_build_inputs, collect_garbage, image_names, parse_size, prune_build_cache
     from ._memo import spec_fingerprint
     from ._registry import ImageName, login_check, parse_image_ref, pull_image, push_image, qualify
+    from ._shared import CacheRegistry, Presence, resolve_cache_registry

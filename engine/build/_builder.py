@@ -15,7 +15,7 @@ import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from .._environment import BuildInputs, ContainerRegistry, Environment
 from .._home import dockyard_home, index_path
@@ -23,14 +23,16 @@ from ..dockerd import EngineClient
 from ..errors import DockyardError, InputError, RegistryAuthError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from dockyard.cache import ContentKey, ImageCache
+    from dockyard.cache import ContentKey, ImageCache, PublishRecord
 
     from ._buildkit import BuildEvent
+    from ._shared import CacheRegistry
 
-__all__ = ["Builder", "BuiltImage", "ensure_image"]
+__all__ = ["Builder", "BuiltImage", "SharedStatus", "ensure_image"]
 
 #: How long a base image's resolved digest is trusted before the engine is asked again.
 DEFAULT_RESOLVE_TTL = 300.0
+_DEFAULT: Any = object()  # "the builder's own" shared cache, told apart from None (none)
 _FROM = re.compile(r"^\s*FROM\s+(?:--platform=\S+\s+)?(\S+)(?:\s+AS\s+(\S+))?\s*$", re.I | re.M)
 
 
@@ -78,8 +80,8 @@ class Builder:
         engine: the Docker Engine (default from ``DOCKER_HOST``).
         buildkit: ``docker`` (the engine's BuildKit) or a standalone buildkitd address.
         resolve_ttl: seconds a base image's resolved digest is reused (``DOCKYARD_RESOLVE_TTL``).
-        cache_registry: the shared cache (``REG/REPO``; default ``DOCKYARD_CACHE_REGISTRY``), see
-            :mod:`._shared`; ``""`` turns it off.
+        cache_registry: the shared cache (``REG/REPO`` or a :class:`CacheRegistry`; default
+            ``DOCKYARD_CACHE_REGISTRY``), see :mod:`._shared`; ``""`` turns it off.
     """
 
     def __init__(
@@ -89,7 +91,7 @@ class Builder:
         engine: EngineClient | None = None,
         buildkit: str | None = None,
         resolve_ttl: float | None = None,
-        cache_registry: str | None = None,
+        cache_registry: str | CacheRegistry | None = None,
     ) -> None:
         from dockyard.cache import ImageCache
 
@@ -101,11 +103,30 @@ class Builder:
         self.resolve_ttl = _resolve_ttl() if resolve_ttl is None else resolve_ttl
         self.cache: ImageCache = ImageCache(index_path(self.home))
         # The credentials' variables apply to a registry given here as to one set in the environment.
-        environ = dict(os.environ) if cache_registry is None else {**os.environ, "DOCKYARD_CACHE_REGISTRY": cache_registry}
-        self.shared = CacheRegistry.from_env(environ)
+        if isinstance(cache_registry, CacheRegistry):
+            self.shared: CacheRegistry | None = cache_registry
+        else:
+            environ = dict(os.environ) if cache_registry is None else {**os.environ, "DOCKYARD_CACHE_REGISTRY": cache_registry}
+            self.shared = CacheRegistry.from_env(environ)
+        # One object per registry, so its short memory of absent keys lasts across builds.
+        self._registries: dict[tuple[str, str, str | None, str | None], CacheRegistry] = {}
         self._publishing: list[threading.Thread] = []
         #: What the last publish of each key said (None: pushed), for `dockyard cache` to report.
         self.published: dict[str, str | None] = {}
+
+    def registry(self, text: str, *, username: str | None = None, password_env: str | None = None) -> CacheRegistry | None:
+        """The shared cache named ``text`` (``""``: none), the same object for the same setting.
+
+        Raises:
+            InputError: ``text`` is not ``REG/REPO``.
+        """
+        from ._shared import CacheRegistry
+
+        if not text.strip():
+            return None
+        found = CacheRegistry.parse(text, username=username, password_env=password_env)
+        ident = (found.address, found.repository, found.username, found.password_env)
+        return self._registries.setdefault(ident, found)
 
     def close(self) -> None:
         """Wait for pushes to the shared cache still under way, then close the index."""
@@ -258,6 +279,7 @@ class Builder:
         progress: Callable[[str], None] | None = None,
         on_event: Callable[[BuildEvent], None] | None = None,
         cancel: threading.Event | None = None,
+        shared: CacheRegistry | object | None = _DEFAULT,
     ) -> BuiltImage:
         """Return the image for ``env``, building it only when no usable one exists.
 
@@ -269,6 +291,7 @@ class Builder:
             progress: receives one-line notes (pulls, waits for another builder).
             on_event: receives BuildKit's step and log events while building.
             cancel: set it to cancel a running build (as Ctrl-C does).
+            shared: the shared cache for this build (None: none), instead of the builder's.
 
         Raises:
             SpecError: the environment is invalid.
@@ -279,6 +302,7 @@ class Builder:
         """
         started = time.perf_counter()
         report = progress or (lambda _l: None)
+        registry = self.shared if shared is _DEFAULT else cast("CacheRegistry | None", shared)
         # What the build reads, hashed once: the key, a rebuild's key and the build itself use it.
         inputs = env.build_inputs()
         key, _ = self.key_for(env, report, inputs=inputs)
@@ -309,7 +333,7 @@ class Builder:
             if not slot.must_build:
                 assert slot.entry is not None
                 return self._done(key, slot.entry.image, slot.entry.image_id, True, "local-hit", started)
-            fetched = None if no_cache or self.shared is None else self._from_shared(key, report)
+            fetched = None if no_cache or registry is None else self._from_shared(key, report, registry)
             if fetched is not None:
                 image, image_id, size = fetched
                 slot.record(image=image, image_id=image_id, size=size, parts=dict(key.parts), builder="pulled")
@@ -317,13 +341,15 @@ class Builder:
             image, image_id, size = self._build(env, key, inputs, no_cache=no_cache, on_event=on_event,
                                                 cancel=cancel)
             slot.record(image=image, image_id=image_id, size=size, parts=dict(key.parts), builder="buildkit")
-        if self.shared is not None and self.buildkit == "docker":
-            self._publish_later(key.hex, image, report)
+        if registry is not None and self.buildkit == "docker":
+            self._publish_later(key.hex, image, report, registry)
         return self._done(key, image, image_id, False, "built", started)
 
     # -- the shared cache (see _shared) -----------------------------------------------------------
 
-    def _from_shared(self, key: ContentKey, report: Callable[[str], None]) -> tuple[str, str, int] | None:
+    def _from_shared(
+        self, key: ContentKey, report: Callable[[str], None], shared: CacheRegistry
+    ) -> tuple[str, str, int] | None:
         """Pull the key's image from the shared cache, or None to build (absent or unknown).
 
         Raises:
@@ -333,8 +359,6 @@ class Builder:
         from ._registry import pull_image
         from ._shared import Presence
 
-        shared = self.shared
-        assert shared is not None
         answer, why = shared.presence(key.hex)
         if answer is Presence.ABSENT:
             return None
@@ -401,40 +425,111 @@ class Builder:
             if not slot.must_build:
                 assert slot.entry is not None
                 return self._done(key, slot.entry.image, slot.entry.image_id, True, "local-hit", started)
-            fetched = self._from_shared(key, report)
+            fetched = self._from_shared(key, report, self.shared)
             if fetched is None:
                 return None  # leaving the slot unrecorded: the agent's build takes the key
             image, image_id, size = fetched
             slot.record(image=image, image_id=image_id, size=size, parts=dict(key.parts), builder="pulled")
         return self._done(key, image, image_id, False, "pulled", started)
 
-    def publish(self, key_hex: str, image: str, report: Callable[[str], None] | None = None) -> str:
-        """Push ``image`` to the shared cache as ``REG/REPO:<key>``; returns the pushed digest.
+    def publish(
+        self, key_hex: str, image: str, report: Callable[[str], None] | None = None,
+        shared: CacheRegistry | None = None,
+    ) -> str:
+        """Push ``image`` to the shared cache (``shared``, else the builder's) as
+        ``REG/REPO:<key>``; returns the pushed digest. The outcome, success or failure, is recorded
+        in the index (``dockyard cache status`` shows it).
 
         Raises:
             InputError: no shared cache is configured.
-            RegistryAuthError, RegistryError: the registry refused or cannot be reached.
+            RegistryAuthError, RegistryError, EngineError: the push failed.
         """
         from ._registry import push_image
 
-        if self.shared is None:
-            raise InputError("no shared cache is configured",
-                             hint="set DOCKYARD_CACHE_REGISTRY=REG/REPO (or pass --cache-registry)")
-        remote = self.shared.ref(key_hex)
-        self._tag(image, remote)
+        target = shared or self._need_shared()
+        remote = target.ref(key_hex)
         try:
-            digest = push_image(remote, self.shared.credentials(), engine=self.engine, progress=report)
-        finally:
-            self._untag(remote)
-        self.shared.forget_absent(key_hex)
+            self._tag(image, remote)
+            try:
+                digest = push_image(remote, target.credentials(), engine=self.engine, progress=report)
+            finally:
+                self._untag(remote)
+        except DockyardError as exc:
+            self._record_publish(key_hex, target, ok=False, detail=exc.message)
+            raise
+        target.forget_absent(key_hex)
+        self._record_publish(key_hex, target, ok=True, detail=digest)
         return digest
 
-    def _publish_later(self, key_hex: str, image: str, report: Callable[[str], None]) -> None:
+    def shared_status(self, *, check: bool = True) -> list[SharedStatus]:
+        """Each local entry against the shared cache: whether the registry holds its key (asked
+        with one HEAD each, unless ``check`` is False: then "unchecked") and how its last push
+        from here ended. Most recently used first.
+
+        Raises:
+            InputError: no shared cache is configured.
+            RegistryAuthError: the registry refused the credentials.
+        """
+        target = self._need_shared()
+        pushes = {p.key: p for p in self.cache.publishes(str(target))}
+        found: list[SharedStatus] = []
+        for entry in self.cache.entries():
+            answer, why = target.presence(entry.key) if check else (None, "")
+            found.append(SharedStatus(entry.key, entry.image, answer.value if answer else "unchecked", why,
+                                      pushes.get(entry.key)))
+        return found
+
+    def republish(self, keys: list[str] | None = None, *, failed: bool = False,
+                  report: Callable[[str], None] | None = None) -> list[tuple[str, str | None, str]]:
+        """Push local entries to the shared cache now: ``keys`` (full keys or unique prefixes of at
+        least 6 characters), or with ``failed`` every entry whose last push failed. Returns
+        ``(key, digest or None, error or "")`` per entry; one failure does not stop the others.
+
+        Raises:
+            InputError: no shared cache, no key given, or a key that names no local entry.
+        """
+        target = self._need_shared()
+        entries = {e.key: e for e in self.cache.entries()}
+        chosen: list[str] = []
+        for wanted in keys or ():
+            matches = [k for k in entries if k.startswith(wanted.lower())] if len(wanted) >= 6 else []
+            if len(matches) != 1:
+                raise InputError(f"{wanted!r} names {'several entries' if matches else 'no local entry'}",
+                                 hint="give a key (or a longer prefix) from `dockyard cache ls`")
+            chosen.append(matches[0])
+        if failed:
+            chosen += [p.key for p in self.cache.publishes(str(target)) if not p.ok and p.key in entries]
+        if not keys and not failed:
+            raise InputError("name the keys to push, or pass --failed", hint="keys are listed by `dockyard cache status`")
+        results: list[tuple[str, str | None, str]] = []
+        for key_hex in dict.fromkeys(chosen):
+            try:
+                results.append((key_hex, self.publish(key_hex, entries[key_hex].image, report, target), ""))
+            except DockyardError as exc:
+                results.append((key_hex, None, exc.message))
+        return results
+
+    def _need_shared(self) -> CacheRegistry:
+        if self.shared is None:
+            raise InputError("no shared cache is configured",
+                             hint="set DOCKYARD_CACHE_REGISTRY=REG/REPO, pass --cache-registry, or add "
+                             "\"cache_registry\" to the workspace's config.json")
+        return self.shared
+
+    def _record_publish(self, key_hex: str, target: CacheRegistry, *, ok: bool, detail: str) -> None:
+        try:
+            self.cache.record_publish(key_hex, str(target), ok=ok, detail=detail)
+        except Exception:  # noqa: BLE001 - the push's own outcome matters more than its record
+            pass
+
+    def _publish_later(
+        self, key_hex: str, image: str, report: Callable[[str], None], shared: CacheRegistry | None = None
+    ) -> None:
         """Push in the background: a failed push is a warning, never the run's failure."""
 
         def push() -> None:
             try:
-                self.publish(key_hex, image)
+                self.publish(key_hex, image, shared=shared)
                 self.published[key_hex] = None
             except DockyardError as exc:
                 self.published[key_hex] = exc.message
@@ -587,6 +682,23 @@ class Builder:
                 remove_image(self.engine, image_id)
         except DockyardError:
             pass  # still referenced (another tag): the engine keeps it, and so do we
+
+
+@dataclass(frozen=True)
+class SharedStatus:
+    """One local entry against the shared cache: ``in_registry`` is what the registry answered
+    now (``present``, ``absent``, ``unknown`` with ``why``, or ``unchecked``); ``last_push`` is how
+    the last push from this home ended (None: never pushed from here)."""
+
+    key: str
+    image: str
+    in_registry: str
+    why: str
+    last_push: PublishRecord | None
+
+    def to_json(self) -> dict[str, object]:
+        return {"key": self.key, "image": self.image, "in_registry": self.in_registry, "why": self.why or None,
+                "last_push": self.last_push.to_json() if self.last_push else None}
 
 
 def home_label(home: Path) -> str:

@@ -35,7 +35,7 @@ from pathlib import Path
 from .._environment import ContainerRegistry
 from ..errors import InputError, RegistryAuthError
 
-__all__ = ["NEGATIVE_TTL", "CacheRegistry", "Presence"]
+__all__ = ["NEGATIVE_TTL", "CacheRegistry", "Presence", "resolve_cache_registry"]
 
 #: Seconds an "absent" answer is reused in this process (a key being built elsewhere shows up soon).
 NEGATIVE_TTL = 30.0
@@ -97,6 +97,38 @@ class CacheRegistry:
             return None
         return cls.parse(text, username=env.get("DOCKYARD_CACHE_REGISTRY_USERNAME"),
                          password_env=env.get("DOCKYARD_CACHE_REGISTRY_PASSWORD_ENV"))
+
+    @classmethod
+    def from_setting(cls, value: object, where: str) -> CacheRegistry:
+        """A workspace config's ``"cache_registry"``: ``"REG/REPO"``, or an object
+        ``{"address": "REG/REPO", "username": "...", "password_env": "VARIABLE_NAME"}``.
+
+        Raises:
+            InputError: the value has the wrong shape (named with ``where``), or holds a password.
+        """
+        if isinstance(value, str):
+            return cls.parse(value)
+        if not isinstance(value, dict):
+            raise InputError(f"{where}: cache_registry must be \"REG/REPO\" or an object, got {type(value).__name__}",
+                             hint='e.g. "cache_registry": {"address": "127.0.0.1:5000/team/cache", '
+                             '"username": "ci", "password_env": "CACHE_PASSWORD"}')
+        if "password" in value:
+            # A password in a project's config file ends up in version control: refuse it outright.
+            raise InputError(f"{where}: cache_registry must not hold a password",
+                             hint="name the variable that holds it instead: \"password_env\": \"CACHE_PASSWORD\"")
+        unknown = sorted(set(value) - {"address", "username", "password_env"})
+        if unknown:
+            raise InputError(f"{where}: cache_registry has unknown field(s) {', '.join(unknown)}",
+                             hint="the fields are address, username and password_env")
+        for name in ("address", "username", "password_env"):
+            if value.get(name) is not None and not isinstance(value[name], str):
+                raise InputError(f"{where}: cache_registry.{name} must be a string")
+        if not value.get("address"):
+            raise InputError(f"{where}: cache_registry.address is missing", hint='"address": "REG/REPO"')
+        try:
+            return cls.parse(value["address"], username=value.get("username"), password_env=value.get("password_env"))
+        except InputError as exc:
+            raise InputError(f"{where}: {exc.message}", hint=exc.hint) from None
 
     def __str__(self) -> str:
         return f"{self.address}/{self.repository}"
@@ -262,3 +294,25 @@ def _docker_config_credentials(address: str) -> tuple[str, str] | None:
             if user and password:
                 return user, password
     return None
+
+
+def resolve_cache_registry(
+    flag: str | None, workspace: CacheRegistry | None, environ: dict[str, str] | None = None
+) -> CacheRegistry | None:
+    """The shared cache in effect: ``--cache-registry`` (``""`` turns it off), else
+    ``DOCKYARD_CACHE_REGISTRY``, else the workspace's setting, else none.
+
+    The credential variables (``DOCKYARD_CACHE_REGISTRY_USERNAME``/``_PASSWORD_ENV``) go with a
+    registry named by the flag or the variable; a workspace's setting carries its own.
+
+    Raises:
+        InputError: the flag or the variable is not ``REG/REPO``.
+    """
+    env = os.environ if environ is None else environ
+    if flag is not None:
+        if not flag.strip():
+            return None
+        return CacheRegistry.from_env({**env, "DOCKYARD_CACHE_REGISTRY": flag})
+    if env.get("DOCKYARD_CACHE_REGISTRY", "").strip():
+        return CacheRegistry.from_env(dict(env))
+    return workspace

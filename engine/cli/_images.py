@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import TYPE_CHECKING
 
 import click
 
 from ..errors import DockyardError
 from ._terminal import emit_json, progress_lines
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..build import CacheRegistry
 
 __all__ = ["base", "cache", "doctor", "env"]
 
@@ -189,7 +193,20 @@ def env_render(file: str) -> None:
 
 _CACHE_REGISTRY = click.option(
     "--cache-registry", default=None, metavar="REG/REPO",
-    help="Shared cache in a registry (default: DOCKYARD_CACHE_REGISTRY): pull a key built elsewhere, push what is built.")
+    help="Shared cache in a registry (default: DOCKYARD_CACHE_REGISTRY, else the workspace config's "
+    "cache_registry; '' turns it off): pull a key built elsewhere, push what is built.")
+
+
+def _shared_cache(flag: str | None) -> CacheRegistry | None:
+    """``--cache-registry``, else ``DOCKYARD_CACHE_REGISTRY``, else the config.json above the
+    current folder (a broken config is an error, not "no shared cache")."""
+    from .. import Workspace
+    from ..build import resolve_cache_registry
+
+    if flag is None and not os.environ.get("DOCKYARD_CACHE_REGISTRY", "").strip():
+        found = Workspace.find()
+        return found.cache_registry if found is not None else None
+    return resolve_cache_registry(flag, None)
 
 
 @env.command("build")
@@ -206,7 +223,7 @@ def env_build(file: str, no_cache: bool, progress_mode: str, cache_registry: str
     from ._terminal import BuildProgress
 
     environment = Environment.load(file)
-    builder = Builder(cache_registry=cache_registry)
+    builder = Builder(cache_registry=_shared_cache(cache_registry) or "")
     try:
         # The view draws nothing until the first event: a cache hit never loads rich or grpc.
         with BuildProgress(progress_mode, f"building {environment.name}") as view:
@@ -243,7 +260,7 @@ def env_push(file: str, cache_registry: str | None, as_json: bool) -> None:
     from ..build import Builder
 
     environment = Environment.load(file)
-    builder = Builder(cache_registry=cache_registry)
+    builder = Builder(cache_registry=_shared_cache(cache_registry) or "")
     try:
         key, why = builder.image_key(environment)
         entry = builder.cache.find(key) if why is None else None
@@ -447,3 +464,81 @@ def cache_pin(key: str) -> None:
 def cache_unpin(key: str) -> None:
     """Let GC remove the image of KEY again."""
     _set_pin(key, False)
+
+
+def _ago(at: float) -> str:
+    import time
+
+    seconds = max(0.0, time.time() - at)
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f} {unit} ago"
+    return f"{seconds:.0f} s ago"
+
+
+@cache.command("status")
+@_CACHE_REGISTRY
+@click.option("--no-check", is_flag=True, help="Do not ask the registry (show only how the last pushes ended).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def cache_status(cache_registry: str | None, no_check: bool, as_json: bool) -> None:
+    """Each local image against the shared cache: in the registry now (one HEAD each), and how its
+    last push from here ended; a failed push is retried with `dockyard cache push --failed`."""
+    from ..build import Builder
+
+    builder = Builder(cache_registry=_shared_cache(cache_registry) or "")
+    try:
+        found = builder.shared_status(check=not no_check)
+        registry = str(builder.shared)
+    finally:
+        builder.close()
+    failed = [s for s in found if s.last_push is not None and not s.last_push.ok]
+    if as_json:
+        emit_json({"registry": registry, "entries": [s.to_json() for s in found], "failed_pushes": len(failed)})
+        return
+    click.echo(f"shared cache  {registry}")
+    if not found:
+        click.echo("no environment images yet; build one with `dockyard env build FILE`")
+        return
+    click.echo(f"{'KEY':<32}  {'IN REGISTRY':<11}  LAST PUSH FROM HERE")
+    for s in found:
+        if s.last_push is None:
+            last = "-"
+        elif s.last_push.ok:
+            last = f"pushed {_ago(s.last_push.at)} ({s.last_push.detail[:19]})"
+        else:
+            last = f"FAILED {_ago(s.last_push.at)}: {s.last_push.detail}"
+        where = s.in_registry + (f" ({s.why})" if s.why else "")
+        click.echo(f"{s.key}  {where:<11}  {last}")
+    if failed:
+        click.echo(f"{len(failed)} push(es) failed; retry them with `dockyard cache push --failed`", err=True)
+
+
+@cache.command("push")
+@click.argument("keys", nargs=-1)
+@click.option("--failed", is_flag=True, help="Push again every image whose last push failed.")
+@_CACHE_REGISTRY
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def cache_push(keys: tuple[str, ...], failed: bool, cache_registry: str | None, as_json: bool) -> None:
+    """Push local images (by KEY, or --failed) to the shared cache as REG/REPO:<key>."""
+    from ..build import Builder
+
+    builder = Builder(cache_registry=_shared_cache(cache_registry) or "")
+    try:
+        results = builder.republish(list(keys), failed=failed)
+        registry = builder.shared
+    finally:
+        builder.close()
+    assert registry is not None
+    if as_json:
+        emit_json({"registry": str(registry), "pushed": [
+            {"key": k, "ref": registry.ref(k), "digest": d, "error": e or None} for k, d, e in results]})
+    else:
+        if not results:
+            click.echo("nothing to push: no failed push is recorded")
+        for key, digest, error in results:
+            if digest:
+                click.echo(f"pushed {registry.ref(key)} ({digest[:19]})")
+            else:
+                click.echo(f"failed {registry.ref(key)}: {error}", err=True)
+    if any(d is None for _, d, _e in results):
+        sys.exit(1)

@@ -184,6 +184,15 @@ class LocalBackend:
                 self._builder = Builder(self.home, engine=self.engine)
             return self._builder
 
+    def _shared_cache(self, runtime: RunRuntime) -> dict[str, Any]:
+        """``ensure_image``'s ``shared`` for a run: the shared cache its submit saw (runs from
+        before that was recorded use the agent's own setting)."""
+        if runtime.shared_cache is None:
+            return {}
+        registry, username, password_env = runtime.shared_cache
+        return {"shared": self.builder.registry(registry, username=username or None,
+                                                password_env=password_env or None)}
+
     def prewarm(self) -> None:
         """Pay the one-off imports (docker SDK, the builder) before the first run asks for them."""
         _ = self.containers.api, self.builder
@@ -473,7 +482,8 @@ class LocalBackend:
             return
         build_log = _BuildLog(folder.log, lambda line: self.events.log(f"{record.id}: {line}"))
         try:
-            built = self.builder.ensure_image(env, progress=build_log.note, on_event=build_log.event)
+            built = self.builder.ensure_image(env, progress=build_log.note, on_event=build_log.event,
+                                              **self._shared_cache(runtime))
         except DockyardError as exc:
             build_log.failed(exc)
             raise

@@ -46,9 +46,19 @@ class RunRuntime:
     ipc: str | None = None
     variables: Mapping[str, str] = field(default_factory=dict)
     datasets: Mapping[str, str] = field(default_factory=dict)
+    #: The shared image cache the run's build uses: (``REG/REPO`` or ``""`` for none, username,
+    #: name of the password's variable); None for runs from before (the agent's own setting).
+    shared_cache: tuple[str, str, str] | None = None
+
+    def with_shared_cache(self, registry: str, username: str, password_env: str) -> RunRuntime:
+        from dataclasses import replace
+
+        return replace(self, shared_cache=(registry, username, password_env))
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        shared = {} if self.shared_cache is None else {"shared_cache": dict(zip(
+            ("registry", "username", "password_env"), self.shared_cache, strict=True))}
+        return {**shared,
             "mounts": [{"source": m.source, "target": m.target, "read_only": m.read_only} for m in self.mounts],
             "shm_size": self.shm_size,
             "ulimits": [{"name": u.name, "soft": u.soft, "hard": u.hard} for u in self.ulimits],
@@ -61,7 +71,10 @@ class RunRuntime:
     def from_dict(cls, data: Mapping[str, Any] | None) -> RunRuntime:
         """The stored form (``{}`` for runs from before runtimes: Docker's defaults)."""
         data = data or {}
+        shared = data.get("shared_cache")
         return cls(
+            shared_cache=(str(shared.get("registry") or ""), str(shared.get("username") or ""),
+                          str(shared.get("password_env") or "")) if isinstance(shared, dict) else None,
             mounts=tuple(RunMount(str(m["source"]), str(m["target"]), bool(m.get("read_only", True)))
                          for m in data.get("mounts") or ()),
             shm_size=int(data["shm_size"]) if data.get("shm_size") is not None else None,

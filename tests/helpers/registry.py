@@ -114,6 +114,19 @@ class LocalRegistry:
                     raise
         raise AssertionError("unreachable")  # pragma: no cover
 
+    def pause(self) -> None:
+        """Stop the registry's process but keep its port and storage (a registry that is down)."""
+        self._kill()
+
+    def resume(self) -> None:
+        """Start it again after :meth:`pause`, on the same port with the same storage.
+
+        Raises:
+            RegistryStartError: it did not come up (another process took the port meanwhile).
+        """
+        assert self._dir is not None, "resume() after start() and pause()"
+        self._launch(self._dir / "config.yml")
+
     def stop(self) -> None:
         """Stop the registry (terminate, then kill) and delete its storage; keep its log."""
         self._kill()

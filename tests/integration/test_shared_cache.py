@@ -254,13 +254,18 @@ def test_a_submit_pulls_from_the_shared_cache_itself_since_the_agent_holds_no_pa
     engine.request("DELETE", f"/images/{built.image}")  # this machine has it no more: only the registry does
     home = tmp_path / "home-b"
     monkeypatch.setenv("DOCKYARD_HOME", str(home))
-    monkeypatch.setenv("DOCKYARD_CACHE_REGISTRY", shared)
+    monkeypatch.delenv("DOCKYARD_CACHE_REGISTRY", raising=False)  # the workspace's setting names it
     src = tmp_path / "src"
     src.mkdir()
     (src / "show.py").write_text("print(open('/stamp').read().strip())\n")
-    ws = Workspace(f"sc{uuid.uuid4().hex[:6]}", home=home)
+    ws = Workspace(f"sc{uuid.uuid4().hex[:6]}", home=home, cache_registry={
+        "address": shared, "username": os.environ["DOCKYARD_CACHE_REGISTRY_USERNAME"],
+        "password_env": "TEST_CACHE_PASSWORD"})
     try:
         run = Experiment(ws, "shared").submit(ScriptRunConfig(str(src), "show.py", environment=env))
+        record = ws.store.get(run.id)
+        assert record.runtime["shared_cache"] == {"registry": shared, "username": ws.cache_registry.username,
+                                                  "password_env": "TEST_CACHE_PASSWORD"}
         details = run.wait_for_completion(raise_on_error=False)
         log = Path(details["logFiles"]["logs/std.log"]).read_text()
         assert details["status"] == "Completed", log
@@ -273,3 +278,57 @@ def test_a_submit_pulls_from_the_shared_cache_itself_since_the_agent_holds_no_pa
     finally:
         index.close()
     assert entry is not None and entry.builder == "pulled", "the run's image was built, not pulled"
+    password = os.environ["TEST_CACHE_PASSWORD"].encode()
+    assert password not in (ws.directory / "runs.db").read_bytes()
+
+
+def test_a_failed_push_shows_in_cache_status_and_push_failed_retries_it(tmp_path, monkeypatch):
+    """The workspace's config.json names the shared cache (no variable, no flag). The registry is
+    down while the image is built: the build succeeds, the push fails and is recorded; once the
+    registry is back, `cache status` asks it (absent) and `cache push --failed` publishes."""
+    from helpers.registry import LocalRegistry
+
+    monkeypatch.delenv("DOCKYARD_CACHE_REGISTRY", raising=False)
+    with LocalRegistry() as reg:
+        project = tmp_path / "project"
+        project.mkdir()
+        (project / "config.json").write_text(json.dumps({"workspace_name": "team", "cache_registry": {
+            "address": f"{reg.address}/team/cache", "username": reg.username, "password_env": "TEAM_CACHE_PW"}}))
+        spec = project / "env.yml"
+        spec.write_text(f"name: failed-push\ndocker:\n  base_dockerfile: |\n    FROM {BUSYBOX}\n"
+                        f"    RUN echo {uuid.uuid4().hex}\n")
+        environ = {**os.environ, "DOCKYARD_HOME": str(tmp_path / "home"), "TEAM_CACHE_PW": reg.password}
+
+        def dockyard(*args: str) -> subprocess.CompletedProcess[str]:
+            done = subprocess.run([sys.executable, "-m", "dockyard", *args], capture_output=True, text=True,
+                                  timeout=300, env=environ, cwd=project)
+            assert reg.password not in done.stdout + done.stderr
+            return done
+
+        reg.pause()
+        built = dockyard("env", "build", str(spec), "--json")
+        assert built.returncode == 0, built.stderr
+        doc = json.loads(built.stdout)
+        assert doc["source"] == "built" and doc["shared_cache"]["pushed"] is False
+        assert doc["shared_cache"]["registry"] == f"{reg.address}/team/cache" and doc["shared_cache"]["push_error"]
+        down = json.loads(dockyard("cache", "status", "--json").stdout)
+        (row,) = [e for e in down["entries"] if e["key"] == doc["key"]]
+        assert row["in_registry"] == "unknown" and row["last_push"]["ok"] is False
+        assert down["failed_pushes"] == 1
+
+        reg.resume()
+        back = json.loads(dockyard("cache", "status", "--json").stdout)
+        (row,) = [e for e in back["entries"] if e["key"] == doc["key"]]
+        assert row["in_registry"] == "absent", "unknown became a real answer once the registry is back"
+        text = dockyard("cache", "status")
+        assert "FAILED" in text.stdout and "cache push --failed" in text.stderr
+        retried = dockyard("cache", "push", "--failed", "--json")
+        assert retried.returncode == 0, retried.stderr
+        (pushed,) = json.loads(retried.stdout)["pushed"]
+        assert pushed["key"] == doc["key"] and pushed["digest"].startswith("sha256:") and pushed["error"] is None
+        after = json.loads(dockyard("cache", "status", "--json").stdout)
+        (row,) = [e for e in after["entries"] if e["key"] == doc["key"]]
+        assert row["in_registry"] == "present" and row["last_push"]["ok"] is True and after["failed_pushes"] == 0
+        assert json.loads(dockyard("cache", "push", "--failed", "--json").stdout)["pushed"] == []
+        index = (tmp_path / "home" / "index.db").read_bytes()
+        assert reg.password.encode() not in index

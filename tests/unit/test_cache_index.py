@@ -85,9 +85,9 @@ def test_entry_to_json_is_plain_json(cache: ImageCache) -> None:
 def test_index_is_wal_with_a_schema_version(cache: ImageCache) -> None:
     cache.record(KEY, image="img", image_id="id")
     assert _sql(cache, "PRAGMA journal_mode") == [("wal",)]
-    assert _sql(cache, "PRAGMA user_version") == [(3,)]
+    assert _sql(cache, "PRAGMA user_version") == [(4,)]
     assert {r[0] for r in _sql(cache, "SELECT name FROM sqlite_master WHERE type='table'")} == {
-        "entries", "leases", "resolutions", "memos"}
+        "entries", "leases", "resolutions", "memos", "publishes"}
 
 
 def test_record_replaces_but_keeps_hits_and_pin(cache: ImageCache) -> None:
@@ -369,7 +369,27 @@ def test_an_index_of_schema_1_is_read_as_is_and_migrated_on_first_write(tmp_path
     assert cache.resolution(REF, max_age=60) is None
     assert _sql(cache, "PRAGMA user_version") == [(1,)]  # reads never migrate
     cache.remember_resolution(REF, DIGEST)  # the first write migrates
-    assert _sql(cache, "PRAGMA user_version") == [(3,)]
+    assert _sql(cache, "PRAGMA user_version") == [(4,)]
     assert cache.resolution(REF, max_age=60) == DIGEST
     assert cache.lookup(KEY) is not None and cache.stats().entries == 1
     cache.verify()
+
+
+def test_the_last_push_of_a_key_is_remembered_per_registry(cache: ImageCache) -> None:
+    cache.record_publish(KEY, "127.0.0.1:5000/team/cache", ok=False, detail="HTTP 500 from the registry")
+    cache.record_publish(KEY, "127.0.0.1:5001/other", ok=True, detail="sha256:" + "a" * 64)
+    (first,) = cache.publishes("127.0.0.1:5000/team/cache")
+    assert (first.key, first.ok, first.detail) == (KEY.hex, False, "HTTP 500 from the registry")
+    cache.record_publish(KEY, "127.0.0.1:5000/team/cache", ok=True, detail="sha256:" + "b" * 64)
+    (again,) = cache.publishes("127.0.0.1:5000/team/cache")
+    assert again.ok and again.detail.endswith("b" * 64) and again.at >= first.at
+    assert len(cache.publishes()) == 2
+    assert set(again.to_json()) == {"key", "registry", "ok", "detail", "at"}
+
+
+def test_a_push_record_refuses_credentials_in_the_registry(cache: ImageCache) -> None:
+    with pytest.raises(CacheInputError):
+        cache.record_publish(KEY, "user:secret@127.0.0.1:5000/cache", ok=True, detail="")
+    with pytest.raises(InvalidKey):
+        cache.record_publish("not-a-key", "127.0.0.1:5000/cache", ok=True, detail="")
+    assert cache.publishes() == []
