@@ -14,6 +14,15 @@ without the environment image:
 * ``b_pull_via_registry``  ``Builder.ensure_image`` with the shared cache: HEAD, pull, tag
 * ``b_full_build``         the same on B without the shared cache: a full build (pip from PyPI)
 
+and a **near miss** on B: the user's own Dockerfile (a build context holding the wheels: ``COPY``,
+``RUN pip install``, then ``ARG STAMP`` and one more step), published by A with one ``STAMP``
+and wanted on B with another. Before each sample B's BuildKit cache is pruned, so only the
+registry can help:
+
+* ``b_near_miss_import``   with the shared cache: the published neighbour is pulled and its
+                           inline cache imported (the install step is reused)
+* ``b_near_miss_build``    without it: every step runs
+
 and on A, what a **local hit** pays for the registry being configured (goal: nothing):
 
 * ``hit_without_registry`` / ``hit_with_registry``  ``ensure_image`` on a hit, p50 over many calls
@@ -62,6 +71,53 @@ def _env(wheels: Path) -> Any:
     return env
 
 
+def _user_dockerfile_env(context: Path, salt: str, stamp: str) -> Any:
+    from dockyard import Environment
+    from dockyard.core.environment import DockerBuildContext
+
+    (context / "Dockerfile").write_text(
+        f"FROM {PYTHON_BASE}\nCOPY wheels /wheels\n"
+        f"RUN echo {salt} && python3 -m venv /opt/venv && /opt/venv/bin/pip install -q --no-index "
+        "--find-links /wheels numpy scikit-learn\nARG STAMP\nRUN echo $STAMP > /stamp\n")
+    env = Environment.from_docker_build_context("near", DockerBuildContext.from_local_directory(
+        None, str(context), "Dockerfile"))
+    env.python.user_managed_dependencies = True
+    env.docker.build_args = {"STAMP": stamp}
+    return env
+
+
+def _near_misses(n: int, work: Path, wheels: Path, shared: str, b_engine: Any) -> tuple[list[float], list[float]]:
+    import shutil
+
+    from dockyard.build import Builder, prune_build_cache
+
+    context = work / "context"
+    context.mkdir()
+    shutil.copytree(wheels, context / "wheels")
+    imported, built = [], []
+    for i in range(n):
+        salt = uuid.uuid4().hex  # the install step of this sample has never run anywhere
+        a = Builder(work / f"near-a{i}", cache_registry=shared)
+        try:
+            a.ensure_image(_user_dockerfile_env(context, salt, "one"))
+        finally:
+            a.close()
+        for which in (("import", "build") if i % 2 == 0 else ("build", "import")):
+            prune_build_cache(keep_bytes=0, engine=b_engine.client)
+            env = _user_dockerfile_env(context, salt, f"two-{which}")
+            b = Builder(work / f"near-b-{which}{i}", engine=b_engine.client,
+                        cache_registry=shared if which == "import" else "")
+            try:
+                started = time.perf_counter()
+                got = b.ensure_image(env)
+                took = time.perf_counter() - started
+            finally:
+                b.close()
+            (imported if which == "import" else built).append(took)
+            b_engine.client.request("DELETE", f"/images/{got.image}?force=1")
+    return imported, built
+
+
 def _median(values: list[float]) -> float:
     return round(statistics.median(values), 4)
 
@@ -102,6 +158,9 @@ def run(n: int) -> dict[str, Any]:
                 b_engine.client.request("DELETE", f"/images/{got.image}?force=1")
         rows["b_pull_via_registry"] = _median(pulls)
         rows["b_full_build"] = _median(builds)
+        imported, full = _near_misses(n, work, wheels, shared, b_engine)
+        rows["b_near_miss_import"] = _median(imported)
+        rows["b_near_miss_build"] = _median(full)
         # The local-hit cost of a configured registry (A holds the last environment built).
         hits: dict[str, list[float]] = {"hit_without_registry": [], "hit_with_registry": []}
         for name, setting in (("hit_without_registry", ""), ("hit_with_registry", shared)):
@@ -122,6 +181,7 @@ def run(n: int) -> dict[str, Any]:
         "rows": rows,
         "ratios": {
             "full_build_over_pull": round(rows["b_full_build"] / rows["b_pull_via_registry"], 2),
+            "near_miss_build_over_import": round(rows["b_near_miss_build"] / rows["b_near_miss_import"], 2),
             "hit_with_over_without_registry": round(rows["hit_with_registry"] / rows["hit_without_registry"], 3),
         },
     }

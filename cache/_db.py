@@ -232,11 +232,17 @@ def _migrate_to_3(db: sqlite_utils.Database) -> None:
 
 def _migrate_to_4(db: sqlite_utils.Database) -> None:
     """Schema 4: the last push of each key to each shared registry (its outcome, not whether the
-    registry still holds it: that is asked of the registry)."""
+    registry still holds it: that is asked of the registry), and the key parts of keys seen in a
+    shared registry (read once from the image's labels: a key's parts never change)."""
     db["publishes"].create(  # type: ignore[union-attr]
         {"key": str, "registry": str, "ok": int, "detail": str, "at": float},
         pk=("key", "registry"),
         not_null={"ok", "detail", "at"},
+    )
+    db["remote_parts"].create(  # type: ignore[union-attr]
+        {"registry": str, "key": str, "parts": str},
+        pk=("registry", "key"),
+        not_null={"parts"},
     )
 
 

@@ -540,6 +540,37 @@ class ImageCache:
             raise _db.translate(exc, self._path_str, "list pushes in") from exc
         return [PublishRecord(str(k), str(r), bool(ok), str(d), float(at)) for k, r, ok, d, at in rows]
 
+    def remember_remote_parts(self, registry: str, key: ContentKey | str, parts: Mapping[str, str]) -> None:
+        """Remember the key parts of ``key`` as published in ``registry`` (from its labels).
+
+        Raises:
+            CacheInputError, InvalidKeyParts: an argument is invalid.
+            IndexUnavailable: the index could not be written.
+        """
+        hexkey = _key_hex(key)
+        if not isinstance(registry, str) or not registry:
+            raise CacheInputError("registry must be REG/REPO")
+        clean = check_parts(dict(parts))
+        self._update(
+            "INSERT INTO remote_parts (registry, key, parts) VALUES (?, ?, ?)"
+            " ON CONFLICT(registry, key) DO UPDATE SET parts = excluded.parts",
+            (registry, hexkey, json.dumps(clean, sort_keys=True)),
+            "remember a published key in",
+        )
+
+    def remote_parts(self, registry: str) -> dict[str, dict[str, str]]:
+        """key -> parts of every key remembered for ``registry`` (see :meth:`remember_remote_parts`).
+
+        Raises:
+            IndexUnavailable: the index could not be read.
+        """
+        conn = self._ensure_schema()
+        try:
+            rows = conn.execute("SELECT key, parts FROM remote_parts WHERE registry = ?", (registry,)).fetchall()
+        except sqlite3.Error as exc:
+            raise _db.translate(exc, self._path_str, "read published keys in") from exc
+        return {str(k): json.loads(p) for k, p in rows}
+
     # -- base-image resolutions ------------------------------------------------------------
 
     def resolution(self, ref: str, *, max_age: float) -> str | None:

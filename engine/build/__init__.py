@@ -34,6 +34,7 @@ _EXPORTS = {
     # the shared cache in a registry
     "CacheRegistry": "._shared",
     "Presence": "._shared",
+    "nearest_key": "._shared",
     "resolve_cache_registry": "._shared",
     # base images made without a registry
     "BaseImage": "._base_images",
@@ -61,4 +62,4 @@ if TYPE_CHECKING:  # pragma: no cover
     from ._image_gc import collect_build_inputs, collect_garbage, image_names, parse_size, prune_build_cache
     from ._memo import spec_fingerprint
     from ._registry import ImageName, login_check, parse_image_ref, pull_image, push_image, qualify
-    from ._shared import CacheRegistry, Presence, resolve_cache_registry
+    from ._shared import CacheRegistry, Presence, nearest_key, resolve_cache_registry

@@ -86,6 +86,11 @@ class SolveSpec:
     context_image: str | None = None
     #: (image, path): large context files, each copied from its own image into the context.
     context_blobs: tuple[tuple[str, str], ...] = ()
+    #: Image references whose inline cache the build may reuse (``registry`` cache imports).
+    cache_from: tuple[str, ...] = ()
+    #: Embed the build's cache metadata in the image (an ``inline`` cache export), so that a later
+    #: build elsewhere can import it from the pushed image.
+    inline_cache: bool = False
 
 
 @dataclass(frozen=True)
@@ -571,10 +576,14 @@ class BuildKitClient:
         from dockyard.proto import control_pb2
 
         ref = f"dockyard-{uuid.uuid4().hex}"
+        attrs = {"filename": "Dockerfile", **spec.frontend_attrs}
+        imports = [{"Type": "registry", "Attrs": {"ref": r}} for r in spec.cache_from]
+        if imports:  # the frontend reads its imports from this attr; the Go client sends both forms
+            attrs["cache-imports"] = json.dumps(imports)
         request = control_pb2.SolveRequest(
             Ref=ref,
             Frontend="dockerfile.v0",
-            FrontendAttrs={"filename": "Dockerfile", **spec.frontend_attrs},
+            FrontendAttrs=attrs,
             Exporter=spec.exporter,  # daemons < v0.13 read only these two fields …
             ExporterAttrs=dict(spec.exporter_attrs),
             FrontendInputs={
@@ -585,6 +594,10 @@ class BuildKitClient:
         )
         # … newer ones read the list; the official client sends both.
         request.Exporters.add(Type=spec.exporter, Attrs=dict(spec.exporter_attrs))
+        for entry in imports:
+            request.Cache.Imports.add(Type=entry["Type"], Attrs=entry["Attrs"])
+        if spec.inline_cache:
+            request.Cache.Exports.add(Type="inline")
         tracker = _StatusTracker(on_event)
         future = self._control.Solve.future(request)
         follower = threading.Thread(target=self._follow, args=(ref, tracker), name="dockyard-status", daemon=True)

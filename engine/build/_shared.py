@@ -35,7 +35,7 @@ from pathlib import Path
 from .._environment import ContainerRegistry
 from ..errors import InputError, RegistryAuthError
 
-__all__ = ["NEGATIVE_TTL", "CacheRegistry", "Presence", "resolve_cache_registry"]
+__all__ = ["NEGATIVE_TTL", "CacheRegistry", "Presence", "nearest_key", "resolve_cache_registry"]
 
 #: Seconds an "absent" answer is reused in this process (a key being built elsewhere shows up soon).
 NEGATIVE_TTL = 30.0
@@ -46,6 +46,11 @@ _MANIFESTS = ", ".join((
     "application/vnd.oci.image.manifest.v1+json",
     "application/vnd.oci.image.index.v1+json",
 ))
+_SINGLE_MANIFESTS = "application/vnd.docker.distribution.manifest.v2+json, application/vnd.oci.image.manifest.v1+json"
+_KEY = re.compile(r"[0-9a-f]{32}")
+#: Tags read per listing, and the largest registry document read (a manifest or an image config).
+_MAX_TAGS = 1000
+_MAX_DOCUMENT = 4 << 20
 _LOOPBACK = re.compile(r"^(?:localhost|127\.\d+\.\d+\.\d+|\[::1\])(?::\d+)?$")
 _CHALLENGE = re.compile(r'(\w+)="([^"]*)"')
 
@@ -207,34 +212,89 @@ class CacheRegistry:
         return http.client.HTTPSConnection(self.address, timeout=_PROBE_TIMEOUT)
 
     def _head(self, key_hex: str, creds: ContainerRegistry) -> int:
-        path = f"/v2/{self.repository}/manifests/{key_hex}"
-        headers = {"Accept": _MANIFESTS}
-        status, challenge = self._request(path, headers)
+        return self._authed("HEAD", f"/v2/{self.repository}/manifests/{key_hex}", {"Accept": _MANIFESTS}, creds)[0]
+
+    def _authed(self, method: str, path: str, headers: dict[str, str], creds: ContainerRegistry) -> tuple[int, bytes]:
+        """One request, answering the registry's challenge (Basic or a bearer token) if it sends one."""
+        status, challenge, body = self._request(method, path, headers)
         if status != 401 or not challenge:
-            return status
+            return status, body
         scheme, _, params = challenge.partition(" ")
         password = creds.password
         if scheme.lower() == "basic":
             if not (creds.username and password):
-                return 401
+                return 401, b""
             token = base64.b64encode(f"{creds.username}:{password}".encode()).decode()
-            return self._request(path, {**headers, "Authorization": f"Basic {token}"})[0]
+            return self._request(method, path, {**headers, "Authorization": f"Basic {token}"})[::2]
         if scheme.lower() == "bearer":
             bearer = self._token(dict(_CHALLENGE.findall(params)), creds)
             if bearer is None:
-                return 401
-            return self._request(path, {**headers, "Authorization": f"Bearer {bearer}"})[0]
-        return status
+                return 401, b""
+            return self._request(method, path, {**headers, "Authorization": f"Bearer {bearer}"})[::2]
+        return status, body
 
-    def _request(self, path: str, headers: dict[str, str]) -> tuple[int, str]:
+    def _request(self, method: str, path: str, headers: dict[str, str]) -> tuple[int, str, bytes]:
         conn = self._connection()
         try:
-            conn.request("HEAD", path, headers=headers)
+            conn.request(method, path, headers=headers)
             resp = conn.getresponse()
-            resp.read()
-            return resp.status, resp.getheader("WWW-Authenticate", "") or ""
+            body = resp.read(_MAX_DOCUMENT + 1)
+            return resp.status, resp.getheader("WWW-Authenticate", "") or "", body
         finally:
             conn.close()
+
+    # -- published keys, for a near miss ---------------------------------------------------------
+
+    def published_keys(self) -> list[str]:
+        """The content keys the repository holds (its tags that look like keys), or [] when it
+        cannot be asked: a near miss is an optimisation, never a reason to fail.
+
+        Raises:
+            RegistryAuthError: the registry refused the credentials.
+        """
+        try:
+            creds = self.credentials()
+            status, body = self._authed("GET", f"/v2/{self.repository}/tags/list?n={_MAX_TAGS}", {}, creds)
+        except RegistryAuthError:
+            raise
+        except (OSError, http.client.HTTPException):
+            return []
+        if status in (401, 403):
+            raise RegistryAuthError(f"the cache registry {self.address} refused to list {self.repository}",
+                                    registry=self.address, hint="check the cache registry's credentials")
+        if status != 200:
+            return []
+        try:
+            tags = json.loads(body).get("tags") or []
+        except (ValueError, AttributeError):
+            return []
+        return sorted(t for t in tags if isinstance(t, str) and _KEY.fullmatch(t))
+
+    def published_parts(self, key_hex: str) -> dict[str, str] | None:
+        """The key parts a published image carries in its labels (``dockyard.part.*``), or None
+        when they cannot be read or the image is not that key's (its ``dockyard.key`` label)."""
+        try:
+            creds = self.credentials()
+            status, body = self._authed("GET", f"/v2/{self.repository}/manifests/{key_hex}",
+                                        {"Accept": _SINGLE_MANIFESTS}, creds)
+            if status != 200:
+                return None
+            digest = json.loads(body)["config"]["digest"]
+            if not isinstance(digest, str) or not re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
+                return None
+            status, body = self._authed("GET", f"/v2/{self.repository}/blobs/{digest}", {}, creds)
+            if status != 200:
+                return None  # (a registry that redirects blobs to a store: not followed, skipped)
+            labels = (json.loads(body).get("config") or {}).get("Labels") or {}
+        except (OSError, http.client.HTTPException, ValueError, KeyError, TypeError, AttributeError,
+                RegistryAuthError):
+            return None
+        if labels.get("dockyard.key") != key_hex:
+            return None
+        parts = {k[len("dockyard.part."):]: v for k, v in labels.items() if k.startswith("dockyard.part.")}
+        if not parts or not all(isinstance(v, str) and _KEY.fullmatch(v) for v in parts.values()):
+            return None
+        return parts
 
     def _token(self, challenge: dict[str, str], creds: ContainerRegistry) -> str | None:
         """A registry token for pulling the repository (Docker's token protocol)."""
@@ -316,3 +376,31 @@ def resolve_cache_registry(
     if env.get("DOCKYARD_CACHE_REGISTRY", "").strip():
         return CacheRegistry.from_env(dict(env))
     return workspace
+
+
+#: Parts that must be equal for a published key's layers to be worth pulling as a cache: the same
+#: base content on the same platform (otherwise no layer of it can be reused).
+_SAME_BASE = ("base_image", "base_digest", "platform")
+
+
+def nearest_key(parts: dict[str, str], published: dict[str, dict[str, str]]) -> tuple[str, int] | None:
+    """The published key whose layers a build of ``parts`` may reuse, with how many parts are equal.
+
+    A candidate needs the same base and platform, and either the same Dockerfile (the context,
+    build arguments or dependencies changed: every step before the first that reads them is
+    reused) or everything but the Dockerfile equal (an edited Dockerfile: the steps before the edit
+    are reused). Anything else would pull an image for nothing. Among candidates the most equal
+    parts win, then the smallest key (the same answer on every machine).
+    """
+    best: tuple[int, str] | None = None
+    names = set(parts)
+    for key_hex, theirs in published.items():
+        if any(parts.get(n) != theirs.get(n) for n in _SAME_BASE) or set(theirs) - names - {"context"}:
+            continue
+        different = {n for n in names | set(theirs) if parts.get(n) != theirs.get(n)}
+        if not different or not ("dockerfile" not in different or different == {"dockerfile"}):
+            continue  # the same key (a hit, not a near miss), or too far to reuse
+        equal = len(names) - len(different & names)
+        if best is None or (equal, -int(key_hex, 16)) > (best[0], -int(best[1], 16)):
+            best = (equal, key_hex)
+    return (best[1], best[0]) if best else None

@@ -184,7 +184,9 @@ def test_the_reuse_benchmark_prints_its_ratios():
     assert done.returncode == 0, done.stderr[-2000:]
     doc = json.loads(done.stdout)
     assert doc["ratios"]["full_build_over_pull"] > 0 and doc["ratios"]["hit_with_over_without_registry"] > 0
-    assert set(doc["rows"]) == {"b_pull_via_registry", "b_full_build", "hit_without_registry", "hit_with_registry"}
+    assert set(doc["rows"]) == {"b_pull_via_registry", "b_full_build", "b_near_miss_import", "b_near_miss_build",
+                                "hit_without_registry", "hit_with_registry"}
+    assert doc["ratios"]["near_miss_build_over_import"] > 0
 
 
 def test_kill_9_during_a_pull_records_nothing_and_the_next_call_finishes(tmp_path, shared, engine_b):
@@ -332,3 +334,51 @@ def test_a_failed_push_shows_in_cache_status_and_push_failed_retries_it(tmp_path
         assert json.loads(dockyard("cache", "push", "--failed", "--json").stdout)["pushed"] == []
         index = (tmp_path / "home" / "index.db").read_bytes()
         assert reg.password.encode() not in index
+
+
+def test_a_near_miss_on_engine_b_reuses_the_published_neighbours_layers(tmp_path, shared, engine_b):
+    """Same user Dockerfile, another build argument: engine B has never built either key, pulls
+    the published neighbour and BuildKit reuses its steps before the argument (inline cache)."""
+    stamp = uuid.uuid4().hex
+
+    def env_with(last: str) -> Environment:
+        env = Environment(f"near-{stamp[:6]}")
+        env.docker.base_dockerfile = (f"FROM {BUSYBOX}\nRUN echo heavy-{stamp} > /heavy\n"
+                                      "ARG LAST\nRUN echo $LAST > /last\n")
+        env.docker.build_args = {"LAST": last}
+        return env
+
+    a = Builder(tmp_path / "home-a", cache_registry=shared)
+    try:
+        first = a.ensure_image(env_with("one"))
+    finally:
+        a.close()
+    assert a.published == {first.key: None}
+    notes: list[str] = []
+    events: list = []
+    b = Builder(tmp_path / "home-b", engine=engine_b.client, cache_registry=shared)
+    try:
+        got = b.ensure_image(env_with("two"), progress=notes.append, on_event=events.append)
+        remembered = b.cache.remote_parts(shared)
+    finally:
+        b.close()
+    assert got.source == "built" and got.key != first.key
+    assert any(f"reusing the layers of {first.key[:12]}" in n for n in notes), notes
+    cached = {e.name for e in events if e.kind == "step" and e.state == "cached"}
+    assert any(f"heavy-{stamp}" in name for name in cached), f"the step before ARG ran again: {cached}"
+    assert not any("$LAST" in name for name in cached), "the step that reads the argument must run"
+    # B learnt the neighbour's parts from its labels, and they are A's parts for that key.
+    assert remembered[first.key] == parts_in(tmp_path / "home-a", first.key)
+    assert engine_b.client.inspect_image(f"{shared}:{first.key}") is None, "the neighbour's name is not kept"
+
+
+def parts_in(home: Path, key: str) -> dict[str, str]:
+    from dockyard.cache import ImageCache
+
+    index = ImageCache(home / "index.db")
+    try:
+        entry = index.lookup(key)
+        assert entry is not None
+        return dict(entry.parts)
+    finally:
+        index.close()

@@ -87,7 +87,7 @@ def test_index_is_wal_with_a_schema_version(cache: ImageCache) -> None:
     assert _sql(cache, "PRAGMA journal_mode") == [("wal",)]
     assert _sql(cache, "PRAGMA user_version") == [(4,)]
     assert {r[0] for r in _sql(cache, "SELECT name FROM sqlite_master WHERE type='table'")} == {
-        "entries", "leases", "resolutions", "memos", "publishes"}
+        "entries", "leases", "resolutions", "memos", "publishes", "remote_parts"}
 
 
 def test_record_replaces_but_keeps_hits_and_pin(cache: ImageCache) -> None:
@@ -393,3 +393,11 @@ def test_a_push_record_refuses_credentials_in_the_registry(cache: ImageCache) ->
     with pytest.raises(InvalidKey):
         cache.record_publish("not-a-key", "127.0.0.1:5000/cache", ok=True, detail="")
     assert cache.publishes() == []
+
+
+def test_parts_of_published_keys_are_remembered_per_registry(cache: ImageCache) -> None:
+    cache.remember_remote_parts("127.0.0.1:5000/c", KEY, dict(KEY.parts))
+    assert cache.remote_parts("127.0.0.1:5000/c") == {KEY.hex: dict(KEY.parts)}
+    assert cache.remote_parts("127.0.0.1:5001/other") == {}
+    with pytest.raises(CacheInputError):
+        cache.remember_remote_parts("", KEY, dict(KEY.parts))
