@@ -242,7 +242,7 @@ def test_a_submit_pulls_from_the_shared_cache_itself_since_the_agent_holds_no_pa
                                                                                       monkeypatch):
     from dockyard import Experiment, ScriptRunConfig, Workspace
     from dockyard.cache import ImageCache
-    from dockyard.compute import stop_agent
+    from dockyard.compute import agent_status, stop_agent
     from dockyard.dockerd import EngineClient
 
     env = unique_env()
@@ -272,6 +272,13 @@ def test_a_submit_pulls_from_the_shared_cache_itself_since_the_agent_holds_no_pa
         log = Path(details["logFiles"]["logs/std.log"]).read_text()
         assert details["status"] == "Completed", log
         assert env.docker.build_args["STAMP"] in log
+        # The agent lives long: neither its environment nor its command line holds the password.
+        status = agent_status(home)
+        assert status.running and status.pid
+        secret = os.environ["TEST_CACHE_PASSWORD"].encode()
+        for name in ("environ", "cmdline"):
+            assert secret not in Path(f"/proc/{status.pid}/{name}").read_bytes(), f"the agent's {name}"
+        assert secret not in (home / "agent.log").read_bytes() and secret not in log.encode()
     finally:
         stop_agent(home)
     index = ImageCache(home / "index.db")
