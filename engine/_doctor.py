@@ -13,7 +13,7 @@ from ._sqlite import EMPTY_MARK
 from .dockerd import EngineClient
 from .errors import DockyardError
 
-__all__ = ["Check", "DoctorReport", "run_doctor"]
+__all__ = ["Check", "DoctorReport", "check_compute", "run_doctor"]
 
 
 @dataclass(frozen=True)
@@ -216,3 +216,31 @@ def run_doctor(engine: EngineClient | None = None, home: Path | None = None) -> 
             _check_base_images(engine, engine_check.ok),
         )
     )
+
+
+def check_compute(settings: dict[str, str], name: str) -> tuple[Check, ...]:
+    """``dockyard doctor --compute NAME`` for a cluster target: reachable (with its token), and per
+    node: dockyard of this machine's code, a Docker Engine, its BuildKit, its GPUs. A cluster that
+    accepts requests without a token is a warning: anyone who reaches its ports runs code there."""
+    from .compute import check_cluster
+
+    address = settings.get("address", "")
+    try:
+        report = check_cluster(settings)
+    except DockyardError as exc:
+        return (Check(f"compute {name}", False, f"{exc.message}" + (f" ({exc.hint})" if exc.hint else "")),)
+    checks = [Check(f"compute {name}", True, f"Ray cluster at {address}: {len(report.nodes)} node(s) alive")]
+    problems = report.problems()
+    for node in report.nodes:
+        where = report.node_name(node)
+        mine = [p for p in problems if p.startswith(where)]
+        gpus = node.get("gpus") or []
+        detail = "; ".join(mine) if mine else (
+            f"dockyard {node.get('dockyard')}, engine {node.get('engine')}, BuildKit {node.get('buildkit')}, "
+            f"{len(gpus)} GPU(s){' (virtual)' if node.get('gpus_virtual') else ''}, Ray sees {node.get('gpus_ray')}")
+        checks.append(Check(f"  {where}", not mine, detail))
+    if report.unauthenticated:
+        checks.append(Check("  authentication", False, "the cluster accepts requests without a token: anyone who "
+                            "reaches its ports runs code there (start it with RAY_AUTH_MODE=token and attach "
+                            "with --token-file)", required=False))
+    return tuple(checks)

@@ -37,6 +37,7 @@ __all__ = [
     "ComputeTarget",
     "ComputeTargetException",
     "Experiment",
+    "RayCompute",
     "ScriptRunConfig",
     "Workspace",
 ]
@@ -68,6 +69,25 @@ def _check_name(kind: str, name: object, limit: int = _NAME_MAX) -> str:
             hint="use letters, digits, '_', '-' or '.', starting with a letter or digit (no '/' or '..')",
         )
     return name
+
+
+def _check_cluster_run(compute: str, container: bool, runtime: RunRuntime, env: Environment) -> None:
+    """What a run on a cluster cannot have: this machine's paths (its nodes share no filesystem).
+
+    Raises:
+        InputError: a local process run, a mount or dataset of a host path, or a build context.
+    """
+    if not container:
+        raise InputError(f"runs on the cluster target {compute!r} run in containers",
+                         hint="leave docker enabled (use_docker=False runs only on this machine's `local` target)")
+    if runtime.mounts or runtime.datasets:
+        raise InputError(f"the cluster target {compute!r} cannot mount this machine's paths into a run",
+                         hint="put the data where every node reads it (object storage, a shared volume named "
+                         "the same on each node), or run on `local`")
+    if env.docker.build_context is not None:
+        raise InputError(f"a build context folder is on this machine; the cluster target {compute!r} builds on its nodes",
+                         hint="give the Dockerfile as text (docker.base_dockerfile) with no COPY of local files, "
+                         "or a base image; or run on `local`")
 
 
 def _cache_registry_setting(value: object, where: str) -> CacheRegistry | None:
@@ -306,6 +326,63 @@ class AmlCompute:
         return AmlCompute._Config(max_nodes, vm_size)
 
 
+class RayCompute:
+    """An existing Ray cluster as a compute target (attached, as Azure ML attaches remote compute).
+
+    Each run becomes one Ray actor that reserves the run's GPUs on a node and drives that node's
+    Docker Engine. ``max_nodes`` keeps its meaning: how many runs of the target execute at once.
+    """
+
+    class _AttachConfig:
+        kind = "ray"
+
+        def __init__(self, address: str, max_nodes: int, settings: dict[str, str]) -> None:
+            self.address = address
+            self.max_nodes = max_nodes
+            self.vm_size = ""
+            self.settings = settings
+
+    @staticmethod
+    def attach_configuration(address: str, *, max_nodes: int = 1, auth_token_file: str | None = None,
+                             auth_token_env: str | None = None) -> RayCompute._AttachConfig:
+        """Where the cluster is and where its token is read from (never the token itself).
+
+        Args:
+            address: the cluster's GCS address ``host:port`` (the submitting machine is a node of
+                it, maybe with no resources), or ``ray://host:10001`` (Ray Client).
+            max_nodes: runs of this target that execute at once.
+            auth_token_file: a file holding the cluster's token (``RAY_AUTH_MODE=token`` clusters).
+            auth_token_env: the *name* of a variable holding the token, in the agent's environment.
+
+        Raises:
+            ComputeTargetException: a bad address, count or token reference.
+        """
+        if not isinstance(max_nodes, int) or isinstance(max_nodes, bool) or max_nodes < 1:
+            raise ComputeTargetException(f"max_nodes must be an integer >= 1, got {max_nodes!r}")
+        text = address.strip() if isinstance(address, str) else ""
+        bare = text.removeprefix("ray://")
+        host, _, port = bare.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536 or "/" in bare or "@" in bare:
+            raise ComputeTargetException(
+                f"Ray address {address!r} is not host:port or ray://host:port",
+                hint="e.g. --address 10.0.0.5:6379 (the head's GCS port) or ray://10.0.0.5:10001")
+        if auth_token_file and auth_token_env:
+            raise ComputeTargetException("give auth_token_file or auth_token_env, not both")
+        settings = {"address": text}
+        if auth_token_file:
+            path = Path(auth_token_file).expanduser()
+            if not path.is_file():
+                raise ComputeTargetException(f"the token file {path} does not exist",
+                                             hint="e.g. `ray get-auth-token --generate` writes ~/.ray/auth_token")
+            settings["auth_token_file"] = str(path.resolve())
+        if auth_token_env:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", auth_token_env):
+                raise ComputeTargetException("auth_token_env must be the NAME of a variable",
+                                             hint="e.g. auth_token_env='RAY_TOKEN'")
+            settings["auth_token_env"] = auth_token_env
+        return RayCompute._AttachConfig(text, max_nodes, settings)
+
+
 class ComputeTarget:
     """A named compute target (Azure ML's ``ComputeTarget``).
 
@@ -340,6 +417,35 @@ class ComputeTarget:
         workspace.store.put_compute(name, provisioning_configuration.max_nodes, provisioning_configuration.vm_size,
                                     kind=provisioning_configuration.kind)
         return ComputeTarget._from_record(workspace, name)
+
+    @staticmethod
+    def attach(workspace: Workspace, name: str, attach_configuration: RayCompute._AttachConfig) -> ComputeTarget:
+        """Attach an existing cluster under ``name`` (or update it); its reachability and token
+        are checked now, so a wrong address or token is one clear error here, not at the first run.
+
+        Raises:
+            ComputeTargetException: the cluster cannot be reached or refused the token.
+        """
+        _check_name("compute target", name)
+        if name == LOCAL_COMPUTE:
+            raise ComputeTargetException(f"{LOCAL_COMPUTE!r} is this machine; attach the cluster under another name")
+        from .compute import check_cluster
+
+        check_cluster(attach_configuration.settings)
+        workspace.store.put_compute(name, attach_configuration.max_nodes, kind=attach_configuration.kind,
+                                    settings=attach_configuration.settings)
+        return ComputeTarget._from_record(workspace, name)
+
+    @property
+    def kind(self) -> str:
+        found = self.workspace.store.compute(self.name)
+        return found.kind if found else LOCAL_KIND
+
+    @property
+    def address(self) -> str | None:
+        """A cluster's address (None for this machine's targets)."""
+        found = self.workspace.store.compute(self.name)
+        return found.settings.get("address") if found else None
 
     @property
     def max_nodes(self) -> int:
@@ -482,8 +588,9 @@ class ScriptRunConfig:
             raise InputError(f"script {self.script!r} not found in {root}", hint="check the script name")
         return root, script.relative_to(root).as_posix()
 
-    def _gpu_request(self) -> dict[str, Any]:
-        """The run's GPU request in its stored form, checked against this machine's GPUs.
+    def _gpu_request(self, here: bool = True) -> dict[str, Any]:
+        """The run's GPU request in its stored form, checked against this machine's GPUs (``here``;
+        a cluster's nodes are Ray's to match).
 
         Raises:
             InputError: a bad field, or a request this machine can never serve (with the reason).
@@ -500,7 +607,8 @@ class ScriptRunConfig:
             from .gpu import GpuRequest, check_fits
 
             request = GpuRequest.from_dict(stored)
-            check_fits(request)
+            if here:
+                check_fits(request)
             stored = request.to_dict()
         return stored
 
@@ -562,7 +670,11 @@ class Experiment(metaclass=AzureNames):
         docker = config.docker_runtime_config
         container = bool(env.docker.enabled) and not (docker is not None and docker.use_docker is False)
         arguments, runtime = config._runtime(env, container)
-        gpu_request = config._gpu_request()
+        target_record = ws.store.compute(str(compute)) if compute != LOCAL_COMPUTE else None
+        on_cluster = target_record is not None and target_record.kind != LOCAL_KIND
+        if on_cluster:
+            _check_cluster_run(str(compute), container, runtime, env)
+        gpu_request = config._gpu_request(here=not on_cluster)
         registry = env.docker.base_image_registry
         if container and registry.address and registry.password is not None:
             # The password (set in code, or in this process's environment) is not available to the

@@ -17,6 +17,7 @@ a caller needs (``hint`` says what to do next) and an ``exit_code`` the CLI uses
     │   ├── BuildKitUnavailable                the engine answers but its BuildKit does not
     │   ├── EngineError                        the engine refused or failed a request
     │   ├── ToolMissing                        a host tool (debootstrap, busybox) is absent
+    │   ├── ClusterUnavailable                 a Ray cluster cannot be reached or refused the token
     │   └── RegistryError                      a registry is unreachable or refused
     │       └── RegistryAuthError              … because the credentials were refused
     └── JobFailed                      exit 1  the work itself failed
@@ -37,6 +38,7 @@ __all__ = [
     "BootstrapError",
     "BuildError",
     "BuildKitUnavailable",
+    "ClusterUnavailable",
     "ComputeTargetException",
     "DockyardError",
     "EngineError",
@@ -177,6 +179,15 @@ class EngineError(EnvironmentProblem):
 
 class ToolMissing(EnvironmentProblem):
     """A host tool is not installed (or dockyard lacks the rights to use it)."""
+
+
+class ClusterUnavailable(EnvironmentProblem):
+    """A cluster (Ray) cannot be reached, refused the token, or lacks dockyard on a node. Names the
+    address, never the token."""
+
+    def __init__(self, message: str, *, address: str, hint: str = "") -> None:
+        super().__init__(message, hint=hint)
+        self.address = address
 
 
 class RegistryError(EnvironmentProblem):

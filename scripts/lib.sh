@@ -58,7 +58,7 @@ ensure_venv() {
     "$(pick_python)" -m venv "$VENV" || die "could not create a virtualenv" "install python3-venv"
   fi
   say "installing dockyard (editable) into $VENV"
-  if ! "$VENV/bin/python" -m pip install -q -e "$ROOT[test,gpu,conda,plot]" --config-settings editable_mode=strict \
+  if ! "$VENV/bin/python" -m pip install -q -e "$ROOT[test,gpu,conda,plot,ray]" --config-settings editable_mode=strict \
        >"$VENV/pip-install.log" 2>&1 \
      || ! "$VENV/bin/python" -c 'import dockyard, dockyard.cache, dockyard.proto'; then
     tail -n 30 "$VENV/pip-install.log" >&2

@@ -10,7 +10,7 @@ import click
 
 from .. import __version__
 from ..errors import DockyardError
-from . import _images, _runs
+from . import _compute, _images, _runs
 from ._terminal import emit_json
 
 __all__ = ["cli", "main"]
@@ -23,7 +23,7 @@ def cli(debug: bool) -> None:
     """dockyard: build ML environments once, run training jobs on your GPUs."""
 
 
-for _command in (_images.doctor, _images.base, _images.env, _images.cache,
+for _command in (_images.doctor, _images.base, _images.env, _images.cache, _compute.compute,
                  _runs.run_command, _runs.runs, _runs.gpus_command, _runs.agent):
     cli.add_command(_command)
 

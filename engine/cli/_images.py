@@ -18,13 +18,26 @@ __all__ = ["base", "cache", "doctor", "env"]
 
 
 @click.command()
+@click.option("--compute", "compute_name", default=None, metavar="NAME",
+              help="Check the attached cluster NAME instead: reachable, and each node's dockyard, engine, BuildKit, GPUs.")
+@click.option("--workspace", "workspace_name", default=None, metavar="NAME",
+              help="The workspace of --compute (default: from config.json, else 'default').")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def doctor(as_json: bool) -> None:
+def doctor(compute_name: str | None, workspace_name: str | None, as_json: bool) -> None:
     """Check the engine, BuildKit, every database (index, GPU leases, run stores), GPUs and base images;
     say how to fix what is missing."""
-    from .._doctor import run_doctor
+    from .._doctor import DoctorReport, check_compute, run_doctor
 
-    report = run_doctor()
+    if compute_name:
+        from ._common import workspace_named
+
+        record = workspace_named(workspace_name).store.compute(compute_name)
+        if record is None or record.kind != "ray":
+            raise click.UsageError(f"{compute_name!r} is not an attached cluster of this workspace; "
+                                   "see `dockyard compute ls`")
+        report = DoctorReport(check_compute(record.settings, compute_name))
+    else:
+        report = run_doctor()
     if as_json:
         emit_json(report.to_json())
     else:

@@ -22,6 +22,9 @@ _EXPORTS = {
     "RunEvents": "._backend",
     "backend_class": "._backend",
     "LocalBackend": "._local",
+    "ClusterReport": "._ray",
+    "RayBackend": "._ray",
+    "check_cluster": "._ray",
     "LOCAL_COMPUTE": "._targets",
     "default_max_nodes": "._targets",
     "FrontDoor": "._frontdoor",
@@ -41,4 +44,5 @@ if TYPE_CHECKING:  # pragma: no cover
     from ._frontdoor import FrontDoor, Reply, Request
     from ._gpuview import GpuStatus, QueuedGpuRun, gpu_status
     from ._local import LocalBackend
+    from ._ray import ClusterReport, RayBackend, check_cluster
     from ._targets import LOCAL_COMPUTE, default_max_nodes

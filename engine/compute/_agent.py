@@ -225,6 +225,13 @@ class Agent:
                         self.events.note(run, exc.message)
                 continue
             backend.dispatch(waiting, active)
+        for kind, backend in list(self._backends.items()):
+            idle = getattr(backend, "idle", None)  # housekeeping of a backend with no run this pass
+            if kind not in by_kind and idle is not None:
+                try:
+                    idle()
+                except DockyardError as exc:
+                    self.log_once(f"idle:{kind}", f"the {kind} backend's housekeeping failed: {exc}")
 
 
 class _Waker:

@@ -157,9 +157,11 @@ class ComputeBackend(Protocol):
     def close(self) -> None:
         ...
 
+    # Optional: ``idle()``, called on a pass in which the backend has no run (housekeeping).
 
-# kind -> "module:class"; a Ray backend is one more line and one more module.
-_BACKENDS = {"local": "dockyard.compute._local:LocalBackend"}
+
+# kind -> "module:class".
+_BACKENDS = {"local": "dockyard.compute._local:LocalBackend", "ray": "dockyard.compute._ray:RayBackend"}
 
 
 def backend_class(kind: str) -> type:

@@ -18,7 +18,6 @@ What it believes comes from what holds the resource:
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import threading
@@ -32,9 +31,10 @@ from .._environment import Environment
 from ..dockerd import EngineClient
 from ..errors import BuildKitUnavailable, DockyardError, EngineUnavailable, EnvironmentProblem
 from ..gpu import Lease, LeaseConflict, LeaseStore
-from ..launch import BindMount, ContainerLauncher, LaunchHandle, LaunchSpec, Observation, ProcessLauncher
-from ..runs import CONTAINER_LIB, CONTAINER_WORK, RunRuntime, RunStatus, SnapshotStore
+from ..launch import ContainerLauncher, LaunchHandle, LaunchSpec, Observation, ProcessLauncher
+from ..runs import RunRuntime, RunStatus, SnapshotStore
 from ._backend import AgentRun, RunEvents
+from ._spec import container_spec, library_dir, pythonpath, run_variables
 
 __all__ = ["LocalBackend"]
 
@@ -46,12 +46,6 @@ _STOPPED_CODES = (137, 143)
 _RETRY_S = 1.0
 # How near an observed engine outage a container must have ended to have been stopped by it.
 _OUTAGE_SLACK_S = 30.0
-
-
-def _library_dir() -> Path:
-    """dockyard's own package folder, mounted read-only into containers for the in-run API."""
-    # resolve(): an editable install is a tree of symlinks; the container needs the real folder.
-    return Path(__file__).resolve().parent.parent
 
 
 class _BuildLog:
@@ -112,12 +106,6 @@ def _holds_exit_code(path: Path) -> bool:
         return path.read_text().strip().lstrip("-").isdigit()
     except OSError:
         return False
-
-
-def _pythonpath(library: str, env: Environment) -> str:
-    """dockyard's in-run API first, then whatever the environment itself puts on PYTHONPATH."""
-    declared = env.environment_variables.get("PYTHONPATH", "")
-    return os.pathsep.join(p for p in (library, declared) if p)
 
 
 def _clock(t: float) -> str:
@@ -457,23 +445,14 @@ class LocalBackend:
         folder.prepare()
         env = Environment.from_dict(record.environment)
         runtime = RunRuntime.from_dict(record.runtime)
-        variables = {
-            **env.environment_variables,
-            **runtime.variables,
-            "DOCKYARD_RUN_ID": record.id,
-            "DOCKYARD_EXPERIMENT": record.experiment,
-            "PYTHONUNBUFFERED": "1",
-            "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
-        }
-        if runtime.datasets:  # Run.get_context().input_datasets reads them
-            variables["DOCKYARD_INPUT_DATASETS"] = json.dumps(dict(runtime.datasets))
         if record.launcher == "process":
             folder.link_outputs()  # ./outputs is collected as a container run's is
+            variables = run_variables(record.id, record.experiment, env, runtime)
             # Local processes are isolated by CUDA alone; "" hides every GPU from a CPU-only run.
             variables.update({
                 "CUDA_VISIBLE_DEVICES": ",".join(gpus),
                 "DOCKYARD_METRICS_FILE": str(folder.metrics),
-                "PYTHONPATH": _pythonpath(str(_library_dir().parent), env),
+                "PYTHONPATH": pythonpath(str(library_dir().parent), env),
             })
             spec = LaunchSpec(record.id, (env.python.interpreter_path, record.script, *record.arguments), variables,
                               str(folder.work), str(folder.log), exit_code_path=str(folder.exit_code))
@@ -493,21 +472,9 @@ class LocalBackend:
             self.events.canceled(run)
             return
         virtual = self._gpu_state()[0].virtual if gpus else False
-        variables.update({
-            # NVIDIA's runtime reads NVIDIA_VISIBLE_DEVICES; "void" gives a CPU-only run no GPU.
-            "NVIDIA_VISIBLE_DEVICES": ",".join(gpus) if gpus else "void",
-            "PYTHONPATH": _pythonpath(CONTAINER_LIB, env),
-            "DOCKYARD_METRICS_FILE": folder.container_metrics,
-        })
-        mounts = tuple(BindMount(src, dst, ro) for src, dst, ro in folder.container_mounts(_library_dir()))
-        mounts += tuple(BindMount(m.source, m.target, m.read_only) for m in runtime.mounts)
-        spec = LaunchSpec(
-            record.id, (self._python(built, env), record.script, *record.arguments), variables, CONTAINER_WORK,
-            folder.container_log, image=built.image, mounts=mounts,
-            labels={"dockyard.workspace": str(run.workspace)}, device_ids=gpus if gpus and not virtual else (),
-            shm_size=runtime.shm_size, ulimits=tuple((u.name, u.soft, u.hard) for u in runtime.ulimits),
-            ipc_mode=runtime.ipc,
-        )
+        spec = container_spec(record.id, record.experiment, (self._python(built, env), record.script, *record.arguments),
+                              env, runtime, folder, image=built.image, gpus=gpus, virtual=virtual,
+                              labels={"dockyard.workspace": str(run.workspace)})
         handle = self.containers.launch(spec, on_created=lambda h: self._recorded(run, h, built.image))
         self._running(run, handle, f"in container {handle.ref[:12]} ({built.image})")
 

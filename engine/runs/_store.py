@@ -111,7 +111,8 @@ CREATE TABLE IF NOT EXISTS computes (
     max_nodes INTEGER NOT NULL,
     vm_size TEXT NOT NULL DEFAULT '',
     created REAL NOT NULL,
-    kind TEXT NOT NULL DEFAULT 'local'      -- which compute backend runs its runs
+    kind TEXT NOT NULL DEFAULT 'local',     -- which compute backend runs its runs
+    settings TEXT NOT NULL DEFAULT '{}'     -- JSON: the backend's (a cluster address; never a secret)
 );
 """
 
@@ -120,7 +121,7 @@ _COLUMNS = (
     "image, gpus, exit_code, reason, container_id, pid, created, started, ended, cancel_requested, "
     "metrics_offset, run_dir, gpu_request, runtime, tags, properties, display_name"
 )
-_COMPUTE_COLUMNS = "name, max_nodes, vm_size, created, kind"
+_COMPUTE_COLUMNS = "name, max_nodes, vm_size, created, kind, settings"
 
 
 @dataclass(frozen=True)
@@ -191,6 +192,16 @@ class ComputeRecord:
     vm_size: str = ""
     created: float = field(default=0.0)
     kind: str = LOCAL_KIND
+    #: What the backend needs to reach the target (a Ray cluster's address, where its token is read
+    #: from): references only, never a secret itself.
+    settings: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.settings, str):  # the stored JSON column
+            object.__setattr__(self, "settings", json.loads(self.settings or "{}"))
+
+    def __hash__(self) -> int:
+        return hash((self.name, self.kind))
 
 
 def new_run_id(experiment: str) -> str:
@@ -245,8 +256,11 @@ class RunStore(SqliteFile):
             conn.execute("ALTER TABLE runs ADD COLUMN tags TEXT NOT NULL DEFAULT '{}'")
             conn.execute("ALTER TABLE runs ADD COLUMN properties TEXT NOT NULL DEFAULT '{}'")
             conn.execute("ALTER TABLE runs ADD COLUMN display_name TEXT NOT NULL DEFAULT ''")
-        if "kind" not in {row[1] for row in conn.execute("PRAGMA table_info(computes)")}:
+        compute_columns = {row[1] for row in conn.execute("PRAGMA table_info(computes)")}
+        if "kind" not in compute_columns:
             conn.execute("ALTER TABLE computes ADD COLUMN kind TEXT NOT NULL DEFAULT 'local'")
+        if "settings" not in compute_columns:
+            conn.execute("ALTER TABLE computes ADD COLUMN settings TEXT NOT NULL DEFAULT '{}'")
 
     def folder_of(self, run_id: str) -> RunFolder:
         """Where a run of this workspace keeps its files."""
@@ -468,13 +482,14 @@ class RunStore(SqliteFile):
 
     # -- compute targets --------------------------------------------------------------------------
 
-    def put_compute(self, name: str, max_nodes: int, vm_size: str = "", kind: str = LOCAL_KIND) -> ComputeRecord:
+    def put_compute(self, name: str, max_nodes: int, vm_size: str = "", kind: str = LOCAL_KIND,
+                    settings: dict[str, str] | None = None) -> ComputeRecord:
         with self._tx() as conn:
             conn.execute(
-                "INSERT INTO computes (name, max_nodes, vm_size, created, kind) VALUES (?, ?, ?, ?, ?)"
+                "INSERT INTO computes (name, max_nodes, vm_size, created, kind, settings) VALUES (?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT(name) DO UPDATE SET max_nodes = excluded.max_nodes, vm_size = excluded.vm_size,"
-                " kind = excluded.kind",
-                (name, max_nodes, vm_size, time.time(), kind),
+                " kind = excluded.kind, settings = excluded.settings",
+                (name, max_nodes, vm_size, time.time(), kind, json.dumps(settings or {}, sort_keys=True)),
             )
         return self.compute(name)  # type: ignore[return-value]
 

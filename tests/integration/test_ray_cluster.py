@@ -1,0 +1,306 @@
+"""A Ray cluster as a compute target, with real parts: two Ray nodes on 127.0.0.1 (token auth on),
+node ``a`` on this machine's Docker Engine and node ``b`` on a second engine (its own image store,
+standing in for a second machine), a loopback registry as the shared cache (each node logs in with
+its own Docker config), virtual GPUs per node. The agent on "this machine" drives the cluster."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from dockyard import Environment, Experiment, ScriptRunConfig, Workspace
+from dockyard.core.compute import ComputeTarget, RayCompute
+from dockyard.errors import ClusterUnavailable, InputError
+from helpers.engine2 import second_engine_fixture
+from helpers.ray_cluster import RayCluster
+from helpers.registry import local_registry_fixture
+
+pytestmark = pytest.mark.engine
+
+PYTHON_BASE = "dockyard/base:bookworm-python3"
+local_registry = local_registry_fixture(scope="module")
+second_engine = second_engine_fixture(scope="module")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, second_engine, local_registry):
+    second_engine.load_image(PYTHON_BASE)  # the same image ID on both nodes: both compute the same keys
+    root = tmp_path_factory.mktemp("ray-nodes")
+    config = root / "docker-config"
+    config.mkdir()
+    auth = base64.b64encode(f"{local_registry.username}:{local_registry.password}".encode()).decode()
+    (config / "config.json").write_text(json.dumps({"auths": {local_registry.address: {"auth": auth}}}))
+    nodes = {
+        "a": {"gpus": 2, "env": {"DOCKYARD_HOME": str(root / "node-a"), "DOCKER_CONFIG": str(config)}},
+        "b": {"gpus": 2, "env": {"DOCKYARD_HOME": str(root / "node-b"), "DOCKER_CONFIG": str(config),
+                                 "DOCKER_HOST": second_engine.docker_host}},
+    }
+    with RayCluster(nodes) as found:
+        found.homes = {name: Path(node["env"]["DOCKYARD_HOME"]) for name, node in nodes.items()}
+        found.registry = f"{local_registry.address}/ray/cache"
+        yield found
+
+
+@pytest.fixture
+def ws(tmp_path, cluster, monkeypatch):
+    home = tmp_path / "home"
+    monkeypatch.setenv("DOCKYARD_HOME", str(home))
+    monkeypatch.setenv("DOCKYARD_CACHE_REGISTRY", cluster.registry)
+    for name in ("DOCKYARD_CACHE_REGISTRY_USERNAME", "DOCKYARD_CACHE_REGISTRY_PASSWORD_ENV", "RAY_AUTH_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    workspace = Workspace(f"ray{uuid.uuid4().hex[:6]}", home=home)
+    ComputeTarget.attach(workspace, "cluster", RayCompute.attach_configuration(
+        cluster.address, max_nodes=8, auth_token_file=str(cluster.token_file)))
+    yield workspace
+    from dockyard.compute import stop_agent
+
+    stop_agent(home)
+
+
+def env_with_stamp() -> Environment:
+    env = Environment(f"ray-{uuid.uuid4().hex[:6]}")
+    env.docker.base_image = PYTHON_BASE
+    env.docker.build_args = {"STAMP": uuid.uuid4().hex}  # a key no other test built
+    return env
+
+
+SCRIPT = """\
+import os, sys, time
+from dockyard.core import Run
+run = Run.get_context()
+print("gpus", os.environ.get("NVIDIA_VISIBLE_DEVICES"), flush=True)
+steps = int(sys.argv[1]) if len(sys.argv) > 1 else 1
+for i in range(steps):
+    run.log("step", i)
+    print("line", i, flush=True)
+    time.sleep(float(os.environ.get("PAUSE", "0.3")))
+os.makedirs("outputs", exist_ok=True)
+open("outputs/done.txt", "w").write("ok\\n")
+sys.exit(int(sys.argv[2]) if len(sys.argv) > 2 else 0)
+"""
+
+
+def source(tmp_path: Path) -> Path:
+    src = tmp_path / "src"
+    src.mkdir(exist_ok=True)
+    (src / "train.py").write_text(SCRIPT)
+    return src
+
+
+def submit(ws, tmp_path, env, *args, gpus: int = 1, pause: float = 0.3):
+    from dockyard.core.runconfig import DockerConfiguration
+
+    env.environment_variables = {"PAUSE": str(pause)}
+    config = ScriptRunConfig(str(source(tmp_path)), "train.py", arguments=[str(a) for a in args],
+                             compute_target="cluster", environment=env,
+                             docker_runtime_config=DockerConfiguration(use_docker=True))
+    config.gpus = gpus
+    return Experiment(ws, "ray").submit(config)
+
+
+def node_of(run) -> str:
+    record = run.experiment.workspace.store.get(run.id)
+    assert record.container_id.startswith("ray:run-") and "@" in record.container_id, record.container_id
+    return record.container_id.rpartition("@")[2]
+
+
+def test_runs_land_on_both_nodes_and_the_second_node_pulls_the_key_never_rebuilds(ws, tmp_path, cluster):
+    env = env_with_stamp()
+    first = submit(ws, tmp_path, env, 2)
+    details = first.wait_for_completion(raise_on_error=False)
+    assert details["status"] == "Completed", Path(details["logFiles"]["logs/std.log"]).read_text()
+    burst = [submit(ws, tmp_path, env, 6, pause=0.5) for _ in range(4)]  # 4 GPUs wanted at once: both nodes
+    for run in burst:
+        assert run.wait_for_completion(raise_on_error=False)["status"] == "Completed"
+    runs = [first, *burst]
+    assert len({node_of(r) for r in runs}) == 2, "the runs did not land on both nodes"
+    from dockyard.cache import ImageCache
+
+    builders = []
+    for home in cluster.homes.values():
+        index = ImageCache(home / "index.db")
+        try:
+            builders += [e.builder for e in index.entries() if e.parts and json.dumps(dict(e.parts))]
+            keys = {e.key for e in index.entries()}
+        finally:
+            index.close()
+        assert keys, f"{home} has no image"
+    assert sorted(builders).count("buildkit") == 1 and "pulled" in builders, builders
+    # Every line, metric and output came back to this machine's run folder.
+    for run in runs:
+        log = run.get_details()["logFiles"]["logs/std.log"]
+        text = Path(log).read_text()
+        steps = 2 if run is first else 6
+        assert [line for line in text.splitlines() if line.startswith("line ")] == [f"line {i}" for i in range(steps)]
+        assert run.get_metrics()["step"] == list(range(steps)) if steps > 1 else True
+        assert "outputs/done.txt" in run.get_file_names()
+    # GPU audit: no UUID of a node held by two runs at once; each container saw exactly its GPUs.
+    records = [ws.store.get(r.id) for r in runs]
+    for i, a in enumerate(records):
+        seen = [line for line in Path(a.folder.log).read_text().splitlines() if line.startswith("gpus ")]
+        assert seen == [f"gpus {','.join(a.gpus)}"], (seen, a.gpus)
+        assert len(a.gpus) == 1
+        for b in records[i + 1:]:
+            same_node = a.container_id.rpartition("@")[2] == b.container_id.rpartition("@")[2]
+            overlap = a.started < b.ended and b.started < a.ended
+            if same_node and overlap:
+                assert not set(a.gpus) & set(b.gpus), f"{a.id} and {b.id} shared {a.gpus}"
+
+
+def test_output_and_metrics_stream_while_the_run_runs(ws, tmp_path):
+    run = submit(ws, tmp_path, env_with_stamp(), 12, pause=0.5)
+    log = Path(ws.store.get(run.id).folder.log)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if "line 1" in (log.read_text() if log.exists() else ""):
+            break
+        time.sleep(0.2)
+    assert ws.store.get(run.id).status.value == "Running", "the output arrived only at the end"
+    assert run.get_metrics().get("step", [])[:1] == [0], "metrics arrive during the run"
+    assert run.wait_for_completion(raise_on_error=False)["status"] == "Completed"
+
+
+def test_a_failing_script_fails_with_its_exit_code_and_is_not_retried(ws, tmp_path):
+    run = submit(ws, tmp_path, env_with_stamp(), 1, 7)
+    details = run.wait_for_completion(raise_on_error=False)
+    record = ws.store.get(run.id)
+    assert details["status"] == "Failed" and record.exit_code == 7
+    assert "exited with code 7" in record.reason
+    assert Path(record.folder.log).read_text().count("line 0") == 1, "it ran once"
+
+
+def test_cancel_stops_the_container_on_its_node(ws, tmp_path, cluster, second_engine):
+    run = submit(ws, tmp_path, env_with_stamp(), 200, pause=0.5)
+    log = Path(ws.store.get(run.id).folder.log)
+    deadline = time.monotonic() + 120
+    while "line 0" not in (log.read_text() if log.exists() else "") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    run.cancel()
+    details = run.wait_for_completion(raise_on_error=False)
+    assert details["status"] == "Canceled"
+    from dockyard.dockerd import EngineClient
+    from dockyard.launch import ContainerLauncher
+
+    for engine in (EngineClient.from_env(), second_engine.client):
+        deadline = time.monotonic() + 30
+        while ContainerLauncher(engine).find(run.id) is not None and time.monotonic() < deadline:
+            time.sleep(0.5)  # the actor removes it once the agent has everything
+        assert ContainerLauncher(engine).find(run.id) is None, "the canceled run's container is left on its node"
+
+
+def test_a_killed_agent_re_attaches_and_nothing_is_lost_or_repeated(ws, tmp_path):
+    from dockyard.compute import agent_status
+
+    run = submit(ws, tmp_path, env_with_stamp(), 16, pause=0.5)
+    log = Path(ws.store.get(run.id).folder.log)
+    deadline = time.monotonic() + 120
+    while "line 2" not in (log.read_text() if log.exists() else "") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    status = agent_status(ws.home)
+    assert status.running and status.pid
+    os.kill(status.pid, signal.SIGKILL)
+    time.sleep(2.0)  # the run goes on on its node meanwhile
+    details = run.wait_for_completion(raise_on_error=False)  # wakes a new agent, which re-attaches
+    assert details["status"] == "Completed"
+    lines = [line for line in log.read_text().splitlines() if line.startswith("line ")]
+    assert lines == [f"line {i}" for i in range(16)], "a gap or a repeat after the agent was killed"
+    assert run.get_metrics()["step"] == list(range(16))
+
+
+def test_a_lost_node_fails_its_run_and_its_container_goes_when_the_node_returns(ws, tmp_path, cluster,
+                                                                                 second_engine):
+    from dockyard.launch import ContainerLauncher
+
+    runs = [submit(ws, tmp_path, env_with_stamp(), 400, pause=0.5) for _ in range(4)]  # every GPU: both nodes
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and not all(ws.store.get(r.id).status.value == "Running" for r in runs):
+        time.sleep(0.5)
+    assert all(ws.store.get(r.id).status.value == "Running" for r in runs)
+    on_b = [r for r in runs if ContainerLauncher(second_engine.client).find(r.id) is not None]
+    assert len(on_b) == 2, "two of the four runs hold node b's two GPUs"
+    cluster.kill_node("b")
+    try:
+        ended = {}
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and len(ended) < 2:
+            for r in runs:
+                record = ws.store.get(r.id)
+                if record.status.value == "Failed":
+                    ended[r.id] = record.reason
+            time.sleep(0.5)
+        assert set(ended) == {r.id for r in on_b}, f"the runs of node b did not end: {ended}"
+        assert all("node lost" in reason for reason in ended.values()), ended
+    finally:
+        for r in runs:
+            r.cancel()
+        cluster.add_node("b")
+    for r in runs:
+        if r.id not in ended:
+            assert r.wait_for_completion(raise_on_error=False)["status"] == "Canceled"
+    # The node is back: the next run placed there removes the containers its lost actors left.
+    again = [submit(ws, tmp_path, env_with_stamp(), 1) for _ in range(4)]
+    for r in again:
+        record = ws.store.get(r.id)
+        assert r.wait_for_completion(raise_on_error=False)["status"] == "Completed", (
+            ws.store.get(r.id).reason, Path(record.folder.log).read_text()[-2000:])
+    deadline = time.monotonic() + 120  # Ray declares the lost actors dead, then the agent's sweep finds them
+    while time.monotonic() < deadline and any(ContainerLauncher(second_engine.client).find(r.id) for r in on_b):
+        time.sleep(0.5)
+    agent_log = (ws.home / "agent.log").read_text()
+    for r in on_b:
+        assert ContainerLauncher(second_engine.client).find(r.id) is None, \
+            f"{r.id}'s container outlived its node\n{agent_log[-3000:]}"
+
+
+def test_attach_needs_the_right_token_and_stores_none(tmp_path, cluster, monkeypatch):
+    home = tmp_path / "home"
+    monkeypatch.setenv("DOCKYARD_HOME", str(home))
+    ws = Workspace("tokens", home=home)
+    wrong = tmp_path / "wrong-token"
+    wrong.write_text("0" * 64)
+    with pytest.raises(ClusterUnavailable) as err:
+        ComputeTarget.attach(ws, "c", RayCompute.attach_configuration(cluster.address, auth_token_file=str(wrong)))
+    assert cluster.address in err.value.message and "0" * 64 not in str(err.value)
+    with pytest.raises(ClusterUnavailable):
+        ComputeTarget.attach(ws, "c", RayCompute.attach_configuration(cluster.address))
+    assert ws.store.compute("c") is None, "a refused attach records nothing"
+    ComputeTarget.attach(ws, "c", RayCompute.attach_configuration(cluster.address, auth_token_file=str(cluster.token_file)))
+    token = cluster.token_file.read_bytes()
+    for path in home.rglob("*"):
+        if path.is_file():
+            assert token not in path.read_bytes(), f"the token is in {path}"
+    cli = subprocess.run([sys.executable, "-m", "dockyard", "compute", "ls", "--workspace", "tokens", "--json"],
+                         capture_output=True, text=True, env={**os.environ, "DOCKYARD_HOME": str(home)}, timeout=60)
+    assert cli.returncode == 0, cli.stderr
+    rows = {r["name"]: r for r in json.loads(cli.stdout)["computes"]}
+    assert rows["c"]["kind"] == "ray" and rows["c"]["address"] == cluster.address
+    doctor = subprocess.run([sys.executable, "-m", "dockyard", "doctor", "--compute", "c", "--workspace", "tokens",
+                             "--json"], capture_output=True, text=True, timeout=180,
+                            env={**os.environ, "DOCKYARD_HOME": str(home)})
+    checks = json.loads(doctor.stdout)["checks"]
+    assert doctor.returncode == 0, doctor.stdout
+    nodes = [c for c in checks if c["name"].strip().startswith("node ")]
+    assert len(nodes) == 3 and all(c["ok"] for c in nodes), checks  # the head and nodes a and b
+    assert len({c["name"] for c in nodes}) == 3
+    assert token.decode() not in doctor.stdout + doctor.stderr
+
+
+def test_a_cluster_run_refuses_this_machines_paths(ws, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    from dockyard.core.runconfig import DockerConfiguration
+
+    config = ScriptRunConfig(str(source(tmp_path)), "train.py", compute_target="cluster", environment=env_with_stamp(),
+                             docker_runtime_config=DockerConfiguration(use_docker=True, arguments=[
+                                 "-v", f"{data}:/data:ro"]))
+    with pytest.raises(InputError, match="cannot mount this machine's paths"):
+        Experiment(ws, "ray").submit(config)
+    assert ws.store.list() == [], "nothing was queued"
