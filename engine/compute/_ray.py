@@ -492,7 +492,7 @@ class RayBackend:
                 except EnvironmentProblem as exc:
                     self.events.log(f"{run.id}: its metrics could not be stored now: {exc.message}")
             state = got["state"]
-            if state == "running" and not started:
+            if got["started"] and not started:  # running, or already ended: a short run's start is recorded too
                 held = self.events.refresh(run).record.container_id
                 self.events.launched(run, container_id=held or f"ray:{actor_name(run)}", image=got["image"])
                 self.events.granted(run, got["gpus"])

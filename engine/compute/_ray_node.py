@@ -133,6 +133,7 @@ class NodeRun:
                 if log or metrics or state in ("exited", "failed") or time.monotonic() >= deadline:
                     return {"log": log, "metrics": metrics, "state": state, "exit_code": self.exit_code,
                             "reason": self.reason, "image": self.image, "gpus": list(self.gpus),
+                            "started": self._handle is not None,
                             "more": len(log) == READ_CHUNK or len(metrics) == READ_CHUNK}
                 self._changed.wait(timeout=min(0.2, max(0.0, deadline - time.monotonic())))
 

@@ -304,3 +304,14 @@ def test_a_cluster_run_refuses_this_machines_paths(ws, tmp_path):
     with pytest.raises(InputError, match="cannot mount this machine's paths"):
         Experiment(ws, "ray").submit(config)
     assert ws.store.list() == [], "nothing was queued"
+
+
+def test_an_image_that_cannot_be_built_on_the_node_fails_the_run_with_the_build_error(ws, tmp_path):
+    env = Environment(f"ray-broken-{uuid.uuid4().hex[:6]}")
+    env.docker.base_dockerfile = f"FROM {PYTHON_BASE}\nRUN echo broken-{uuid.uuid4().hex[:6]} && exit 3\n"
+    run = submit(ws, tmp_path, env, 1)
+    details = run.wait_for_completion(raise_on_error=False)
+    record = ws.store.get(run.id)
+    assert details["status"] == "Failed" and record.started is None, "it never started"
+    assert "exit code 3" in record.reason or "exit code: 3" in record.reason, record.reason
+    assert "broken-" in Path(record.folder.log).read_text(), "the build's output is in the run's log"
