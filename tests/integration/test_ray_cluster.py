@@ -315,3 +315,18 @@ def test_an_image_that_cannot_be_built_on_the_node_fails_the_run_with_the_build_
     assert details["status"] == "Failed" and record.started is None, "it never started"
     assert "exit code 3" in record.reason or "exit code: 3" in record.reason, record.reason
     assert "broken-" in Path(record.folder.log).read_text(), "the build's output is in the run's log"
+
+
+def test_dockyard_run_on_the_cluster_from_the_cli(ws, tmp_path, monkeypatch):
+    spec = tmp_path / "env.yml"
+    spec.write_text(f"name: cli-ray\ndocker:\n  base_image: {PYTHON_BASE}\n  build_args: {{STAMP: {uuid.uuid4().hex}}}\n")
+    (tmp_path / "config.json").write_text(json.dumps({"workspace_name": ws.name, "home": str(ws.home)}))
+    done = subprocess.run([sys.executable, "-m", "dockyard", "run", "--compute", "cluster", "--source",
+                           str(source(tmp_path)), "--env", str(spec), "--json", "train.py", "3"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={**os.environ, "DOCKYARD_HOME": str(ws.home)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    doc = json.loads(done.stdout.strip().splitlines()[-1])
+    assert doc["status"] == "Completed" and doc["compute"] == "cluster", doc
+    record = ws.store.get(doc["id"])
+    assert record.container_id.startswith("ray:") and record.exit_code == 0
