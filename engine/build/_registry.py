@@ -229,6 +229,14 @@ def _credentials(registry: ContainerRegistry | None, name: ImageName) -> _Creden
     if registry is None:
         return _Credentials(None, None, None, server)
     username, password, password_env = registry.username or None, registry.password or None, registry.password_env
+    if username and not password:
+        # This process holds no password (a cluster node, an agent): the machine's own login for
+        # that registry (`docker login`, the Docker config file) is used, as `docker pull` would.
+        from ._shared import docker_config_credentials
+
+        found = docker_config_credentials(host.lower())
+        if found is not None:
+            return _Credentials(found[0], found[1], None, server)
     creds = _Credentials(username, password, password_env, server)
     if username and not password:
         where = (
@@ -239,9 +247,8 @@ def _credentials(registry: ContainerRegistry | None, name: ImageName) -> _Creden
         raise RegistryAuthError(
             f"no password for user {username!r} at {host}: {where}",
             registry=host,
-            hint=f"export {password_env}=… before running"
-            if password_env
-            else "set base_image_registry.password_env",
+            hint=(f"export {password_env}=… before running" if password_env
+                  else "set base_image_registry.password_env") + f", or `docker login {host}` on this machine",
         )
     if password and not username:
         raise RegistryAuthError(

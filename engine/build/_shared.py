@@ -35,7 +35,7 @@ from pathlib import Path
 from .._environment import ContainerRegistry
 from ..errors import InputError, RegistryAuthError
 
-__all__ = ["NEGATIVE_TTL", "CacheRegistry", "Presence", "nearest_key", "resolve_cache_registry"]
+__all__ = ["NEGATIVE_TTL", "CacheRegistry", "Presence", "docker_config_credentials", "nearest_key", "resolve_cache_registry"]
 
 #: Seconds an "absent" answer is reused in this process (a key being built elsewhere shows up soon).
 NEGATIVE_TTL = 30.0
@@ -159,7 +159,7 @@ class CacheRegistry:
                     hint="export the variable that DOCKYARD_CACHE_REGISTRY_PASSWORD_ENV names, or use docker login",
                 )
             return reg
-        found = _docker_config_credentials(self.address)
+        found = docker_config_credentials(self.address)
         if found is not None:
             reg.username = found[0]
             reg.password = found[1]
@@ -323,7 +323,7 @@ class CacheRegistry:
             conn.close()
 
 
-def _docker_config_credentials(address: str) -> tuple[str, str] | None:
+def docker_config_credentials(address: str) -> tuple[str, str] | None:
     """(username, password) for ``address`` from the Docker config file: an ``auths`` entry, or a
     credential helper (``credHelpers`` / ``credsStore``: ``docker-credential-<name> get``)."""
     folder = Path(os.environ.get("DOCKER_CONFIG") or Path.home() / ".docker")

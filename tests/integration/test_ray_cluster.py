@@ -330,3 +330,97 @@ def test_dockyard_run_on_the_cluster_from_the_cli(ws, tmp_path, monkeypatch):
     assert doc["status"] == "Completed" and doc["compute"] == "cluster", doc
     record = ws.store.get(doc["id"])
     assert record.container_id.startswith("ray:") and record.exit_code == 0
+
+
+def test_the_seed_code_runs_on_the_attached_cluster_with_only_its_imports_changed(tmp_path, cluster,
+                                                                                  local_registry, monkeypatch):
+    """The seed's code, unchanged but for ``azureml`` -> ``dockyard`` and the registry placeholders,
+    with ``gpu-cluster`` attached as the Ray target: it finds the target, and each node pulls the
+    private base with its own login (the password in the code never leaves this machine)."""
+    import urllib.parse
+
+    from dockyard._environment import ContainerRegistry
+    from dockyard.build._registry import push_image
+    from dockyard.dockerd import EngineClient
+
+    engine = EngineClient.from_env()
+    remote = f"{local_registry.address}/fastdotai/fastai2:latest"
+    repo, _, tag = remote.rpartition(":")
+    engine.request("POST", f"/images/{urllib.parse.quote(PYTHON_BASE, safe='')}/tag?"
+                   + urllib.parse.urlencode({"repo": repo, "tag": tag}))
+    creds = ContainerRegistry(address=local_registry.address, username=local_registry.username)
+    creds.password = local_registry.password
+    try:
+        push_image("fastdotai/fastai2:latest", creds, engine=engine)
+    finally:
+        engine.request("DELETE", f"/images/{urllib.parse.quote(remote, safe='')}")
+    root = Path(__file__).resolve().parents[2]
+    code = (root / "tests" / "data" / "seed_snippet.py.txt").read_text().replace("azureml", "dockyard")
+    code = code.replace('"myregistry.azurecr.io"', repr(local_registry.address))
+    code = code.replace('"username"', repr(local_registry.username)).replace('"password"', repr(local_registry.password))
+    project = tmp_path / "project"
+    (project / "fastai-example").mkdir(parents=True)
+    (project / "fastai-example" / "train.py").write_text(
+        "from dockyard.core.run import Run\nrun = Run.get_context()\n"
+        "for epoch in range(3):\n    run.log('accuracy', 0.5 + epoch / 10)\n    print(f'epoch {epoch} done', flush=True)\n")
+    name = f"seed{uuid.uuid4().hex[:6]}"
+    (project / "config.json").write_text(json.dumps({"subscription_id": "0", "resource_group": "rg",
+                                                     "workspace_name": name}))
+    (project / "port.py").write_text(code)
+    home = tmp_path / "home"
+    monkeypatch.setenv("DOCKYARD_HOME", str(home))
+    ws = Workspace(name, home=home)
+    ComputeTarget.attach(ws, "gpu-cluster", RayCompute.attach_configuration(
+        cluster.address, max_nodes=4, auth_token_file=str(cluster.token_file)))
+    try:
+        out = subprocess.run([sys.executable, "port.py"], cwd=project, capture_output=True, text=True,
+                             env={**os.environ, "DOCKYARD_HOME": str(home)}, timeout=600)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        assert "Found existing compute target." in out.stdout
+        assert "epoch 2 done" in out.stdout and "Status: Completed" in out.stdout
+        assert local_registry.password not in out.stdout + out.stderr
+        (record,) = ws.store.list()
+        assert record.container_id.startswith("ray:") and record.compute == "gpu-cluster"
+    finally:
+        from dockyard.compute import stop_agent
+
+        stop_agent(home)
+
+
+def test_a_node_pulls_a_private_base_with_its_own_login(tmp_path, second_engine, local_registry, monkeypatch):
+    """What a node does for a base whose password stayed on the submitting machine: the username
+    travels, the password does not, and the node's Docker config supplies its own credentials."""
+    import urllib.parse
+
+    from dockyard._environment import ContainerRegistry
+    from dockyard.build._registry import pull_image, push_image
+    from dockyard.dockerd import EngineClient
+    from dockyard.errors import RegistryAuthError
+
+    busybox = "dockyard/base:bookworm-busybox"
+    engine = EngineClient.from_env()
+    name = f"private/busybox:{uuid.uuid4().hex[:8]}"
+    remote = f"{local_registry.address}/{name}"
+    repo, _, tag = remote.rpartition(":")
+    engine.request("POST", f"/images/{urllib.parse.quote(busybox, safe='')}/tag?"
+                   + urllib.parse.urlencode({"repo": repo, "tag": tag}))
+    creds = ContainerRegistry(address=local_registry.address, username=local_registry.username)
+    creds.password = local_registry.password
+    try:
+        push_image(name, creds, engine=engine)
+    finally:
+        engine.request("DELETE", f"/images/{urllib.parse.quote(remote, safe='')}")
+    no_password = ContainerRegistry(address=local_registry.address, username=local_registry.username)
+    empty = tmp_path / "no-login"
+    empty.mkdir()
+    monkeypatch.setenv("DOCKER_CONFIG", str(empty))
+    with pytest.raises(RegistryAuthError, match="docker login"):
+        pull_image(name, no_password, engine=second_engine.client)
+    login = tmp_path / "login"
+    login.mkdir()
+    auth = base64.b64encode(f"{local_registry.username}:{local_registry.password}".encode()).decode()
+    (login / "config.json").write_text(json.dumps({"auths": {local_registry.address: {"auth": auth}}}))
+    monkeypatch.setenv("DOCKER_CONFIG", str(login))
+    image_id = pull_image(name, no_password, engine=second_engine.client)
+    assert image_id.startswith("sha256:") and second_engine.client.inspect_image(remote) is not None
+    second_engine.client.request("DELETE", f"/images/{urllib.parse.quote(remote, safe='')}")
