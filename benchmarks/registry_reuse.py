@@ -105,17 +105,24 @@ def _near_misses(n: int, work: Path, wheels: Path, shared: str, b_engine: Any) -
         for which in (("import", "build") if i % 2 == 0 else ("build", "import")):
             prune_build_cache(keep_bytes=0, engine=b_engine.client)
             env = _user_dockerfile_env(context, salt, f"two-{which}")
-            b = Builder(work / f"near-b-{which}{i}", engine=b_engine.client,
-                        cache_registry=shared if which == "import" else "")
-            try:
-                started = time.perf_counter()
-                got = b.ensure_image(env)
-                took = time.perf_counter() - started
-            finally:
-                b.close()
+            took, _ = _timed_on_b(work / f"near-b-{which}{i}", b_engine, shared if which == "import" else "", env)
             (imported if which == "import" else built).append(took)
-            b_engine.client.request("DELETE", f"/images/{got.image}?force=1")
     return imported, built
+
+
+def _timed_on_b(home: Path, b_engine: Any, shared: str, env: Any) -> tuple[float, Any]:
+    """``ensure_image`` on engine B from an empty home, timed; the image is removed after."""
+    from dockyard.build import Builder
+
+    b = Builder(home, engine=b_engine.client, cache_registry=shared)
+    try:
+        started = time.perf_counter()
+        got = b.ensure_image(env)
+        took = time.perf_counter() - started
+    finally:
+        b.close()
+    b_engine.client.request("DELETE", f"/images/{got.image}?force=1")
+    return took, got
 
 
 def _median(values: list[float]) -> float:
@@ -145,17 +152,9 @@ def run(n: int) -> dict[str, Any]:
             finally:
                 a.close()  # the push finishes here
             for which in (("pull", "build") if i % 2 == 0 else ("build", "pull")):
-                b = Builder(work / f"b-{which}{i}", engine=b_engine.client,
-                            cache_registry=shared if which == "pull" else "")
-                try:
-                    started = time.perf_counter()
-                    got = b.ensure_image(env)
-                    took = time.perf_counter() - started
-                finally:
-                    b.close()
+                took, got = _timed_on_b(work / f"b-{which}{i}", b_engine, shared if which == "pull" else "", env)
                 assert got.key == built.key
                 (pulls if which == "pull" else builds).append(took)
-                b_engine.client.request("DELETE", f"/images/{got.image}?force=1")
         rows["b_pull_via_registry"] = _median(pulls)
         rows["b_full_build"] = _median(builds)
         imported, full = _near_misses(n, work, wheels, shared, b_engine)

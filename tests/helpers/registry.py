@@ -145,6 +145,29 @@ class LocalRegistry:
 
     # -- queries -------------------------------------------------------------------------------
 
+    def push_local(self, source: str, name: str, engine: Any = None) -> str:
+        """Push the local image ``source`` as ``<address>/<name>`` with this registry's user, and
+        drop that name from the engine again; returns the pushed reference."""
+        import urllib.parse
+
+        from dockyard._environment import ContainerRegistry
+        from dockyard.build._registry import push_image
+        from dockyard.dockerd import EngineClient
+
+        engine = engine or EngineClient.from_env()
+        remote = f"{self.address}/{name}"
+        repo, _, tag = remote.rpartition(":")
+        reply = engine.request("POST", f"/images/{urllib.parse.quote(source, safe='')}/tag?"
+                               + urllib.parse.urlencode({"repo": repo, "tag": tag}))
+        assert reply.status == 201, reply.body
+        creds = ContainerRegistry(address=self.address, username=self.username)
+        creds.password = self.password
+        try:
+            push_image(name, creds, engine=engine)
+        finally:
+            engine.request("DELETE", f"/images/{urllib.parse.quote(remote, safe='')}")
+        return remote
+
     def log_tail(self, lines: int = 40) -> str:
         """The last lines of the registry's log (live while running, kept after stop)."""
         text = self._read_log() if self._dir is not None else self.log

@@ -337,23 +337,7 @@ def test_the_seed_code_runs_on_the_attached_cluster_with_only_its_imports_change
     """The seed's code, unchanged but for ``azureml`` -> ``dockyard`` and the registry placeholders,
     with ``gpu-cluster`` attached as the Ray target: it finds the target, and each node pulls the
     private base with its own login (the password in the code never leaves this machine)."""
-    import urllib.parse
-
-    from dockyard._environment import ContainerRegistry
-    from dockyard.build._registry import push_image
-    from dockyard.dockerd import EngineClient
-
-    engine = EngineClient.from_env()
-    remote = f"{local_registry.address}/fastdotai/fastai2:latest"
-    repo, _, tag = remote.rpartition(":")
-    engine.request("POST", f"/images/{urllib.parse.quote(PYTHON_BASE, safe='')}/tag?"
-                   + urllib.parse.urlencode({"repo": repo, "tag": tag}))
-    creds = ContainerRegistry(address=local_registry.address, username=local_registry.username)
-    creds.password = local_registry.password
-    try:
-        push_image("fastdotai/fastai2:latest", creds, engine=engine)
-    finally:
-        engine.request("DELETE", f"/images/{urllib.parse.quote(remote, safe='')}")
+    local_registry.push_local(PYTHON_BASE, "fastdotai/fastai2:latest")
     root = Path(__file__).resolve().parents[2]
     code = (root / "tests" / "data" / "seed_snippet.py.txt").read_text().replace("azureml", "dockyard")
     code = code.replace('"myregistry.azurecr.io"', repr(local_registry.address))
@@ -393,23 +377,11 @@ def test_a_node_pulls_a_private_base_with_its_own_login(tmp_path, second_engine,
     import urllib.parse
 
     from dockyard._environment import ContainerRegistry
-    from dockyard.build._registry import pull_image, push_image
-    from dockyard.dockerd import EngineClient
+    from dockyard.build._registry import pull_image
     from dockyard.errors import RegistryAuthError
 
-    busybox = "dockyard/base:bookworm-busybox"
-    engine = EngineClient.from_env()
     name = f"private/busybox:{uuid.uuid4().hex[:8]}"
-    remote = f"{local_registry.address}/{name}"
-    repo, _, tag = remote.rpartition(":")
-    engine.request("POST", f"/images/{urllib.parse.quote(busybox, safe='')}/tag?"
-                   + urllib.parse.urlencode({"repo": repo, "tag": tag}))
-    creds = ContainerRegistry(address=local_registry.address, username=local_registry.username)
-    creds.password = local_registry.password
-    try:
-        push_image(name, creds, engine=engine)
-    finally:
-        engine.request("DELETE", f"/images/{urllib.parse.quote(remote, safe='')}")
+    remote = local_registry.push_local("dockyard/base:bookworm-busybox", name)
     no_password = ContainerRegistry(address=local_registry.address, username=local_registry.username)
     empty = tmp_path / "no-login"
     empty.mkdir()

@@ -17,9 +17,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from dockyard._environment import ContainerRegistry
 from dockyard.build._base_images import bootstrap
-from dockyard.build._registry import push_image
 from dockyard.dockerd import EngineClient
 from helpers.registry import LocalRegistry, local_registry_fixture
 
@@ -50,24 +48,10 @@ def test_snippet_is_the_seed_code():
             assert block in ours, f"seed block {i} differs from tests/data/seed_snippet.py.txt"
 
 
-def _tag(engine: EngineClient, source: str, ref: str) -> None:
-    repo, _, tag = ref.rpartition(":")
-    reply = engine.request("POST", f"/images/{urllib.parse.quote(source, safe='')}/tag?"
-                           + urllib.parse.urlencode({"repo": repo, "tag": tag}))
-    assert reply.status == 201, reply.body
-
-
 def test_seed_code_runs_end_to_end(local_registry: LocalRegistry, tmp_path: Path, engine_resources):
     engine = EngineClient.from_env()
     base = bootstrap("python", engine=engine).ref
-    remote = f"{local_registry.address}/fastdotai/fastai2:latest"
-    _tag(engine, base, remote)
-    creds = ContainerRegistry(address=local_registry.address, username=local_registry.username)
-    creds.password = local_registry.password
-    try:
-        push_image("fastdotai/fastai2:latest", creds, engine=engine)
-    finally:
-        engine.request("DELETE", f"/images/{urllib.parse.quote(remote, safe='')}")
+    remote = local_registry.push_local(base, "fastdotai/fastai2:latest", engine)
 
     code = SNIPPET.read_text().replace("azureml", "dockyard")
     code = code.replace('"myregistry.azurecr.io"', repr(local_registry.address))
