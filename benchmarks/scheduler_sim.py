@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Replay a GPU cluster trace through dockyard's scheduler and two baselines, side by side.
 
-    python benchmarks/scheduler_sim.py --trace FILE [--gpus 8] [--nodes 1] [--load 0.9]
-                                       [--limit N] [--time-limit-factor 1.0] [--json]
+    python benchmarks/scheduler_sim.py --trace FILE [--gpus 8] [--nodes 1] [--load 0.3 0.5 0.7 0.9]
+                                       [--limit N] [--time-limit-factor 1 2 random none]
+                                       [--workspaces 4] [--json]
 
 The trace is an Alibaba openb pod list (``/work/shared/traces``): a run arrives at
 ``creation_time`` and lasts ``deletion_time - scheduled_time``; rows without ``scheduled_time`` or
@@ -14,16 +15,27 @@ name; its extra pods, absent there, get a duration drawn from the timed runs wit
 count and an arrival drawn from the timed runs' arrivals (both seeded by the pod name).
 
 ``--limit N`` keeps the N earliest usable rows. Arrival times are scaled by one factor so the
-offered load, sum(gpus x duration) / (GPUs x arrival span), is ``--load`` of capacity.
+offered load, sum(gpus x duration) / (GPUs x arrival span), is ``--load`` of capacity; every load
+given is replayed in the same run (default 0.3 0.5 0.7 0.9), and for each every time-limit variant
+given: ``--time-limit-factor F`` (time limit = true duration x F >= 1), ``random`` (x a factor drawn
+from 1-5 per run, seeded by its name: users over-estimate, unevenly) or ``none`` (no time limits).
+The queue policy is ``dockyard.gpu.Policy`` read from the ``DOCKYARD_*`` settings, as the agent
+reads it. The table gives, per variant and load, the ratios against FIFO and skip-ahead and which
+of the issue's goals are met: below load 0.8, Pareto-dominate both (utilisation >=, mean wait <=,
+mean wait of >= 4-GPU runs <=, max wait <=); from 0.8 on, max wait <= both, utilisation within 1 %
+of the better one, mean wait within 10 % of skip-ahead's. The trace has no workspaces, so those
+replays use one; with ``--workspaces N`` (default 4) each load is replayed again (first variant)
+with the runs spread over N synthetic workspaces (55/25/15/5 %, seeded by pod name), with and
+without the fair share, and the mean wait of each workspace is printed.
 
 The clock is simulated and event driven (arrivals and completions; a decision after each
 instant's events). Policies, all over the same arrivals and nodes (``--nodes`` machines of
 ``--gpus`` GPUs each: ``Topology.dgx(g)`` when g is a multiple of 4, else ``Topology.uniform(g, 1)``;
 a run's GPUs are on one node):
 
-* ``dockyard``    the real ``dockyard.gpu._sched.plan`` (priority/FIFO order, placement scoring,
-                  EASY backfill against the head's reservation); every run's time limit is its
-                  true duration x ``--time-limit-factor``. With several nodes, each node in turn
+* ``dockyard``    the real ``dockyard.gpu._sched.plan`` (the queue policy of its docstring,
+                  placement scoring, backfill against the head's reservation); every run's time
+                  limit is its true duration x ``--time-limit-factor``. With several nodes, each node in turn
                   goes to the run now at the front of the queue: a node where it fits (best fit:
                   the fewest GPUs left free, then the best ``placement_score``), else the node
                   where its reservation is earliest; that node plans the whole queue, and a run it
@@ -46,7 +58,10 @@ placement / the best possible for its size). dockyard's decision latency is time
 and around ``place`` alone on the states of the replay, with an empty cache (cold) and again (warm).
 
 Every start is checked as it happens: its GPUs must be free on its node and not given twice;
-a violation stops the replay with an AssertionError. Benchmarks print; they never assert timings.
+a violation stops the replay with an AssertionError, and so does a run that never starts. The
+reservation promise is checked too: the notes count the holders that started by the time they
+were last promised, the promises that moved later, and the reservations taken over by a run
+ranked ahead (the policy's bound allows only those). Benchmarks print; they never assert timings.
 """
 
 from __future__ import annotations
@@ -56,18 +71,21 @@ import csv
 import heapq
 import json
 import math
+import os
 import platform
 import random
 import statistics
 import sys
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import combinations
 from pathlib import Path
 from typing import Any
 
+from dockyard.errors import InputError
 from dockyard.gpu._sched import Active, GpuRequest, RunQueue, Topology, Waiting, place, placement_score, plan
+from dockyard.gpu._sched import Policy as QueuePolicy
 
 POLICIES = ("dockyard", "fifo", "skip_ahead")
 SHORT_QUEUE = 100  # plan latency is also shown for decisions with at most this many runs waiting
@@ -80,6 +98,7 @@ class Job:
     gpus: int
     duration: float
     start: float | None = None
+    account: str = ""
     node: int | None = None
     placed: tuple[str, ...] = ()
 
@@ -345,11 +364,14 @@ class SkipAhead(Policy):
 class Dockyard(Policy):
     name = "dockyard"
 
-    def __init__(self, nodes: int, time_limit_factor: float) -> None:
+    def __init__(self, nodes: int, time_limit_factor: float | str | None = 1.0, policy: QueuePolicy | None = None,
+                 seed: int = 1) -> None:
         self.factor = time_limit_factor
+        self.policy = policy
+        self.seed = seed
         # The agent's queue as a simulation keeps it: a RunQueue updated as runs come and go, so
         # a decision reads only the runs it may start (a list would be sorted on every call).
-        self.queue = RunQueue()
+        self.queue = RunQueue(policy=policy)
         self.jobs: dict[str, Job] = {}
         self.update_us: list[float] = []  # RunQueue.add / remove, timed apart from plan
         self.running: list[dict[str, Active]] = [{} for _ in range(nodes)]
@@ -359,10 +381,25 @@ class Dockyard(Policy):
         self.states: list[tuple[int, frozenset[str], GpuRequest]] = []
         self.head_since: dict[str, float] = {}  # when each run first held the head's reservation
         self.started: list[Job] = []
+        # The reservation promise, checked: the start each holder was last promised, how often a
+        # promise moved later (only a run ranked ahead of the holder may do that) or was broken.
+        self.promise: dict[str, float] = {}
+        self.holder: list[str | None] = [None] * nodes
+        self.promises_kept = 0
+        self.promises_moved = 0
+        self.promises_broken = 0
+        self.takeovers = 0
 
     def submit(self, job: Job) -> None:
-        request = GpuRequest(job.gpus, time_limit_s=job.duration * self.factor)
-        waiting = Waiting(job.name, request, job.arrival)
+        if self.factor is None:
+            limit = None
+        elif self.factor == "random":
+            # Seeded by the run's name: the same over-estimate whatever the replay order.
+            limit = job.duration * random.Random(f"{self.seed}:{job.name}").uniform(1.0, 5.0)
+        else:
+            limit = job.duration * self.factor
+        request = GpuRequest(job.gpus, time_limit_s=limit)
+        waiting = Waiting(job.name, request, job.arrival, job.account)
         t0 = time.perf_counter()
         self.queue.add(waiting)
         self.update_us.append((time.perf_counter() - t0) * 1e6)
@@ -384,7 +421,7 @@ class Dockyard(Policy):
         ranked = []
         for i in nodes:
             topo = cluster.topologies[i]
-            alone = plan(now, topo, cluster.free[i], [head], list(self.running[i].values()))
+            alone = plan(now, topo, cluster.free[i], [head], list(self.running[i].values()), self.policy)
             if alone.starts:
                 # Best fit first: the node left with the fewest free GPUs, so whole nodes stay
                 # free for wide runs (a placement score alone prefers the emptiest node, whose
@@ -414,7 +451,7 @@ class Dockyard(Policy):
                 topo = cluster.topologies[node]
                 running = list(self.running[node].values())
                 t0 = time.perf_counter()
-                decision = plan(now, topo, cluster.free[node], queue, running)
+                decision = plan(now, topo, cluster.free[node], queue, running, self.policy)
                 self.plan_us.append((time.perf_counter() - t0) * 1e6)
                 self.plan_queue.append(len(queue))
                 if len(self.states) < 4000 and len(queue):
@@ -429,18 +466,33 @@ class Dockyard(Policy):
                     if set(reasons) != {w.run_id for w in queue} - started_ids:
                         raise AssertionError("plan did not explain every queued run it left waiting")
                 for run_id, gpus in decision.starts:
+                    promised = self.promise.pop(run_id, None)
+                    if promised is not None:
+                        if now <= promised + 1e-6:
+                            self.promises_kept += 1
+                        else:
+                            self.promises_broken += 1
                     job = self.jobs.pop(run_id)
                     t0 = time.perf_counter()
                     waiting = queue.remove(run_id)
                     self.update_us.append((time.perf_counter() - t0) * 1e6)
                     cluster.take(node, gpus, job)
                     limit = waiting.request.time_limit_s
-                    self.running[node][run_id] = Active(run_id, gpus, now + limit if limit is not None else None)
+                    self.running[node][run_id] = Active(run_id, gpus, now + limit if limit is not None else None,
+                                                        waiting.account)
                     out.append((job, node, gpus))
                     self.started.append(job)
                     started += 1
                 if decision.reservation is not None:
-                    self.head_since.setdefault(decision.reservation.run_id, now)
+                    holder, at = decision.reservation.run_id, decision.reservation.at
+                    self.head_since.setdefault(holder, now)
+                    if self.holder[node] not in (None, holder) and self.holder[node] in queue:
+                        self.takeovers += 1  # a run ranked ahead of the holder became the head
+                    self.holder[node] = holder
+                    if at is not None:
+                        if holder in self.promise and at > self.promise[holder] + 1e-6:
+                            self.promises_moved += 1
+                        self.promise[holder] = at
                 if decision.reservation is not None and len(cluster.free) > 1:
                     # Offered to the next node without it (put back after the round).
                     reserved.append(queue.remove(decision.reservation.run_id))
@@ -478,7 +530,7 @@ class Result:
 
 
 def simulate(jobs: list[Job], topologies: list[Topology], policy: Policy) -> Result:
-    jobs = [Job(j.name, j.arrival, j.gpus, j.duration) for j in jobs]
+    jobs = [Job(j.name, j.arrival, j.gpus, j.duration, account=j.account) for j in jobs]
     cluster = Cluster(topologies)
     total = sum(len(t.uuids) for t in topologies)
     best_links = []
@@ -569,126 +621,259 @@ def place_latency(dock: Dockyard, topologies: list[Topology]) -> tuple[list[floa
 # --------------------------------------------------------------------------------------------
 # report
 
+#: Where the goals change: below it, Pareto-dominate both baselines; from it on, the overload goals.
+OVERLOAD = 0.8
+#: Synthetic workspaces for the fairness replay: shares of the runs (seeded by pod name).
+WORKSPACE_SHARES = (0.55, 0.25, 0.15, 0.05)
+LONG_QUEUE = 1000  # "thousands waiting": decisions with at least this many runs queued
+
+
+def parse_limits(text: str) -> float | str | None:
+    """A ``--time-limit-factor`` value: a number >= 1, ``random`` (1-5x, seeded) or ``none``."""
+    if text == "none":
+        return None
+    if text == "random":
+        return "random"
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number >= 1, 'random' or 'none'") from None
+    if not math.isfinite(value) or value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a time limit factor must be >= 1 (an over-estimate)")
+    return value
+
+
+def limits_label(factor: float | str | None) -> str:
+    if factor is None:
+        return "none"
+    if factor == "random":
+        return "random 1-5x"
+    return f"{factor:g}x"
+
+
+def assign_workspaces(jobs: list[Job], n: int) -> None:
+    """Give each run one of ``n`` synthetic workspaces, seeded by its name, with skewed shares
+    (a big team and small ones): what the fair share is for."""
+    shares = list(WORKSPACE_SHARES[:n]) if n <= len(WORKSPACE_SHARES) else [1.0] * n
+    total = sum(shares)
+    for job in jobs:
+        r = random.Random(f"ws:{job.name}").random() * total
+        k = 0
+        while k < n - 1 and r >= shares[k]:
+            r -= shares[k]
+            k += 1
+        job.account = f"ws{k}"
+
+
+def _metrics(r: Result) -> dict[str, float]:
+    return {"utilisation": r.utilisation, "wait_mean": statistics.fmean(r.waits),
+            "wait_ge4_mean": statistics.fmean(r.waits_ge4) if r.waits_ge4 else 0.0, "wait_max": max(r.waits)}
+
+
+def goals_for(load: float, d: dict[str, float], fifo: dict[str, float], skip: dict[str, float]) -> dict[str, bool]:
+    """The issue's goals at this load: below OVERLOAD, Pareto-dominate both baselines; from it on,
+    max wait <= both, utilisation within 1 % of the better one, mean wait within 10 % of
+    skip-ahead's."""
+    eps = 1e-9
+    if load < OVERLOAD:
+        return {
+            "utilisation >= both": all(d["utilisation"] >= b["utilisation"] - eps for b in (fifo, skip)),
+            "mean wait <= both": all(d["wait_mean"] <= b["wait_mean"] * (1 + eps) for b in (fifo, skip)),
+            ">=4-GPU mean wait <= both": all(d["wait_ge4_mean"] <= b["wait_ge4_mean"] * (1 + eps) for b in (fifo, skip)),
+            "max wait <= both": all(d["wait_max"] <= b["wait_max"] * (1 + eps) for b in (fifo, skip)),
+        }
+    better = max(fifo["utilisation"], skip["utilisation"])
+    return {
+        "max wait <= both": all(d["wait_max"] <= b["wait_max"] * (1 + eps) for b in (fifo, skip)),
+        "utilisation within 1% of the better": d["utilisation"] >= 0.99 * better - eps,
+        "mean wait within 10% of skip_ahead": d["wait_mean"] <= 1.10 * skip["wait_mean"] * (1 + eps),
+    }
+
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     total = args.gpus * args.nodes
-    trace = load_trace(Path(args.trace), limit=args.limit, node_gpus=args.gpus, gpus_total=total, load=args.load,
-                       times=Path(args.times) if args.times else None)
-    results: dict[str, Result] = {}
-    seconds: dict[str, float] = {}
-    dock = Dockyard(args.nodes, args.time_limit_factor)
-    for policy in (dock, Fifo(), SkipAhead()):
-        topologies = [node_topology(args.gpus) for _ in range(args.nodes)]
-        t0 = time.perf_counter()
-        results[policy.name] = simulate(trace.jobs, topologies, policy)
-        seconds[policy.name] = time.perf_counter() - t0
-    cold, warm = place_latency(dock, [node_topology(args.gpus) for _ in range(args.nodes)])
+    loads: list[float] = args.load
+    variants: list[float | str | None] = args.time_limit_factor
+    policy = QueuePolicy.from_env(os.environ)
+    many = len(loads) > 1 or len(variants) > 1
+
+    def tag(load: float, factor: float | str | None) -> str:
+        if not many:
+            return ""
+        out = f"@load={load:g}"
+        return out + (f",limits={limits_label(factor)}" if len(variants) > 1 else "")
 
     rows: list[dict[str, Any]] = []
+    ratios: dict[str, float] = {}
 
     def row(name: str, unit: str, p50: float, p95: float, n: int) -> None:
         rows.append({"name": name, "unit": unit, "p50": round(p50, 4), "p95": round(p95, 4), "n": n})
 
-    for name in POLICIES:
-        r = results[name]
-        n = len(r.waits)
-        row(f"{name}:makespan", "s", r.makespan, r.makespan, n)
-        row(f"{name}:utilisation", "ratio", r.utilisation, r.utilisation, n)
-        row(f"{name}:wait", "s", _pct(r.waits, 0.5), _pct(r.waits, 0.95), n)
-        row(f"{name}:wait_mean", "s", statistics.fmean(r.waits), statistics.fmean(r.waits), n)
-        ge4 = statistics.fmean(r.waits_ge4) if r.waits_ge4 else 0.0
-        row(f"{name}:wait_ge4", "s", _pct(r.waits_ge4, 0.5), _pct(r.waits_ge4, 0.95), len(r.waits_ge4))
-        row(f"{name}:wait_ge4_mean", "s", ge4, ge4, len(r.waits_ge4))
-        row(f"{name}:wait_max", "s", max(r.waits), max(r.waits), n)
-        row(f"{name}:fragmentation", "ratio", r.fragmentation, r.fragmentation, r.decisions)
-        row(f"{name}:idle_waiting", "ratio", r.idle_waiting, r.idle_waiting, n)
-        row(f"{name}:link_quality", "ratio", r.link_quality, r.link_quality, r.link_quality_n)
-    # Where a wide run's wait goes: reaching the head of the queue (every run submitted before it
-    # has started: queue order) and then waiting as the head for its reserved GPUs to drain.
-    to_head, as_head = [], []
-    for job in dock.started:
-        if job.gpus >= 4:
-            since = dock.head_since.get(job.name, job.start)
-            to_head.append(since - job.arrival)
-            as_head.append(job.start - since)
-    for name, values in (("wait_ge4_to_head", to_head), ("wait_ge4_as_head", as_head)):
-        m = statistics.fmean(values) if values else 0.0
-        row(f"dockyard:{name}_mean", "s", m, m, len(values))
-    row("dockyard:plan_latency", "us", _pct(dock.plan_us, 0.5), _pct(dock.plan_us, 0.95), len(dock.plan_us))
-    short = [us for us, q in zip(dock.plan_us, dock.plan_queue) if q <= SHORT_QUEUE]
+    cells: list[dict[str, Any]] = []  # one per (variant, load): what the table shows
+    fairness: list[dict[str, Any]] = []
+    plan_us: list[float] = []
+    plan_queue: list[int] = []
+    short: list[float] = []
+    seconds: dict[str, float] = {}
+    checked = 0
+    trace = None
+    docks: list[Dockyard] = []
+    offered: list[str] = []
+    for load in loads:
+        trace = load_trace(Path(args.trace), limit=args.limit, node_gpus=args.gpus, gpus_total=total, load=load,
+                           times=Path(args.times) if args.times else None)
+        offered.append(f"offered load {trace.offered_load:.3f} of capacity over {trace.span:.0f}s (arrivals scaled "
+                       f"x{trace.scale:.4g}; 90% of the runs arrive within {trace.burst_share:.0%} of it, at load "
+                       f"{trace.burst_load:.2f})")
+        base: dict[str, Result] = {}
+        for baseline in (Fifo(), SkipAhead()):
+            t0 = time.perf_counter()
+            base[baseline.name] = simulate(trace.jobs, [node_topology(args.gpus) for _ in range(args.nodes)], baseline)
+            seconds[baseline.name] = seconds.get(baseline.name, 0.0) + time.perf_counter() - t0
+            checked += base[baseline.name].checked
+        fifo_m, skip_m = _metrics(base["fifo"]), _metrics(base["skip_ahead"])
+        for factor in variants:
+            dock = Dockyard(args.nodes, factor, policy)
+            t0 = time.perf_counter()
+            result = simulate(trace.jobs, [node_topology(args.gpus) for _ in range(args.nodes)], dock)
+            seconds["dockyard"] = seconds.get("dockyard", 0.0) + time.perf_counter() - t0
+            checked += result.checked
+            docks.append(dock)
+            plan_us += dock.plan_us
+            plan_queue += dock.plan_queue
+            short += [us for us, q in zip(dock.plan_us, dock.plan_queue) if q <= SHORT_QUEUE]
+            results = {"dockyard": result, **base}
+            suffix = tag(load, factor)
+            for name in POLICIES:
+                r = results[name]
+                n = len(r.waits)
+                row(f"{name}:makespan{suffix}", "s", r.makespan, r.makespan, n)
+                row(f"{name}:utilisation{suffix}", "ratio", r.utilisation, r.utilisation, n)
+                row(f"{name}:wait{suffix}", "s", _pct(r.waits, 0.5), _pct(r.waits, 0.95), n)
+                row(f"{name}:wait_mean{suffix}", "s", statistics.fmean(r.waits), statistics.fmean(r.waits), n)
+                ge4 = statistics.fmean(r.waits_ge4) if r.waits_ge4 else 0.0
+                row(f"{name}:wait_ge4{suffix}", "s", _pct(r.waits_ge4, 0.5), _pct(r.waits_ge4, 0.95), len(r.waits_ge4))
+                row(f"{name}:wait_ge4_mean{suffix}", "s", ge4, ge4, len(r.waits_ge4))
+                row(f"{name}:wait_max{suffix}", "s", max(r.waits), max(r.waits), n)
+                row(f"{name}:fragmentation{suffix}", "ratio", r.fragmentation, r.fragmentation, r.decisions)
+                row(f"{name}:idle_waiting{suffix}", "ratio", r.idle_waiting, r.idle_waiting, n)
+                row(f"{name}:link_quality{suffix}", "ratio", r.link_quality, r.link_quality, r.link_quality_n)
+            # Where a wide run's wait goes: reaching the head of the queue, then waiting as the
+            # head for its reserved GPUs to drain.
+            to_head, as_head = [], []
+            for job in dock.started:
+                if job.gpus >= 4:
+                    since = dock.head_since.get(job.name, job.start)
+                    to_head.append(since - job.arrival)
+                    as_head.append(job.start - since)
+            for name, values in (("wait_ge4_to_head", to_head), ("wait_ge4_as_head", as_head)):
+                m = statistics.fmean(values) if values else 0.0
+                row(f"dockyard:{name}_mean{suffix}", "s", m, m, len(values))
+            d = _metrics(result)
+            for base_name, b in (("skip_ahead", skip_m), ("fifo", fifo_m)):
+                for metric in ("wait_ge4_mean", "wait_mean", "wait_max"):
+                    if d[metric] > 0:
+                        ratios[f"{base_name}:{metric}/dockyard:{metric}{suffix}"] = round(b[metric] / d[metric], 4)
+                ratios[f"dockyard:utilisation/{base_name}:utilisation{suffix}"] = round(d["utilisation"] / b["utilisation"], 4)
+            cells.append({"load": load, "limits": factor, "d": d, "fifo": fifo_m, "skip": skip_m,
+                          "goals": goals_for(load, d, fifo_m, skip_m), "promised": dock.promises_kept + dock.promises_broken,
+                          "kept": dock.promises_kept, "moved": dock.promises_moved, "takeovers": dock.takeovers,
+                          "p95": _pct(dock.plan_us, 0.95)})
+        if args.workspaces > 1:
+            assign_workspaces(trace.jobs, args.workspaces)
+            entry: dict[str, Any] = {"load": load}
+            for label, pol in (("fair share", policy), ("no fair share", replace(policy, fair_share=False))):
+                dock = Dockyard(args.nodes, variants[0], pol)
+                r = simulate(trace.jobs, [node_topology(args.gpus) for _ in range(args.nodes)], dock)
+                checked += r.checked
+                by_ws: dict[str, list[float]] = {}
+                for job in dock.started:
+                    by_ws.setdefault(job.account, []).append(job.start - job.arrival)
+                means = {ws: statistics.fmean(w) for ws, w in sorted(by_ws.items())}
+                entry[label] = means
+                key = "fair" if pol.fair_share else "nofair"
+                for ws, m in means.items():
+                    row(f"dockyard:wait_mean_{ws}_{key}@load={load:g}", "s", m, m, len(by_ws[ws]))
+            fairness.append(entry)
+            for job in trace.jobs:
+                job.account = ""
+    assert trace is not None
+    long_q = [us for us, q in zip(plan_us, plan_queue) if q >= LONG_QUEUE]
+    row("dockyard:plan_latency", "us", _pct(plan_us, 0.5), _pct(plan_us, 0.95), len(plan_us))
     row(f"dockyard:plan_latency_queue_le{SHORT_QUEUE}", "us", _pct(short, 0.5), _pct(short, 0.95), len(short))
-    row("dockyard:queue_length", "runs", _pct(dock.plan_queue, 0.5), _pct(dock.plan_queue, 0.95), len(dock.plan_queue))
-    row("dockyard:queue_update_latency", "us", _pct(dock.update_us, 0.5), _pct(dock.update_us, 0.95), len(dock.update_us))
-    row("dockyard:reasons_latency", "us", _pct(dock.reasons_us, 0.5), _pct(dock.reasons_us, 0.95), len(dock.reasons_us))
+    row(f"dockyard:plan_latency_queue_ge{LONG_QUEUE}", "us", _pct(long_q, 0.5), _pct(long_q, 0.95), len(long_q))
+    row("dockyard:queue_length", "runs", _pct(plan_queue, 0.5), _pct(plan_queue, 0.95), len(plan_queue))
+    update = [us for dk in docks for us in dk.update_us]
+    reasons = [us for dk in docks for us in dk.reasons_us]
+    row("dockyard:queue_update_latency", "us", _pct(update, 0.5), _pct(update, 0.95), len(update))
+    row("dockyard:reasons_latency", "us", _pct(reasons, 0.5), _pct(reasons, 0.95), len(reasons))
+    cold, warm = place_latency(docks[0], [node_topology(args.gpus) for _ in range(args.nodes)])
     row("dockyard:place_cold_latency", "us", _pct(cold, 0.5), _pct(cold, 0.95), len(cold))
     row("dockyard:place_latency", "us", _pct(warm, 0.5), _pct(warm, 0.95), len(warm))
 
-    def mean(name: str, metric: str) -> float:
-        return next(r["p50"] for r in rows if r["name"] == f"{name}:{metric}")
-
-    ratios: dict[str, float] = {}
-    for base in ("skip_ahead", "fifo"):
-        for metric in ("wait_ge4_mean", "wait_mean", "wait_max", "makespan"):
-            a, b = mean(base, metric), mean("dockyard", metric)
-            if b > 0:
-                ratios[f"{base}:{metric}/dockyard:{metric}"] = round(a / b, 4)
-        a, b = mean("dockyard", "utilisation"), mean(base, "utilisation")
-        ratios[f"dockyard:utilisation/{base}:utilisation"] = round(a / b, 4)
-
-    d = results["dockyard"]
-    ge4_d, ge4_s = mean("dockyard", "wait_ge4_mean"), mean("skip_ahead", "wait_ge4_mean")
-    util_ok = all(d.utilisation >= results[b].utilisation - 1e-9 for b in ("fifo", "skip_ahead"))
-    ge4_ok = bool(d.waits_ge4) and ge4_d <= 0.7 * ge4_s
-    longest = max(j.duration for j in trace.jobs)
-    bounded = max(d.waits) <= max(results["skip_ahead"].waits)
-    p95_plan = _pct(dock.plan_us, 0.95)
-    goals = {
-        "utilisation >= both baselines": util_ok,
-        ">= 30% lower mean wait of >=4-GPU runs than skip_ahead": ge4_ok,
-        "every run started and max wait <= skip_ahead's": bounded,
-        "place p95 <= 100 us (cold and warm)": max(_pct(cold, 0.95), _pct(warm, 0.95)) <= 100,
-        "plan p50 <= 100 us": _pct(dock.plan_us, 0.5) <= 100,
-        "plan p95 <= 100 us": p95_plan <= 100,
-        f"plan p95 <= 100 us with <= {SHORT_QUEUE} runs waiting": _pct(short, 0.95) <= 100,
-    }
+    fair_goal = None
+    if fairness:
+        # The smallest workspace's runs wait no longer than the biggest one's, on average.
+        small, big = f"ws{args.workspaces - 1}", "ws0"
+        fair_goal = all(e["fair share"].get(small, 0.0) <= e["fair share"].get(big, 0.0) for e in fairness)
+    promised = sum(c["promised"] for c in cells)
+    kept = sum(c["kept"] for c in cells)
+    moved = sum(c["moved"] for c in cells)
+    takeovers = sum(c["takeovers"] for c in cells)
+    met = [f"{limits_label(c['limits'])} @{c['load']:g}: " + ", ".join(f"{k} {'met' if v else 'NOT met'}"
+                                                                     for k, v in c["goals"].items()) for c in cells]
+    latency_goal = _pct(long_q or plan_us, 0.95) <= 100
     notes = (
         f"trace {Path(args.trace).name}: {len(trace.jobs)} GPU runs ({trace.cpu_only} CPU-only left out, "
         f"{trace.skipped} rows without a run skipped, {trace.too_wide} runs wider than a node refused, "
         f"{trace.synthesized} extra pods given drawn times); "
-        f"{args.nodes} node(s) x {args.gpus} GPUs ({node_topology(args.gpus)!r}); arrivals scaled x{trace.scale:.4g} "
-        f"to offered load {trace.offered_load:.3f} of capacity over {trace.span:.0f}s "
-        f"(90% of the runs arrive within {trace.burst_share:.0%} of it, at load {trace.burst_load:.2f}); "
-        f"longest run {longest:.0f}s; "
-        f"dockyard time limits = duration x {args.time_limit_factor}; "
-        f"{sum(r.checked for r in results.values())} starts checked against oversubscription, none found; "
+        f"{args.nodes} node(s) x {args.gpus} GPUs ({node_topology(args.gpus)!r}); "
+        + "; ".join(offered) + f"; longest run {max(j.duration for j in trace.jobs):.0f}s; "
+        f"dockyard time limits = duration x {', '.join(limits_label(v) for v in variants)}; "
+        f"queue policy {policy}; "
+        f"{checked} starts checked against oversubscription, none found; every run started; "
+        f"reservation promises: {kept} of {promised} holders started by the time they were promised, "
+        f"{moved} promises moved later by a run ranked ahead, {takeovers} reservations taken over by a run ranked ahead; "
         f"replay seconds " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()) + "; "
-        "goals: " + "; ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in goals.items()) + "; "
-        f"{platform.python_implementation()} {platform.python_version()} on {platform.machine()}"
+        "goals: " + "; ".join(met) + "; "
+        f"plan p95 <= 100 us with >= {LONG_QUEUE} runs waiting: {'met' if latency_goal else 'NOT met'}"
+        + (f"; fair share (smallest workspace waits <= the biggest, on average): {'met' if fair_goal else 'NOT met'}"
+           if fair_goal is not None else "")
+        + f"; {platform.python_implementation()} {platform.python_version()} on {platform.machine()}"
     )
     return {"benchmark": "scheduler_sim", "results": rows, "ratios": ratios, "notes": notes,
-            "_results": results, "_goals": goals}
+            "_cells": cells, "_fairness": fairness, "_latency_goal": latency_goal, "_fair_goal": fair_goal}
+
+
+def _ratio(a: float, b: float, digits: int = 3) -> str:
+    return f"{a / b:.{digits}f}" if b > 0 else "-"
 
 
 def print_table(doc: dict[str, Any]) -> None:
-    metrics = [
-        ("makespan", "s", "p50"), ("utilisation", "", "p50"), ("wait_mean", "s", "p50"), ("wait", "s p95", "p95"),
-        ("wait_ge4_mean", "s", "p50"), ("wait_max", "s", "p50"), ("fragmentation", "", "p50"),
-        ("idle_waiting", "", "p50"), ("link_quality", "", "p50"),
-    ]
+    print("ratios read 'A took this many times B': for waits baseline/dockyard (> 1: dockyard waits less), "
+          "for utilisation dockyard/baseline (>= 1: dockyard is as busy)")
+    header = (f"{'limits':<12}{'load':>5}  {'util/fifo':>9} {'util/skip':>9}  {'mean f/d':>9} {'mean s/d':>9}  "
+              f"{'ge4 f/d':>8} {'ge4 s/d':>8}  {'max f/d':>8} {'max s/d':>8}  goals")
+    print(header)
+    for c in doc["_cells"]:
+        d, f, s = c["d"], c["fifo"], c["skip"]
+        unmet = [k for k, v in c["goals"].items() if not v]
+        print(f"{limits_label(c['limits']):<12}{c['load']:>5g}  "
+              f"{_ratio(d['utilisation'], f['utilisation'], 4):>9} {_ratio(d['utilisation'], s['utilisation'], 4):>9}  "
+              f"{_ratio(f['wait_mean'], d['wait_mean']):>9} {_ratio(s['wait_mean'], d['wait_mean']):>9}  "
+              f"{_ratio(f['wait_ge4_mean'], d['wait_ge4_mean']):>8} {_ratio(s['wait_ge4_mean'], d['wait_ge4_mean']):>8}  "
+              f"{_ratio(f['wait_max'], d['wait_max']):>8} {_ratio(s['wait_max'], d['wait_max']):>8}  "
+              + ("all met" if not unmet else "NOT met: " + ", ".join(unmet)))
+    if doc["_fairness"]:
+        print("fairness replay (runs spread over synthetic workspaces ws0 55%, ws1 25%, ws2 15%, ws3 5%): mean wait (s)")
+        for e in doc["_fairness"]:
+            for label in ("fair share", "no fair share"):
+                print(f"  load {e['load']:g} {label:<14}" + "  ".join(f"{ws} {m:.4g}" for ws, m in e[label].items()))
     by = {r["name"]: r for r in doc["results"]}
-    print(f"{'metric':<22}" + "".join(f"{p:>16}" for p in POLICIES))
-    for metric, unit, col in metrics:
-        label = f"{metric} ({unit})" if unit else metric
-        print(f"{label:<22}" + "".join(f"{by[f'{p}:{metric}'][col]:>16.4g}" for p in POLICIES))
-    to_head, as_head = by["dockyard:wait_ge4_to_head_mean"], by["dockyard:wait_ge4_as_head_mean"]
-    print(f"dockyard wait of >=4-GPU runs: {to_head['p50']:.4g} s to reach the head of the queue + "
-          f"{as_head['p50']:.4g} s as the head (mean over {to_head['n']} runs)")
-    for name in ("plan_latency", f"plan_latency_queue_le{SHORT_QUEUE}", "queue_update_latency", "reasons_latency",
-                 "place_cold_latency", "place_latency", "queue_length"):
+    for name in ("plan_latency", f"plan_latency_queue_le{SHORT_QUEUE}", f"plan_latency_queue_ge{LONG_QUEUE}",
+                 "queue_update_latency", "reasons_latency", "place_cold_latency", "place_latency", "queue_length"):
         r = by[f"dockyard:{name}"]
         print(f"dockyard {name}: p50 {r['p50']:.1f} {r['unit']}, p95 {r['p95']:.1f} {r['unit']} over {r['n']} calls")
-    for k, v in doc["ratios"].items():
-        print(f"{k} = {v}")
     print(doc["notes"])
 
 
@@ -697,24 +882,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trace", required=True, help="an openb pod-list CSV")
     parser.add_argument("--gpus", type=int, default=8, help="GPUs per node")
     parser.add_argument("--nodes", type=int, default=1)
-    parser.add_argument("--load", type=float, default=0.9, help="offered load as a fraction of capacity")
+    parser.add_argument("--load", type=float, nargs="+", default=[0.3, 0.5, 0.7, 0.9],
+                        help="offered load(s) as a fraction of capacity, each replayed in this run")
     parser.add_argument("--limit", type=int, default=None, help="keep the N earliest usable rows")
     parser.add_argument("--times", default=None,
                         help="a timed pod list to take times from when --trace has no time columns "
                              "(default: openb_pod_list_default.csv beside it)")
-    parser.add_argument("--time-limit-factor", type=float, default=1.0,
-                        help="dockyard's time limit = true duration x this (>= 1: an over-estimate)")
+    parser.add_argument("--time-limit-factor", type=parse_limits, nargs="+", default=[1.0],
+                        help="dockyard's time limit = true duration x this (>= 1: an over-estimate); "
+                             "'random' draws 1-5x per run (seeded by its name), 'none' gives no time limits; "
+                             "several values are replayed one after another")
+    parser.add_argument("--workspaces", type=int, default=4,
+                        help="also replay with the runs spread over this many synthetic workspaces, with and "
+                             "without fair share (1: no fairness replay)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
-    if args.gpus < 1 or args.nodes < 1 or args.load <= 0 or args.time_limit_factor < 1:
-        parser.error("--gpus, --nodes and --load must be positive, --time-limit-factor >= 1")
-    doc = run(args)
+    if args.gpus < 1 or args.nodes < 1 or any(x <= 0 for x in args.load) or args.workspaces < 1:
+        parser.error("--gpus, --nodes, --load and --workspaces must be positive")
+    try:
+        doc = run(args)
+    except InputError as exc:
+        parser.error(str(exc))
     public = {k: v for k, v in doc.items() if not k.startswith("_")}
     if args.json:
         json.dump(public, sys.stdout)
         sys.stdout.write("\n")
     else:
-        print_table(public)
+        print_table(doc)
     return 0
 
 

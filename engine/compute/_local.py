@@ -275,7 +275,7 @@ class LocalBackend:
     def _start_gpu_runs(self, waiting: list[AgentRun], running: Sequence[AgentRun], busy: Counter,
                         held: dict[str, str]) -> None:
         """One plan over every workspace's waiting GPU runs: one queue, priority then submit time."""
-        from ..gpu import Active, GpuRequest, Waiting, plan
+        from ..gpu import Active, GpuRequest, Policy, Waiting, plan
 
         found, topology = self._gpu_state()
         if topology is None:
@@ -288,10 +288,18 @@ class LocalBackend:
             if r.record.gpus:
                 limit = GpuRequest.from_dict(r.record.gpu_request).time_limit_s
                 end = (r.record.started or r.record.created) + limit if limit else None
-                active.append(Active(_plan_id(r), tuple(r.record.gpus), end))
+                active.append(Active(_plan_id(r), tuple(r.record.gpus), end, str(r.workspace)))
         by_id = {_plan_id(r): r for r in waiting}
-        queue = [Waiting(pid, GpuRequest.from_dict(r.record.gpu_request), r.record.created) for pid, r in by_id.items()]
-        decision = plan(time.time(), topology, free, queue, active)
+        # Each run is charged to its workspace: the fair share compares workspaces.
+        queue = [Waiting(pid, GpuRequest.from_dict(r.record.gpu_request), r.record.created, str(r.workspace))
+                 for pid, r in by_id.items()]
+        try:
+            policy = Policy.from_env(os.environ)  # DOCKYARD_RESERVE_*, DOCKYARD_SHORT_FIRST*, DOCKYARD_FAIR_SHARE
+        except DockyardError as exc:
+            for run in waiting:
+                self.events.note(run, f"the queue settings are invalid: {exc}")
+            return
+        decision = plan(time.time(), topology, free, queue, active, policy)
         for plan_id, gpus in decision.starts:
             run = by_id[plan_id]
             target = (str(run.workspace), run.target.name)

@@ -20,6 +20,7 @@ _EXPORTS = {
     "Active": "._sched",
     "GpuRequest": "._sched",
     "Plan": "._sched",
+    "Policy": "._sched",
     "Reservation": "._sched",
     "RunQueue": "._sched",
     "Topology": "._sched",
@@ -35,4 +36,16 @@ if TYPE_CHECKING:  # pragma: no cover
     from ._discovery import Gpu, GpuDiscovery, discover_gpus, inventory
     from ._fit import check_fits
     from ._leases import Lease, LeaseConflict, LeaseStore
-    from ._sched import Active, GpuRequest, Plan, Reservation, RunQueue, Topology, Waiting, place, placement_score, plan
+    from ._sched import (
+        Active,
+        GpuRequest,
+        Plan,
+        Policy,
+        Reservation,
+        RunQueue,
+        Topology,
+        Waiting,
+        place,
+        placement_score,
+        plan,
+    )

@@ -92,7 +92,7 @@ _SURFACES = {
                       "RunRecord", "RunRuntime", "RunStatus", "RunStore", "Snapshot", "SnapshotStore", "Ulimit",
                       "new_run_id"],
     "dockyard.gpu": ["Active", "Gpu", "GpuDiscovery", "GpuRequest", "Lease", "LeaseConflict", "LeaseStore", "Plan",
-                     "Reservation", "RunQueue", "Topology", "Waiting", "check_fits", "discover_gpus", "inventory",
+                     "Policy", "Reservation", "RunQueue", "Topology", "Waiting", "check_fits", "discover_gpus", "inventory",
                      "place", "placement_score", "plan"],
     "dockyard.launch": ["BindMount", "ContainerLauncher", "LaunchHandle", "LaunchSpec", "Launcher", "Observation",
                         "ProcessLauncher", "RUN_ID_VARIABLE", "container_name", "pid_alive"],

@@ -14,6 +14,7 @@ from dockyard.gpu._sched import (
     GpuRequest,
     GpuSlot,
     Plan,
+    Policy,
     Reservation,
     RunQueue,
     Topology,
@@ -56,7 +57,7 @@ def hetero() -> Topology:
 
 def test_public_surface_is_pinned():
     assert sorted(_sched.__all__) == [
-        "Active", "GpuRequest", "GpuSlot", "Plan", "Reservation", "RunQueue", "Topology", "Waiting",
+        "Active", "GpuRequest", "GpuSlot", "Plan", "Policy", "Reservation", "RunQueue", "Topology", "Waiting",
         "place", "placement_score", "plan",
     ]
 
@@ -299,6 +300,11 @@ def req(count: int, *, limit: float | None = None, priority: int = 0, **kw) -> G
     return GpuRequest(count, priority=priority, time_limit_s=limit, **kw)
 
 
+# Classic EASY backfill: reserve at once, submit order, one account. The tests of the reservation
+# and backfill mechanics use it; the tests further down cover what the default Policy adds.
+EASY = Policy(reserve_factor=0.0, reserve_unknown_s=0.0, short_first=0.0, short_first_window=0.0, fair_share=False)
+
+
 def started(p: Plan) -> dict[str, list[int]]:
     return {run_id: indices(g) for run_id, g in p.starts}
 
@@ -334,14 +340,14 @@ def test_head_that_cannot_fit_reserves_and_blocks_runs_that_would_delay_it():
         Waiting("short", req(1, limit=50), 2.0),   # ends at t=50 <= 100: backfilled
         Waiting("free-rider", req(1), 3.0),        # no time limit: never backfilled
     ]
-    p = plan(0.0, DGX, frozenset(U[6:]), queue, running)
+    p = plan(0.0, DGX, frozenset(U[6:]), queue, running, policy=EASY)
     assert list(started(p)) == ["short"]
     assert p.reservation == Reservation("big", 100.0, tuple(U))
     assert p.reasons["big"] == "needs 8 GPUs; 2 free; reserved 8 GPUs from t+100s"
     assert p.reasons["long"] == "reserved GPUs for run big at t+100s; this run's time limit ends later"
     assert "never started ahead" in p.reasons["free-rider"]
     # A run ending exactly at the reservation does not delay it.
-    p = plan(0.0, DGX, frozenset(U[6:]), [queue[0], Waiting("exact", req(1, limit=100), 1.0)], running)
+    p = plan(0.0, DGX, frozenset(U[6:]), [queue[0], Waiting("exact", req(1, limit=100), 1.0)], running, policy=EASY)
     assert list(started(p)) == ["exact"]
 
 
@@ -354,13 +360,13 @@ def test_backfill_may_use_gpus_the_head_will_not_need():
         Waiting("wide", req(2, limit=10_000), 1.0),
         Waiting("narrow", req(1, limit=10_000), 2.0),
     ]
-    p = plan(0.0, DGX, frozenset(U[6:]), queue, running)
+    p = plan(0.0, DGX, frozenset(U[6:]), queue, running, policy=EASY)
     assert p.reservation == Reservation("head", 100.0, tuple(U[:7]))
     assert started(p) == {"narrow": [7]}
     assert p.reasons["wide"] == "reserved GPUs for run head at t+100s; this run's time limit ends later"
     # The same long run cannot start when the head needs the whole machine.
     queue[0] = Waiting("head", req(8, limit=10), 0.0)
-    assert plan(0.0, DGX, frozenset(U[6:]), queue, running).starts == ()
+    assert plan(0.0, DGX, frozenset(U[6:]), queue, running, policy=EASY).starts == ()
 
 
 def test_the_gap_before_the_reservation_goes_to_the_widest_runs_first():
@@ -372,12 +378,12 @@ def test_the_gap_before_the_reservation_goes_to_the_widest_runs_first():
         Waiting("narrow", req(1, limit=50), 1.0),
         Waiting("wide", req(2, limit=50), 2.0),
     ]
-    p = plan(0.0, DGX, frozenset(U[6:]), queue, running)
+    p = plan(0.0, DGX, frozenset(U[6:]), queue, running, policy=EASY)
     assert started(p) == {"wide": [6, 7]}
     assert p.reservation == Reservation("big", 100.0, tuple(U))
     assert set(p.reasons) == {"big", "narrow"}
     # With room for both, both start, reported in queue order.
-    p = plan(0.0, DGX, frozenset(U[5:]), queue, [Active("busy", tuple(U[:5]), 100.0)])
+    p = plan(0.0, DGX, frozenset(U[5:]), queue, [Active("busy", tuple(U[:5]), 100.0)], policy=EASY)
     assert [r for r, _ in p.starts] == ["narrow", "wide"]
     assert sorted(g for _, gs in p.starts for g in gs) == sorted(U[5:])
 
@@ -386,7 +392,7 @@ def test_no_backfill_when_the_head_start_time_is_unknown():
     # The running run has no time limit: nobody can say when the 8-GPU run starts.
     running = [Active("forever", tuple(U[:6]), None)]
     queue = [Waiting("big", req(8, limit=1000), 0.0), Waiting("tiny", req(1, limit=1), 1.0)]
-    p = plan(0.0, DGX, frozenset(U[6:]), queue, running)
+    p = plan(0.0, DGX, frozenset(U[6:]), queue, running, policy=EASY)
     assert p.starts == ()
     assert p.reservation == Reservation("big", None, ())
     assert "start time unknown" in p.reasons["big"]
@@ -400,12 +406,12 @@ def test_runs_started_in_the_same_plan_count_for_the_reservation():
         Waiting("short", req(1, limit=100), 2.0),
         Waiting("long", req(1, limit=400), 3.0),
     ]
-    p = plan(0.0, DGX, frozenset(U), queue, [])
+    p = plan(0.0, DGX, frozenset(U), queue, [], policy=EASY)
     assert list(started(p)) == ["one", "short"]
     assert p.reservation.at == 300.0
     # Without a time limit on the run started first, the head's start is unknown: no backfill.
     queue[0] = Waiting("one", req(6), 0.0)
-    p = plan(0.0, DGX, frozenset(U), queue, [])
+    p = plan(0.0, DGX, frozenset(U), queue, [], policy=EASY)
     assert list(started(p)) == ["one"] and p.reservation.at is None
 
 
@@ -417,7 +423,7 @@ def test_gpus_the_head_can_never_use_are_open_to_anyone():
         Waiting("a100-job", req(2), 1.0),  # no time limit, but the head can never use A100s
         Waiting("other", req(1), 2.0),
     ]
-    p = plan(0.0, t, frozenset({"GPU-h1", "GPU-a0", "GPU-a1"}), queue, running)
+    p = plan(0.0, t, frozenset({"GPU-h1", "GPU-a0", "GPU-a1"}), queue, running, policy=EASY)
     assert p.starts == (("a100-job", ("GPU-a0", "GPU-a1")),)
     assert p.reasons["needs-h100s"].startswith("needs 2 GPUs with >= 80000 MiB; 1 free")
     assert p.reasons["other"].startswith("waiting behind run needs-h100s")
@@ -434,15 +440,15 @@ def test_a_run_that_can_never_fit_does_not_block_the_queue():
 def test_reasons_name_the_higher_priority_run():
     running = [Active("busy", tuple(U[:7]), 50.0)]
     queue = [Waiting("vip", req(2, priority=9, limit=10), 5.0), Waiting("pleb", req(2, limit=10), 0.0)]
-    p = plan(0.0, DGX, frozenset(U[7:]), queue, running)
+    p = plan(0.0, DGX, frozenset(U[7:]), queue, running, policy=EASY)
     assert p.reasons["pleb"] == "needs 2 GPUs; 1 free; waiting behind higher-priority run vip"
 
 
 def test_a_busy_gpu_listed_as_free_is_never_started_on():
     running = [Active("holder", (U[0],), None)]
-    p = plan(0.0, DGX, frozenset(U), [Waiting("all", req(8), 0.0), Waiting("one", req(1), 1.0)], running)
+    p = plan(0.0, DGX, frozenset(U), [Waiting("all", req(8), 0.0), Waiting("one", req(1), 1.0)], running, policy=EASY)
     assert p.starts == ()
-    p = plan(0.0, DGX, gpus(0, 1), [Waiting("one", req(2), 1.0)], running)
+    p = plan(0.0, DGX, gpus(0, 1), [Waiting("one", req(2), 1.0)], running, policy=EASY)
     assert p.starts == ()
 
 
@@ -475,7 +481,7 @@ def states(draw):
         held = tuple(u for u, h in zip(uuids, holders) if h == k)
         if held:
             end = draw(st.one_of(st.none(), st.floats(0, 500)))
-            running.append(Active(f"run-{k}", held, end))
+            running.append(Active(f"run-{k}", held, end, draw(st.sampled_from(["", "A", "B"]))))
     # Sometimes a busy GPU is also (wrongly) listed free: it must still never be started on.
     if running and draw(st.booleans()):
         free |= {running[0].gpus[0]}
@@ -488,17 +494,21 @@ def states(draw):
             priority=draw(st.integers(0, 2)),
             time_limit_s=draw(st.one_of(st.none(), st.floats(1, 1000))),
         )
-        queue.append(Waiting(f"q{i}", request, draw(st.floats(0, 100))))
+        queue.append(Waiting(f"q{i}", request, draw(st.floats(0, 100)), draw(st.sampled_from(["", "A", "B"]))))
     now = draw(st.floats(0, 200))
-    return topology, now, free, queue, running
+    policy = draw(st.one_of(
+        st.sampled_from([EASY, Policy()]),
+        st.builds(Policy, st.floats(0, 10), st.floats(0, 500), st.floats(0, 100), st.floats(0, 0.99), st.booleans()),
+    ))
+    return topology, now, free, queue, running, policy
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(states())
 def test_plan_never_oversubscribes_and_explains_every_waiting_run(state):
-    topology, now, free, queue, running = state
+    topology, now, free, queue, running, policy = state
     busy = {u for a in running for u in a.gpus}
-    p = plan(now, topology, free, queue, running)
+    p = plan(now, topology, free, queue, running, policy)
     handed_out: list[str] = []
     by_id = {w.run_id: w for w in queue}
     for run_id, chosen in p.starts:
@@ -512,20 +522,20 @@ def test_plan_never_oversubscribes_and_explains_every_waiting_run(state):
     assert len(started_ids) == len(set(started_ids))
     assert set(p.reasons) == set(by_id) - set(started_ids)
     assert all(isinstance(text, str) and text for text in p.reasons.values())
-    # Backfill never delays the head: whatever started on a reserved GPU ends by the reservation.
+    # Nothing delays the head: whatever started on a reserved GPU ends by the reservation (a run
+    # ranked ahead of it too: the reservation counts the runs started in the same plan).
     if p.reservation is not None and p.reservation.at is not None:
-        head_pos = [w.run_id for w in sorted(queue, key=lambda w: (-w.request.priority, w.submitted, w.run_id))]
-        after_head = set(head_pos[head_pos.index(p.reservation.run_id):])
+        assert p.reservation.run_id not in started_ids
         for run_id, chosen in p.starts:
-            if run_id in after_head and set(chosen) & set(p.reservation.gpus):
+            if set(chosen) & set(p.reservation.gpus):
                 assert now + by_id[run_id].request.time_limit_s <= p.reservation.at
     # Deterministic, whatever order the queue comes in, and the same from a kept RunQueue.
-    again = plan(now, topology, free, list(reversed(queue)), list(reversed(running)))
+    again = plan(now, topology, free, list(reversed(queue)), list(reversed(running)), policy)
     assert again.starts == p.starts and again.reservation == p.reservation and again.reasons == p.reasons
-    kept = RunQueue()
+    kept = RunQueue(policy=policy)
     for w in queue:
         kept.add(w)
-    from_queue = plan(now, topology, free, kept, running)
+    from_queue = plan(now, topology, free, kept, running, policy)
     assert from_queue.starts == p.starts and from_queue.reservation == p.reservation
     assert from_queue.reasons == p.reasons
     assert len(kept) == len(queue), "plan must leave a RunQueue unchanged"
@@ -558,16 +568,16 @@ def test_place_only_returns_free_eligible_gpus(topology, data):
 # no starvation
 
 
-def _replay(policy, horizon: float = 2000.0) -> float | None:
+def _replay(policy, horizon: float = 2000.0, limit: float | None = 60.0) -> float | None:
     """One DGX; eight 1-GPU runs hold it (ending t=10..80); an 8-GPU run is submitted at t=0;
-    then a 1-GPU run with a 60 s time limit arrives every 5 s. Returns when the 8-GPU run
-    started, or None if it had not by ``horizon``."""
-    running = {f"warm-{i}": (U[i], 10.0 * (i + 1)) for i in range(8)}  # run -> (gpu, end)
-    queue = {"big": Waiting("big", req(8, limit=100), 0.0)}
+    then a 1-GPU run lasting 60 s (time limit ``limit``) arrives every 5 s. Returns when the
+    8-GPU run started, or None if it had not by ``horizon``."""
+    running = {f"warm-{i}": (U[i], 10.0 * (i + 1)) for i in range(8)}  # run -> (gpu, true end)
+    queue = {"big": Waiting("big", req(8, limit=100 if limit else None), 0.0)}
     now, next_arrival, k = 0.0, 0.0, 0
     while now <= horizon:
         while next_arrival <= now:
-            queue[f"s{k}"] = Waiting(f"s{k}", req(1, limit=60), next_arrival)
+            queue[f"s{k}"] = Waiting(f"s{k}", req(1, limit=limit), next_arrival)
             next_arrival += 5.0
             k += 1
         running = {r: (g, end) for r, (g, end) in running.items() if end > now}
@@ -575,16 +585,19 @@ def _replay(policy, horizon: float = 2000.0) -> float | None:
         for run_id, chosen in policy(now, free, list(queue.values()), running):
             if run_id == "big":
                 return now
-            w = queue.pop(run_id)
-            running[run_id] = (chosen[0], now + w.request.time_limit_s)
+            queue.pop(run_id)
+            running[run_id] = (chosen[0], now + 60.0)
         ends = [end for _, end in running.values() if end > now]
         now = min([next_arrival, *ends])
     return None
 
 
-def _dockyard(now, free, queue, running):
-    active = [Active(r, (g,), end) for r, (g, end) in running.items()]
-    return plan(now, DGX, free, queue, active).starts
+def _dockyard(policy: Policy | None = None, limit: float | None = 60.0):
+    def decide(now, free, queue, running):
+        # expected end = start + time limit: the stream's runs last exactly their limit.
+        active = [Active(r, (g,), end if limit else None) for r, (g, end) in running.items()]
+        return plan(now, DGX, free, queue, active, policy).starts
+    return decide
 
 
 def _skip_ahead(now, free, queue, running):
@@ -597,10 +610,128 @@ def _skip_ahead(now, free, queue, running):
 
 
 def test_an_8_gpu_run_at_the_head_starts_under_a_stream_of_1_gpu_runs():
-    # Its reservation is when the last warm run ends (t=80); backfill never pushes it later.
-    assert _replay(_dockyard) == 80.0
+    # EASY: its reservation is when the last warm run ends (t=80); backfill never pushes it later.
+    assert _replay(_dockyard(EASY)) == 80.0
     # Skip-ahead (Ray / task-spooler style) starves it under the same stream: the test can fail.
     assert _replay(_skip_ahead) is None
+
+
+@pytest.mark.parametrize("factor", [0.0, 0.5, 1.0, 3.0, 10.0])
+def test_the_starvation_bound_holds_for_any_reserve_factor(factor):
+    # The stated bound: a run at the front reserves once it has waited factor x its drain, and
+    # the drain is at most L, the longest time limit among the runs it waits for (here 80 s for
+    # the warm runs, 60 s for the stream): it starts within (1 + factor) x L.
+    policy = Policy(reserve_factor=factor)
+    started_at = _replay(_dockyard(policy), horizon=10_000.0)
+    assert started_at is not None and started_at <= (1 + factor) * 80.0
+    # The default policy passes the stream's runs for a while (they flow), within the bound.
+    assert _replay(_dockyard()) <= (1 + Policy().reserve_factor) * 80.0
+
+
+def test_without_time_limits_the_front_run_reserves_after_reserve_unknown_s():
+    # Nothing has a time limit: nobody can say when the 8-GPU run could start. It lets the stream
+    # flow until it has waited reserve_unknown_s, then nothing passes it: it starts once the runs
+    # holding GPUs then end (60 s at most here).
+    for wait in (0.0, 100.0, 600.0):
+        started_at = _replay(_dockyard(Policy(reserve_unknown_s=wait), limit=None), horizon=10_000.0)
+        assert started_at is not None and wait <= started_at <= wait + 80.0 + 5.0
+
+
+# ---------------------------------------------------------------------------------------------
+# the default policy: delayed reservation, short runs first, fair share
+
+
+def test_a_young_run_that_does_not_fit_reserves_nothing_and_small_runs_flow():
+    # 6 GPUs busy until t=100 (drain 100 s at t=0); the 8-GPU run reserves once it has waited
+    # reserve_factor x drain. Until then a long 1-GPU run may start on a free GPU.
+    running = [Active("busy", tuple(U[:6]), 100.0)]
+    queue = [Waiting("big", req(8, limit=1000), 0.0), Waiting("long", req(1, limit=500), 1.0)]
+    p = plan(10.0, DGX, frozenset(U[6:]), queue, running, Policy(reserve_factor=3.0))
+    assert list(started(p)) == ["long"] and p.reservation is None
+    assert p.reasons["big"].startswith("needs 8 GPUs; 1 free; smaller runs may start first until it reserves")
+    # Waited 300 s >= 3 x 90 s: it reserves, and the long run no longer starts.
+    p = plan(300.0, DGX, frozenset(U[6:]), queue, [Active("busy", tuple(U[:6]), 390.0)], Policy(reserve_factor=3.0))
+    assert p.starts == () and p.reservation == Reservation("big", 390.0, tuple(U))
+
+
+def test_short_runs_go_first_within_a_window_of_the_longest_wait():
+    # One free GPU. The oldest run waited 1000 s: the shift is at most 0.25 x 1000 = 250 s.
+    running = [Active("busy", tuple(U[:7]), None)]
+    queue = [
+        Waiting("old-long", req(1, limit=10_000), 0.0),   # place 0 + min(300000, 250) = 250
+        Waiting("new-short", req(1, limit=1), 100.0),     # place 100 + 30 = 130: goes first
+        Waiting("newer-short", req(1, limit=5), 200.0),   # place 200 + 150 = 350: after old-long
+    ]
+    policy = Policy(short_first=30.0, short_first_window=0.25)
+    assert list(started(plan(1000.0, DGX, frozenset(U[7:]), queue, running, policy))) == ["new-short"]
+    assert list(started(plan(1000.0, DGX, frozenset(U[7:]), queue[::2], running, policy))) == ["old-long"]
+    # Submit order when short_first is 0.
+    assert list(started(plan(1000.0, DGX, frozenset(U[7:]), queue, running, Policy(short_first=0.0)))) == ["old-long"]
+
+
+def test_a_run_submitted_when_the_oldest_has_waited_is_placed_behind_it():
+    # With a window below 1, the oldest run's place (submitted + window x its wait) is before now,
+    # so a run submitted now, however short, is placed behind it.
+    running = [Active("busy", tuple(U[:7]), None)]
+    policy = Policy(short_first=1000.0, short_first_window=0.9)
+    for now in (1.0, 100.0, 1e6):
+        queue = [Waiting("oldest", req(1), 0.0), Waiting("now", req(1, limit=0.001), now)]
+        assert list(started(plan(now, DGX, frozenset(U[7:]), queue, running, policy))) == ["oldest"]
+
+
+def test_fair_share_lets_another_workspace_through_a_thousand_runs():
+    # Workspace A holds every GPU and has 1,000 runs queued; workspace B submits one run after them.
+    # When a GPU frees, B's run goes first: A holds more than its share (8 GPUs / 2 workspaces).
+    running = [Active(f"a-run-{i}", (U[i],), 100.0, "A") for i in range(1, 8)]
+    queue = [Waiting(f"a{i:04}", req(1, limit=100), float(i), "A") for i in range(1000)]
+    queue.append(Waiting("b-only", req(1, limit=100), 2000.0, "B"))
+    p = plan(2000.0, DGX, frozenset(U[:1]), queue, running)
+    assert list(started(p)) == ["b-only"]
+    # Without fair share it waits for every one of A's runs: submit order.
+    p = plan(2000.0, DGX, frozenset(U[:1]), queue, running, Policy(fair_share=False))
+    assert list(started(p)) == ["a0000"]
+
+
+def test_fair_share_over_a_replay_bounds_the_small_workspace_wait():
+    # A submits 1,000 runs of 100 s at t=0, B one at t=1. B's run starts within one run's
+    # duration (the first GPU to free), not after A's thousand runs (12,500 s on 8 GPUs).
+    queue = RunQueue([Waiting(f"a{i:04}", req(1, limit=100), 0.0, "A") for i in range(1000)])
+    queue.add(Waiting("b-only", req(1, limit=100), 1.0, "B"))
+    running: dict[str, Active] = {}
+    now = 0.0
+    while "b-only" in queue:
+        free = frozenset(U) - {g for a in running.values() for g in a.gpus}
+        for run_id, chosen in plan(now, DGX, free, queue, list(running.values())).starts:
+            w = queue.remove(run_id)
+            running[run_id] = Active(run_id, chosen, now + 100.0, w.account)
+        if "b-only" not in queue:
+            break
+        now = max(now + 1.0, min(a.expected_end for a in running.values()))
+        running = {r: a for r, a in running.items() if a.expected_end > now}
+    assert now <= 100.0
+
+
+def test_policy_is_validated_and_read_from_the_environment():
+    assert Policy.from_env({}) == Policy()
+    env = {"DOCKYARD_RESERVE_FACTOR": "1.5", "DOCKYARD_RESERVE_UNKNOWN_S": "60", "DOCKYARD_SHORT_FIRST": "0",
+           "DOCKYARD_SHORT_FIRST_WINDOW": "0.5", "DOCKYARD_FAIR_SHARE": "0"}
+    assert Policy.from_env(env) == Policy(1.5, 60.0, 0.0, 0.5, False)
+    for env, words in [({"DOCKYARD_RESERVE_FACTOR": "soon"}, "not a number"),
+                       ({"DOCKYARD_SHORT_FIRST_WINDOW": "1"}, "out of range"),
+                       ({"DOCKYARD_RESERVE_UNKNOWN_S": "-1"}, "out of range"),
+                       ({"DOCKYARD_FAIR_SHARE": "maybe"}, "must be 1 or 0")]:
+        with pytest.raises(InputError, match=words):
+            Policy.from_env(env)
+    with pytest.raises(InputError, match="reserve_factor"):
+        Policy(reserve_factor=float("nan"))
+    with pytest.raises(InputError, match="fair_share"):
+        Policy(fair_share=1)  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="policy must be a Policy"):
+        plan(0.0, DGX, frozenset(U), [], [], "easy")  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="another short_first"):
+        plan(0.0, DGX, frozenset(U), RunQueue(policy=EASY), [])
+    with pytest.raises(InputError, match="account"):
+        Waiting("a", req(1), 0.0, None)  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -632,12 +763,18 @@ def test_run_queue_keeps_queue_order_through_adds_and_removes(n, seed):
     assert len(rq) == len(expected)
     assert rq.first() == (expected[0] if expected else None)
     assert all(run_id in rq for run_id in live) and "nobody" not in rq
-    # Each bucket answers "runs whose time limit is in (low, high]" in queue order.
+    # Each bucket answers "runs whose time limit is in (low, high]" in submit order, and in
+    # queue order (submitted + min(c x limit, cap)) for any cap.
     for bucket in rq._buckets.values():
         members = list(bucket)
         assert members == sorted(members)
         for low, high in [(-1.0, 10.0), (10.0, 900.0), (50.0, float("inf")), (-float("inf"), float("inf"))]:
-            assert list(bucket.within(low, high)) == [e for e in members if low < e[1] <= high]
+            assert list(bucket.by_submit.within(low, high)) == [e for e in members if low < e[1] <= high]
+            for cap in (0.0, 100.0, 2000.0, 1e9):
+                c = rq._short_first
+                places = sorted(((o[0], o[1] + min(c * lim, cap), o[1], o[2]), lim, w) for o, lim, w in members
+                                if low < lim <= high)
+                assert list(bucket.ordered(low, high, c, cap)) == places
 
 
 def test_run_queue_refuses_duplicates_and_unknown_runs():
@@ -652,14 +789,14 @@ def test_run_queue_refuses_duplicates_and_unknown_runs():
 
 
 def test_reasons_of_a_plan_made_from_a_run_queue_must_be_read_before_it_changes():
-    rq = RunQueue([Waiting("big", req(8, limit=10), 0.0), Waiting("small", req(1, limit=10), 1.0)])
+    rq = RunQueue([Waiting("big", req(8, limit=10), 0.0), Waiting("small", req(1, limit=10), 1.0)], EASY)
     running = [Active("busy", tuple(U[:6]), 100.0)]
-    p = plan(0.0, DGX, frozenset(U[6:]), rq, running)
+    p = plan(0.0, DGX, frozenset(U[6:]), rq, running, policy=EASY)
     assert [r for r, _ in p.starts] == ["small"]
     rq.remove("small")
     with pytest.raises(InputError, match="changed after this plan"):
         _ = p.reasons
-    fresh = plan(0.0, DGX, frozenset(U[7:]), rq, running)
+    fresh = plan(0.0, DGX, frozenset(U[7:]), rq, running, policy=EASY)
     assert set(fresh.reasons) == {"big"}
 
 
@@ -670,8 +807,8 @@ def test_plan_over_a_long_queue_reads_only_what_it_may_start():
     long_queue = [Waiting("big", req(8, limit=10), 0.0)]
     long_queue += [Waiting(f"long{i:04}", req(1, limit=500), 1.0 + i) for i in range(5000)]
     long_queue += [Waiting("short", req(2, limit=50), 9000.0)]
-    rq = RunQueue(long_queue)
-    assert max(len(b.blocks) for b in rq._buckets.values()) > 10  # the 1-GPU runs span many blocks
-    p = plan(0.0, DGX, frozenset(U[6:]), rq, running)
+    rq = RunQueue(long_queue, EASY)
+    assert max(len(b.by_submit.blocks) for b in rq._buckets.values()) > 10  # the 1-GPU runs span many blocks
+    p = plan(0.0, DGX, frozenset(U[6:]), rq, running, policy=EASY)
     assert started(p) == {"short": [6, 7]}
     assert p.reservation == Reservation("big", 100.0, tuple(U))
