@@ -251,8 +251,10 @@ class NodeRun:
             if self._cancel:
                 self.state, self.reason = "exited", "canceled before it started"
                 return
+        # Known before the container exists: a read that sees it started also sees its GPUs.
+        self._set(image=built.image, gpus=gpus)
         handle = launcher.launch(spec, on_created=lambda h: self._set(_handle=h))
-        self._set(_handle=handle, state="running", image=built.image, gpus=gpus)
+        self._set(_handle=handle, state="running")
         if self._cancel:
             launcher.stop(handle, 5.0)
         launcher.wait(handle)

@@ -206,6 +206,11 @@ def test_a_burst_of_wake_up_signals_never_hangs_the_agent(ws, tmp_path):
     src = source(tmp_path, "nap.py", "import time\ntime.sleep(2)\nprint('woke')\n")
     run = Experiment(ws, "exp").submit(ScriptRunConfig(str(src), "nap.py", environment=local_env()))
     pid = agent_status(ws.home).pid
+    started = time.monotonic()
+    while pid is None and time.monotonic() - started < 30:  # a loaded machine: the pid file comes later
+        time.sleep(0.05)
+        pid = agent_status(ws.home).pid
+    assert pid is not None, "the agent never wrote its pid"
     deadline = time.monotonic() + 3
     sent = 0
     while time.monotonic() < deadline:
