@@ -842,9 +842,12 @@ class Policy:
     # default trace at 0.7-0.9; of 1, 2, 3, 5 and 10, 3 met the most goals (1 and 2 lost
     # utilisation at 0.7, 5 and 10 mean wait or utilisation elsewhere).
     reserve_factor: float = 3.0
-    # No time limits, no drain to compare with: an hour lets a short queue flow, then the run at
-    # the front blocks (FIFO); safe, not tuned (the no-limit replays are FIFO-like).
-    reserve_unknown_s: float = 3600.0
+    # No time limits, no drain to compare with: the run at the front reserves at once, so nothing
+    # without a time limit ever passes it (the guarantee runs without limits had before delayed
+    # reservation). Delaying it (an hour was tried) let a stream of small runs hold a wide run back
+    # for the whole delay on a box where nobody sets limits, and the no-limit replays stay
+    # FIFO-like either way: nothing can be backfilled safely without an end time.
+    reserve_unknown_s: float = 0.0
     # 10 and 100 met fewer goals than 30 (10: the default trace's mean wait and utilisation at
     # 0.7; 100: no better and a slower decision).
     short_first: float = 30.0

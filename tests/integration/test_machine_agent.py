@@ -62,10 +62,16 @@ def _grants_and_releases(home: Path) -> tuple[dict[str, float], dict[str, float]
         leases.close()
 
 
-def test_one_gpu_queue_across_workspaces_a_wide_run_is_not_starved(machine, tmp_path: Path):
-    """Workspace A's 4-GPU run starts as soon as the GPUs busy at its submit are released, although
-    workspace B keeps submitting 1-GPU runs without time limits (they may not overtake it)."""
+@pytest.mark.parametrize("reserve_factor", ["0", None])
+def test_one_gpu_queue_across_workspaces_a_wide_run_is_not_starved(machine, tmp_path: Path, monkeypatch,
+                                                                   reserve_factor: str | None):
+    """Workspace B keeps submitting 1-GPU runs without time limits while workspace A's 4-GPU run
+    waits: it starts as soon as the GPUs busy at its submit are released (runs without a time limit
+    may not overtake it), with the default delayed reservation (nothing to delay it by: no time
+    limits) as with an immediate one (``DOCKYARD_RESERVE_FACTOR=0``, classic EASY)."""
     home, src = machine
+    if reserve_factor is not None:
+        monkeypatch.setenv("DOCKYARD_RESERVE_FACTOR", reserve_factor)  # read by the agent this test starts
     a, b = Workspace("team-a", home=home), Workspace("team-b", home=home)
     exp_a, exp_b = Experiment(a, "wide"), Experiment(b, "narrow")
     busy = [exp_b.submit(ScriptRunConfig(str(src), "nap.py", arguments=[3], environment=local_env(), gpus=1))
