@@ -42,6 +42,7 @@ _EXPORTS = {
     "CacheStats": "._model",
     "GcFailure": "._model",
     "GcReport": "._model",
+    "PackageRecord": "._model",
     "PublishRecord": "._model",
     "CacheError": ".errors",
     "CacheInputError": ".errors",
@@ -69,7 +70,7 @@ if TYPE_CHECKING:  # pragma: no cover
         unresolved_key,
     )
     from ._lease import BuildSlot
-    from ._model import BuildResult, CacheEntry, CacheStats, GcFailure, GcReport, PublishRecord
+    from ._model import BuildResult, CacheEntry, CacheStats, GcFailure, GcReport, PackageRecord, PublishRecord
     from .errors import (
         CacheError,
         CacheInputError,
@@ -102,6 +103,7 @@ __all__ = [
     "InvalidKeyParts",
     "KeyParts",
     "LeaseLost",
+    "PackageRecord",
     "PublishRecord",
     "WaitTimeout",
     "compute_key",

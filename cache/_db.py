@@ -36,7 +36,7 @@ __all__ = [
 ]
 
 #: ``PRAGMA user_version`` of the index this code writes; bump it with a new migration.
-INDEX_SCHEMA = 4
+INDEX_SCHEMA = 5
 
 _generation = 0
 # Connections inherited across fork() are never closed in the child nor garbage-collected there:
@@ -246,12 +246,25 @@ def _migrate_to_4(db: sqlite_utils.Database) -> None:
     )
 
 
+def _migrate_to_5(db: sqlite_utils.Database) -> None:
+    """Schema 5: what each build resolved its requirements to (``name==version`` lines), which
+    installer did it, into which layout (``venv``, ``conda``), and the neighbour image a near miss
+    started from."""
+    db["packages"].create(  # type: ignore[union-attr]
+        {"key": str, "installer": str, "layout": str, "packages": str, "neighbour": str, "recorded": float},
+        pk="key",
+        not_null={"installer", "layout", "packages", "neighbour", "recorded"},
+        defaults={"neighbour": "", "layout": ""},
+    )
+
+
 #: target version -> migration that brings the schema from target - 1 to target.
 _MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
     1: _migrate_to_1,
     2: _migrate_to_2,
     3: _migrate_to_3,
     4: _migrate_to_4,
+    5: _migrate_to_5,
 }
 
 

@@ -37,6 +37,7 @@ from ._model import (
     CacheStats,
     GcFailure,
     GcReport,
+    PackageRecord,
     PublishRecord,
     check_parts,
     check_result_fields,
@@ -570,6 +571,69 @@ class ImageCache:
         except sqlite3.Error as exc:
             raise _db.translate(exc, self._path_str, "read published keys in") from exc
         return {str(k): json.loads(p) for k, p in rows}
+
+    # -- what builds resolved ------------------------------------------------------------------
+
+    def record_packages(
+        self, key: ContentKey | str, packages: Iterable[str], *, installer: str, layout: str = "venv",
+        neighbour: str = "",
+    ) -> PackageRecord:
+        """Remember what the build of ``key`` resolved its requirements to (replacing any earlier record).
+
+        Args:
+            key: the content key built.
+            packages: the resolution, one ``name==version`` (or ``name @ url``) line each.
+            installer: what installed them, e.g. ``"uv 0.13.9"``.
+            layout: ``"venv"`` or ``"conda"`` (where they were installed).
+            neighbour: the key of the image a near miss started from, "" for a clean build.
+
+        Raises:
+            InvalidKey: ``key`` or ``neighbour`` is not a key.
+            CacheInputError: ``packages`` or ``installer`` is invalid.
+            IndexUnavailable: the index could not be written.
+        """
+        hexkey = _key_hex(key)
+        near = _key_hex(neighbour) if neighbour else ""
+        if isinstance(packages, (str, bytes)):
+            raise CacheInputError("packages must be a list of lines", hint='e.g. ["numpy==2.1.0"]')
+        lines = sorted({str(p).strip() for p in packages if str(p).strip()}, key=str.lower)
+        if any("\n" in p or "\x00" in p for p in lines):
+            raise CacheInputError("a package line holds a newline or NUL")
+        if not isinstance(installer, str) or not installer.strip() or "\n" in installer:
+            raise CacheInputError("installer must be a one-line name", hint='e.g. "uv 0.13.9"')
+        if layout not in ("venv", "conda"):
+            raise CacheInputError("layout must be 'venv' or 'conda'", hint=f"got {layout!r}")
+        now = time.time()
+        self._update(
+            "INSERT INTO packages (key, installer, layout, packages, neighbour, recorded) VALUES (?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT(key) DO UPDATE SET installer = excluded.installer, layout = excluded.layout,"
+            " packages = excluded.packages, neighbour = excluded.neighbour, recorded = excluded.recorded",
+            (hexkey, installer.strip(), layout, json.dumps(lines), near, now),
+            "record packages in",
+        )
+        return PackageRecord(hexkey, installer.strip(), layout, tuple(lines), near, now)
+
+    def packages(self, key: ContentKey | str) -> PackageRecord | None:
+        """What the build of ``key`` resolved (see :meth:`record_packages`), or None (a read).
+
+        Raises:
+            InvalidKey: ``key`` is not a key.
+            IndexUnavailable: the index could not be read.
+        """
+        hexkey = _key_hex(key)
+        try:
+            row = self._conn().execute(
+                "SELECT installer, layout, packages, neighbour, recorded FROM packages WHERE key = ?", (hexkey,)
+            ).fetchone()
+        except sqlite3.OperationalError as exc:
+            if str(exc).startswith("no such table"):
+                return None  # an index from before schema 5 (reads never migrate)
+            raise _db.translate(exc, self._path_str, "read packages in") from exc
+        except sqlite3.Error as exc:
+            raise _db.translate(exc, self._path_str, "read packages in") from exc
+        if row is None:
+            return None
+        return PackageRecord(hexkey, str(row[0]), str(row[1]), tuple(json.loads(row[2])), str(row[3]), float(row[4]))
 
     # -- base-image resolutions ------------------------------------------------------------
 

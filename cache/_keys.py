@@ -41,6 +41,15 @@ Canonicalisation rules of schema 1 (changing any of them changes keys, so it mus
   context contributes (32 lowercase hex, computed by the caller over what it sends). It is the
   one part that is *absent* when unset: its ``context=<hash>`` line is appended after the nine
   fixed lines only when a context is given, so every key without a context is unchanged.
+* **lock** (optional, added within schema 1, the same way): the pinned lines of a lock file
+  (``dockyard env lock``), canonicalised like pip requirements and prefixed ``+``. Its
+  ``lock=<hash>`` line follows the fixed lines (and ``context``'s) only when a lock is given, so
+  every key without a lock is unchanged.
+
+What is *not* a part, on purpose: the installer (uv or pip). Both install the same resolution of
+the same requirements into the same layout (tests compare ``pip freeze`` of both), so an image
+either made stays valid for the other, and switching installers must not make every cache miss.
+Which one built an image is recorded next to it (label ``dockyard.installer``, the index).
 """
 
 from __future__ import annotations
@@ -82,7 +91,7 @@ PART_NAMES: tuple[str, ...] = (
     "registry",
 )
 #: Parts that are in a key only when set (appended after the fixed ones, see the module docstring).
-OPTIONAL_PART_NAMES: tuple[str, ...] = ("context",)
+OPTIONAL_PART_NAMES: tuple[str, ...] = ("context", "lock")
 _SORTED_NAMES = tuple(sorted(PART_NAMES))
 _KEY_PREFIX = f"dockyard-cache-key/v{SCHEMA_VERSION}\n"
 
@@ -313,6 +322,7 @@ class KeyParts:
         build_args: Docker build args (name -> value); never secrets.
         registry: the address of the registry the base is pulled from (never credentials).
         context: the 32-hex digest of the build context's files a Dockerfile uses, or None.
+        lock: the lines of a lock file (pins and index options) the build installs, or None.
 
     Raises:
         InvalidKeyParts: a field has the wrong type or value; ``field`` names it and the
@@ -329,8 +339,10 @@ class KeyParts:
     build_args: Mapping[str, str] = field(default_factory=dict)
     registry: str | None = None
     context: str | None = None
+    lock: Sequence[str] | None = None
     # Canonical payloads in sorted part-name order; derived, so not compared or shown.
     _payloads: tuple[str, ...] = field(init=False, repr=False, compare=False, default=())
+    _optional: tuple[str, ...] = field(init=False, repr=False, compare=False, default=())
 
     def __post_init__(self) -> None:
         put = object.__setattr__  # frozen: the normalised copies are stored once, here
@@ -432,6 +444,13 @@ class KeyParts:
                     "context", "is set but there is no dockerfile to use it", hint="pass None",
                 )
             put(self, "context", context)
+        lock_payload = None
+        if self.lock is not None:
+            lock, lock_text = _lines("lock", self.lock)
+            if not any(line.strip() for line in lock):
+                raise InvalidKeyParts("lock", "is empty", hint="pass None when there is no lock")
+            put(self, "lock", lock)
+            lock_payload = "+" + _pip_payload(lock_text)
         # In _SORTED_NAMES order (checked at import, below compute_key).
         put(self, "_payloads", (
             "-" if base_digest is None else "+" + base_digest,
@@ -444,7 +463,10 @@ class KeyParts:
             "-" if registry is None else "+" + registry,
             "1" if self.user_managed else "0",
             *(() if context is None else ("+" + context,)),
+            *(() if lock_payload is None else (lock_payload,)),
         ))
+        # Which optional parts follow the fixed ones, in OPTIONAL_PART_NAMES order.
+        put(self, "_optional", tuple(n for n, v in (("context", context), ("lock", lock_payload)) if v is not None))
 
     def __hash__(self) -> int:
         # Mappings inside are unhashable; the payloads are the identity anyway.
@@ -528,7 +550,6 @@ _CONSTANT_HASHES: dict[str, str] = {
 _BODY = _KEY_PREFIX + "".join(f"{name}=%s\n" for name in _SORTED_NAMES)
 _INDEX = {name: i for i, name in enumerate(_SORTED_NAMES)}
 _FIXED = len(_SORTED_NAMES)
-_INDEX["context"] = _FIXED
 _new = object.__new__
 _set = object.__setattr__
 
@@ -539,19 +560,22 @@ class _PartHashes(Mapping[str, str]):
     Cheaper to build than a dict behind a MappingProxyType, which matters on every hit.
     """
 
-    __slots__ = ("_hashes",)
+    __slots__ = ("_hashes", "_optional")
 
-    def __init__(self, hashes: tuple[str, ...]) -> None:
+    def __init__(self, hashes: tuple[str, ...], optional: tuple[str, ...] = ()) -> None:
         self._hashes = hashes
+        self._optional = optional
 
     def __getitem__(self, name: str) -> str:
-        try:
-            return self._hashes[_INDEX[name]]
-        except IndexError:
-            raise KeyError(name) from None  # an optional part this key does not have
+        index = _INDEX.get(name)
+        if index is None:
+            if name not in self._optional:
+                raise KeyError(name)  # an optional part this key does not have
+            index = _FIXED + self._optional.index(name)
+        return self._hashes[index]
 
     def __iter__(self) -> Iterator[str]:
-        return iter(_SORTED_NAMES if len(self._hashes) == _FIXED else (*_SORTED_NAMES, "context"))
+        return iter(_SORTED_NAMES if not self._optional else (*_SORTED_NAMES, *self._optional))
 
     def __len__(self) -> int:
         return len(self._hashes)
@@ -579,15 +603,16 @@ def compute_key(parts: KeyParts) -> ContentKey:
         )
     known = _CONSTANT_HASHES
     hashes = tuple([known.get(p) or xxh3_128_hexdigest(p.encode()) for p in parts._payloads])
-    if len(hashes) == _FIXED:
+    optional = parts._optional
+    if not optional:
         body = _BODY % hashes
-    else:  # an optional part is set: its line follows the fixed ones (keys without it are unchanged)
-        body = _BODY % hashes[:_FIXED] + f"context={hashes[_FIXED]}\n"
+    else:  # optional parts are set: their lines follow the fixed ones (keys without them are unchanged)
+        body = _BODY % hashes[:_FIXED] + "".join(f"{n}={h}\n" for n, h in zip(optional, hashes[_FIXED:]))
     # Built without __init__: every field is known valid here, and this is the hot path.
     key = _new(ContentKey)
     _set(key, "hex", xxh3_128_hexdigest(body.encode()))
     _set(key, "schema", SCHEMA_VERSION)
-    _set(key, "parts", _PartHashes(hashes))
+    _set(key, "parts", _PartHashes(hashes, optional))
     return key
 
 
@@ -641,6 +666,7 @@ def unresolved_key(parts: Mapping[str, str]) -> str:
         raise InvalidKey(f"part hashes lack {exc.args[0]!r}", hint="pass ContentKey.parts or an entry's parts") from None
     hashes[_INDEX["base_digest"]] = _CONSTANT_HASHES["-"]
     body = _BODY % tuple(hashes)
-    if parts.get("context"):
-        body += f"context={parts['context']}\n"
+    for name in OPTIONAL_PART_NAMES:
+        if parts.get(name):
+            body += f"{name}={parts[name]}\n"
     return xxh3_128_hexdigest(body.encode())

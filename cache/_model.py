@@ -17,6 +17,7 @@ __all__ = [
     "CacheStats",
     "GcFailure",
     "GcReport",
+    "PackageRecord",
     "PublishRecord",
     "check_parts",
     "check_result_fields",
@@ -207,6 +208,32 @@ class GcReport:
             "remaining_bytes": self.remaining_bytes,
             "errors": [e.to_json() for e in self.errors],
         }
+
+
+@dataclass(frozen=True)
+class PackageRecord:
+    """What one build resolved its requirements to.
+
+    Attributes:
+        key: the content key (32 hex).
+        installer: what installed them (``"uv 0.13.9"``, ``"pip"``; a note may follow).
+        layout: where they went: ``"venv"`` (a virtualenv of the base's Python) or ``"conda"``.
+        packages: the resolution, one ``name==version`` (or ``name @ url``) line each, sorted.
+        neighbour: the key of the image a near miss started from ("" for a clean build).
+        recorded: when (unix seconds).
+    """
+
+    key: str
+    installer: str
+    layout: str
+    packages: tuple[str, ...]
+    neighbour: str
+    recorded: float
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict with every field."""
+        return {"key": self.key, "installer": self.installer, "layout": self.layout,
+                "packages": list(self.packages), "neighbour": self.neighbour or None, "recorded": self.recorded}
 
 
 @dataclass(frozen=True)

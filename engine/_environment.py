@@ -25,6 +25,7 @@ File form (``environment.yml``)::
       interpreter_path: python3
       conda_dependencies: {channels: [...], dependencies: [...]}   # or conda_file: path
       pip_requirements: [numpy, scikit-learn]                      # or pip_requirements_file: path
+      pip_lock_file: environment.lock.txt   # optional; by default the lock next to the file is used
     environment_variables: {OMP_NUM_THREADS: "2"}
 """
 
@@ -42,6 +43,7 @@ from typing import Any
 from ._azure_only import AzureNames, instance_getattr
 from ._conda import CondaDependencies, absolute_pip_paths, check_conda, conda_spec, read_conda_file
 from ._context import BuildContext, collect_context
+from ._lockfile import PipLock, lock_path, read_lock
 from ._requirements import absolute_pip, localize_pip, read_requirements
 from .errors import SpecError
 
@@ -147,6 +149,17 @@ class BuildInputs:
     pip: tuple[str, ...]
     conda: dict[str, Any] | None
     files: dict[str, Path]
+    #: A lock's lines as the build reads them (it installs these instead of the requirements).
+    lock: tuple[str, ...] | None = None
+
+
+def pip_lines(inputs: BuildInputs) -> list[str]:
+    """The pip requirement lines a build installs before any lock: a conda spec's pip section
+    (its options, then its packages) first, then ``python.pip_requirements``."""
+    if inputs.conda is None:
+        return list(inputs.pip)
+    spec = CondaDependencies(_underlying_structure=inputs.conda)
+    return [*spec.pip_options, *spec.pip_packages, *inputs.pip]
 
 
 @dataclass
@@ -202,6 +215,8 @@ class Environment(metaclass=AzureNames):
         # the spec file's bytes alone do not decide the key (see _fastpath).
         self._reads_other_files = False
         self._source_bytes: bytes | None = None
+        #: The pinned lock a build installs instead of the requirements (see ``_lockfile``).
+        self._lock: PipLock | None = None
 
     def __repr__(self) -> str:
         return f"Environment(name={self.name!r}, version={self.version!r})"
@@ -408,6 +423,8 @@ class Environment(metaclass=AzureNames):
         if self.python.pip_requirements:
             python["pip_requirements"] = absolute_pip(self.python.pip_requirements, self._base_dir,
                                                       where=self._source)
+        if self._lock is not None:
+            python["pip_lock_file"] = str(self._lock.path)  # absolute: a run's agent reads the same lock
         out: dict[str, Any] = {"name": self.name}
         if self.version is not None:
             out["version"] = self.version
@@ -531,7 +548,44 @@ class Environment(metaclass=AzureNames):
                         done = localize_pip(dep["pip"], self._base_dir, where=self._source)
                         dep["pip"] = list(done.lines)
                         files.update(done.files)
-        return BuildInputs(dockerfile, context, pip, conda, files)
+        inputs = BuildInputs(dockerfile, context, pip, conda, files)
+        if self._lock is not None and not self.python.user_managed_dependencies:
+            inputs = self._locked(inputs)
+        return inputs
+
+    def _locked(self, inputs: BuildInputs) -> BuildInputs:
+        """``inputs`` installing the lock's pins, once the lock is checked to be of these requirements.
+
+        Raises:
+            SpecError: the lock was made from other requirements (or names a missing file).
+        """
+        lock = self._lock
+        assert lock is not None
+        unlocked = self.content_key(inputs=inputs)
+        if (unlocked.parts["pip"], unlocked.parts["conda"]) != (lock.pip_part, lock.conda_part):
+            spec = Path(self._source).name if self._source else "the environment"
+            raise SpecError(
+                f"the lock was made from other requirements than {spec} has now",
+                path=str(lock.path), field="python.pip_requirements",
+                hint=f"lock again (`dockyard env lock {self._source or 'FILE'}`), or delete {lock.path.name} "
+                "to build from the requirements",
+            )
+        done = localize_pip(list(lock.lines), lock.path.parent, where=str(lock.path))
+        return BuildInputs(inputs.dockerfile, inputs.context, inputs.pip, inputs.conda,
+                           {**inputs.files, **done.files}, lock=done.lines)
+
+    @property
+    def lock(self) -> PipLock | None:
+        """The lock builds of this environment install (None: none, the requirements are resolved)."""
+        return self._lock
+
+    def unlocked(self) -> Environment:
+        """A copy of this environment that ignores its lock (what ``dockyard env lock`` resolves)."""
+        import copy
+
+        other = copy.copy(self)
+        other._lock = None
+        return other
 
     def key_parts(self, *, base_digest: str | None = None, inputs: BuildInputs | None = None) -> Any:
         """The :class:`dockyard.cache.KeyParts` this environment reduces to.
@@ -562,6 +616,7 @@ class Environment(metaclass=AzureNames):
                 build_args=dict(self.docker.build_args),
                 registry=self.docker.base_image_registry.address or None,
                 context=inputs.context.digest if inputs.context is not None else None,
+                lock=None if managed or inputs.lock is None else inputs.lock,
             )
         except CacheInputError as exc:
             part = getattr(exc, "field", None)
@@ -586,6 +641,7 @@ _FIELD_OF_PART = {
     "build_args": "docker.build_args",
     "registry": "docker.base_image_registry.address",
     "context": "the build context: files the Dockerfile copies",
+    "lock": "the lock file (dockyard env lock)",
 }
 
 # -- the file form's schema -----------------------------------------------------------------------
@@ -602,6 +658,7 @@ _PYTHON = {
     "conda_file",
     "pip_requirements",
     "pip_requirements_file",
+    "pip_lock_file",
 }
 
 
@@ -772,6 +829,15 @@ def _from_mapping(data: Any, *, source: str | None, lines: dict[tuple[str, ...],
             r.path(python["pip_requirements_file"], ("python", "pip_requirements_file"))
         )
     if env.python.pip_requirements and any(_requirements_name_files(env.python.pip_requirements)):
+        env._reads_other_files = True
+    if python.get("pip_lock_file") is not None:
+        env._lock = read_lock(r.path(python["pip_lock_file"], ("python", "pip_lock_file")))
+        if env._lock is None:
+            raise r.error(("python", "pip_lock_file"), "file not found",
+                          hint="write it with `dockyard env lock FILE`, or remove pip_lock_file")
+    elif source is not None:
+        env._lock = read_lock(lock_path(source))  # the lock next to the file, when there is one
+    if env._lock is not None:
         env._reads_other_files = True
     at = ("docker", "build_context")
     build = r.mapping(docker.get("build_context"), at, _BUILD)

@@ -45,6 +45,7 @@ def describe_parts(env: Environment, key: Any) -> list[tuple[str, str, str]]:
             f"{_count(sum(1 for e in context.entries if e.kind == 'f'), 'file')} the Dockerfile reads from "
             f"{context.root} ({context.size} bytes)" if context is not None else "(none)"
         ),
+        "lock": (f"{_count(len(env.lock.pins), 'pin')} from {env.lock.path}" if env.lock is not None else "(none)"),
     }
     return [(name, digest, summaries.get(name, "")) for name, digest in key.parts.items()]
 
@@ -67,8 +68,10 @@ def changed_since_last_build(file: str, key: Any) -> str | None:
     if entry is None:
         return None
     # `env key` does not resolve the base image (it works offline), so its digest part is not compared.
-    differs = [name for name, digest in key.parts.items()
-               if name != "base_digest" and entry.parts.get(name) not in (None, digest)]
+    # An optional part (context, lock) present on one side only is a change too.
+    names = list(key.parts) + [n for n in entry.parts if n not in key.parts]
+    differs = [name for name in names
+               if name != "base_digest" and entry.parts and entry.parts.get(name) != key.parts.get(name)]
     if not differs:
         return f"no part changed (image {entry.image})"
     return "changed " + ", ".join(f"{name} ({field_of_part(name)})" for name in differs) + f"; was {entry.key}"

@@ -26,6 +26,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from dockyard.cache import ContentKey, ImageCache, PublishRecord
 
     from ._buildkit import BuildEvent
+    from ._dockerfile import NeighbourImage, RenderedBuild
+    from ._resolved import Resolution
     from ._shared import CacheRegistry, Presence
 
 __all__ = ["Builder", "BuiltImage", "SharedStatus", "ensure_image"]
@@ -49,9 +51,11 @@ class BuiltImage:
     source: Literal["local-hit", "built", "pulled"]
     seconds: float
     python: str = "python3"
+    #: The key of the environment a near miss started from (built now from a neighbour), else None.
+    neighbour: str | None = None
 
     def to_json(self) -> dict[str, object]:
-        return {
+        out: dict[str, object] = {
             "key": self.key,
             "image": self.image,
             "image_id": self.image_id,
@@ -59,6 +63,9 @@ class BuiltImage:
             "source": self.source,
             "seconds": round(self.seconds, 6),
         }
+        if self.neighbour:
+            out["neighbour"] = self.neighbour
+        return out
 
 
 def _resolve_ttl() -> float:
@@ -94,9 +101,11 @@ class Builder:
         buildkit: str | None = None,
         resolve_ttl: float | None = None,
         cache_registry: str | CacheRegistry | None = None,
+        installer: str | None = None,
     ) -> None:
         from dockyard.cache import ImageCache
 
+        from ._resolved import INSTALLERS, installer_setting
         from ._shared import CacheRegistry
 
         self.home = Path(home) if home is not None else dockyard_home()
@@ -115,6 +124,12 @@ class Builder:
         self._publishing: list[threading.Thread] = []
         #: What the last publish of each key said (None: pushed), for `dockyard cache` to report.
         self.published: dict[str, str | None] = {}
+        #: What installs pip requirements: ``uv`` (default) or ``pip`` (``DOCKYARD_INSTALLER``).
+        self.installer = installer_setting() if installer is None else installer
+        if self.installer not in INSTALLERS:
+            raise InputError(f"installer {self.installer!r} is not one of {', '.join(INSTALLERS)}")
+        #: What each build of this builder resolved (by key), until it is recorded in the index.
+        self._resolutions: dict[str, Resolution] = {}
 
     def registry(self, text: str, *, username: str | None = None, password_env: str | None = None) -> CacheRegistry | None:
         """The shared cache named ``text`` (``""``: none), the same object for the same setting.
@@ -349,10 +364,11 @@ class Builder:
             try:
                 image, image_id, size = self._build(env, key, inputs, no_cache=no_cache, on_event=on_event,
                                                     cancel=cancel, cache_from=neighbour,
-                                                    inline_cache=user_dockerfile)
+                                                    inline_cache=user_dockerfile, progress=report)
             finally:
                 if neighbour is not None:
                     self._untag(neighbour)
+            self._record_resolution(key)  # before the entry: whoever finds the entry finds this too
             slot.record(image=image, image_id=image_id, size=size, parts=dict(key.parts), builder="buildkit")
         if registry is not None and self.buildkit == "docker":
             self._publish_later(key.hex, image, report, registry)
@@ -618,7 +634,9 @@ class Builder:
         return refreshed
 
     def _done(self, key: Any, image: str, image_id: str, cached: bool, source: Any, started: float) -> BuiltImage:
-        return BuiltImage(key.hex, image, image_id, cached, source, time.perf_counter() - started)
+        near = self._resolutions.pop(key.hex, None) if source == "built" else None  # a long-lived builder keeps none
+        return BuiltImage(key.hex, image, image_id, cached, source, time.perf_counter() - started,
+                          neighbour=(near.neighbour or None) if near is not None else None)
 
     # -- building -------------------------------------------------------------------------------
 
@@ -633,14 +651,19 @@ class Builder:
         cancel: threading.Event | None,
         cache_from: str | None = None,
         inline_cache: bool = False,
+        progress: Callable[[str], None] | None = None,
     ) -> tuple[str, str, int]:
         from ._buildkit import SolveSpec
         from ._dockerfile import image_tag, render_dockerfile
         from ._inputs import import_context, import_tree, input_tag
 
+        report = progress or (lambda _l: None)
         spec_tag = input_tag(key.hex, "spec")
+        installer, uv_image = self._installer_for(env, inputs, report)
+        neighbour = None if no_cache or installer != "uv" else self._neighbour(env, key, inputs, report)
         rendered = render_dockerfile(env, key, inputs=inputs, spec_image=spec_tag,
-                                     rattler_image=self._rattler_image(env, inputs))
+                                     rattler_image=self._rattler_image(env, inputs), installer=installer,
+                                     uv_image=uv_image, neighbour=neighbour)
         attrs = {f"label:{k}": v for k, v in rendered.labels.items()}
         # Which home's index owns the image: GC of another home sharing this engine leaves it alone.
         attrs["label:dockyard.home"] = home_label(self.home)
@@ -679,9 +702,132 @@ class Builder:
             spec = SolveSpec(rendered.dockerfile.encode(), rendered.context, exporter, exporter_attrs, attrs,
                              context_image=context_image, context_blobs=blobs,
                              cache_from=(cache_from,) if cache_from else (), inline_cache=inline_cache)
+            if rendered.record_path is not None and self.buildkit == "docker":
+                return self._solve_recorded(spec, tag, key, rendered, imported, on_event=on_event, cancel=cancel)
             return self._solve(spec, tag, on_event=on_event, cancel=cancel)
         finally:
             self._forget_inputs(imported)
+
+    # -- installers, near misses, resolutions (see _resolved, _nearmiss) ---------------------------
+
+    def _installer_for(self, env: Environment, inputs: BuildInputs, report: Callable[[str], None]) -> tuple[str, str]:
+        """(``uv`` or ``pip``, the uv tool image's tag or a placeholder) for this build."""
+        from ._dockerfile import UV_PLACEHOLDER
+        from ._tools import ensure_uv_image
+
+        if self.installer != "uv" or env.python.user_managed_dependencies:
+            return "pip", UV_PLACEHOLDER
+        if self.buildkit != "docker":
+            # The tool image lives in the engine's store, which a standalone buildkitd cannot read.
+            return "pip", UV_PLACEHOLDER
+        tag = ensure_uv_image(self.engine)
+        if tag is None:
+            report("warning: uv is not installed with dockyard (pip install 'uv'); installing with pip")
+            return "pip", UV_PLACEHOLDER
+        return "uv", tag
+
+    def _neighbour(self, env: Environment, key: ContentKey, inputs: BuildInputs,
+                   report: Callable[[str], None]) -> NeighbourImage | None:
+        """A built environment this one is a near miss of (see :mod:`._nearmiss`), checked to be in
+        the engine, or None (a clean build). Never a reason to fail: anything odd means "clean"."""
+        from xxhash import xxh3_128_hexdigest
+
+        from .._environment import pip_lines
+        from ._dockerfile import ENV_PREFIX_ROOT, NeighbourImage, needs_rattler
+        from ._nearmiss import MAX_LAYERS, Candidate, pick_neighbour, requirement_names
+        from .uv_install import unsupported_lines
+
+        lines = list(inputs.lock) if inputs.lock is not None else pip_lines(inputs)
+        if (self.buildkit != "docker" or not lines or inputs.dockerfile is not None or needs_rattler(env, inputs)
+                or unsupported_lines(lines)):
+            return None
+        absent = xxh3_128_hexdigest(b"-")
+        try:
+            candidates = []
+            for entry in self.cache.entries():
+                if entry.key == key.hex or entry.parts.get("base_digest") != key.parts.get("base_digest"):
+                    continue
+                record = self.cache.packages(entry.key)
+                names = requirement_names(record.packages) if record is not None else set()
+                candidates.append(Candidate(entry.key, entry.parts, record.layout if record else "",
+                                            frozenset(names), entry.last_used))
+            wanted = requirement_names(lines)
+            while candidates:
+                best = pick_neighbour(dict(key.parts), key.hex, wanted, candidates, no_conda=absent,
+                                      no_dockerfile=absent)
+                if best is None:
+                    return None
+                candidates.remove(best)
+                entry = self.cache.find(best.key)
+                found = self.engine.inspect_image(entry.image) if entry is not None else None
+                if entry is None or found is None or found.get("Id") != entry.image_id:
+                    continue  # gone or replaced behind the index's back
+                if len((found.get("RootFS") or {}).get("Layers") or ()) > MAX_LAYERS:
+                    continue
+                config = found.get("Config") or {}
+                python = (config.get("Labels") or {}).get("dockyard.python") or f"{ENV_PREFIX_ROOT}/{best.key}/bin/python"
+                prefix = python.rsplit("/bin/", 1)[0]
+                path = next((e[5:] for e in config.get("Env") or () if e.startswith("PATH=")),
+                            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+                rest = ":".join(p for p in path.split(":") if p and not p.startswith(ENV_PREFIX_ROOT + "/"))
+                report(f"near miss: starting from {entry.image} (only the Python packages differ)")
+                return NeighbourImage(best.key, entry.image, prefix, rest)
+        except DockyardError as exc:
+            report(f"warning: no neighbour looked for ({exc.message}); building from scratch")
+        except Exception as exc:  # noqa: BLE001 - the index's own errors (CacheError) included: a hint only
+            report(f"warning: no neighbour looked for ({exc}); building from scratch")
+        return None
+
+    def _solve_recorded(self, spec: Any, tag: str, key: ContentKey, rendered: RenderedBuild, imported: list[str],
+                        *, on_event: Callable[[BuildEvent], None] | None,
+                        cancel: threading.Event | None) -> tuple[str, str, int]:
+        """Build in two solves: the image itself, under a per-build tag; then, once its resolution is
+        read from it, the same image with the resolution in its labels, under the key's tag (a
+        metadata-only step: no layer is added)."""
+        import dataclasses
+
+        from ._buildkit import BuildKitClient
+        from ._inputs import input_tag
+        from ._resolved import parse_record, read_image_file, resolution_labels
+
+        assert rendered.record_path is not None
+        neighbour = rendered.neighbour.key if rendered.neighbour is not None else ""
+
+        def read(image: str) -> Resolution:
+            raw = read_image_file(self.engine, image, rendered.record_path)  # type: ignore[arg-type]
+            found = parse_record(raw.decode(errors="replace") if raw else "# installer: unknown", neighbour=neighbour)
+            self._resolutions[key.hex] = dataclasses.replace(found, mode=rendered.layout or "")
+            return found
+
+        if spec.inline_cache:
+            # The inline cache lives in the image's own config, which a second solve would not carry
+            # over: one solve, and the resolution goes to the index only.
+            built = self._solve(spec, tag, on_event=on_event, cancel=cancel)
+            read(tag)
+            return built
+        stage = input_tag(key.hex, "stage")
+        imported.append(stage)
+        first = dataclasses.replace(spec, exporter_attrs={"name": stage})
+        with BuildKitClient(self.buildkit, engine=self.engine) as client:
+            client.solve(first, on_event=on_event, cancel=cancel)
+        resolution = read(stage)
+        attrs = {k: v for k, v in spec.frontend_attrs.items() if k.startswith("label:") or k == "platform"}
+        attrs.update({f"label:{k}": v for k, v in resolution_labels(resolution).items()})
+        second = dataclasses.replace(spec, dockerfile=f"FROM {stage}\n".encode(), context={}, frontend_attrs=attrs,
+                                     context_image=None, context_blobs=(), cache_from=(), inline_cache=False)
+        return self._solve(second, tag, on_event=None, cancel=cancel)
+
+    def _record_resolution(self, key: ContentKey) -> None:
+        """Put what the build of ``key`` resolved into the index (a failure only warns: the label has it)."""
+        resolution = self._resolutions.get(key.hex)
+        if resolution is None:
+            return
+        try:
+            self.cache.record_packages(key, resolution.packages, installer=resolution.installer,
+                                       layout="conda" if resolution.mode == "conda" else "venv",
+                                       neighbour=resolution.neighbour)
+        except Exception:  # noqa: BLE001 - the index's own errors: the image's label keeps the record
+            pass
 
     def _rattler_image(self, env: Environment, inputs: BuildInputs) -> str:
         """The rattler tool image's tag, made now if a conda install needs it (else a placeholder)."""

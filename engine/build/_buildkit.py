@@ -249,7 +249,7 @@ def _definition(op: bytes, *dependencies: bytes) -> object:
     return definition
 
 
-_DOCKYARD_RUN = re.compile(r"^(\[[^\]]*\]\s+)?RUN\s+--mount=\S*(?:/tmp/dockyard-spec|/opt/dockyard/tool)")
+_DOCKYARD_RUN = re.compile(r"^(\[[^\]]*\]\s+)?RUN\s+--mount=\S*(?:/tmp/dockyard-spec|/opt/dockyard/tool|/opt/dockyard/uv)")
 
 
 def _display_name(name: str) -> str:
@@ -651,7 +651,9 @@ class BuildKitClient:
         tail = "\n".join(failing.lines) if failing else ""
         if failing and failing.partial:
             tail = f"{tail}\n{failing.partial}".strip("\n")
-        summary = _summarise(details)
+        # dockyard's uv step says what went wrong in one tagged line (the resolver's own words).
+        said = [t for t in tail.splitlines() if t.startswith("dockyard-uv: ")]
+        summary = said[-1] if said else _summarise(details)
         # A rendered RUN line is long (the install steps): the message names it short; the full
         # step stays in .step, its Dockerfile line and the last output lines come as details.
         named = step if len(step) <= 100 else step[:99].rstrip() + "…"

@@ -4,17 +4,22 @@
 that runs dockyard, and the install script (``conda_install.py``). A conda build mounts it into the
 one ``RUN`` that installs conda packages. It is made once per machine (≈80 MiB, a few seconds) and
 found again by its tag, which changes with rattler's version or the script.
+
+``dockyard/tool:uv-<version>-<script hash>`` holds the ``uv`` binary of the ``uv`` wheel installed
+with dockyard (≈40 MiB) and its install script (``uv_install.py``); every build that installs pip
+requirements mounts it into that one ``RUN``, so uv never enters an environment's image.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 from ..dockerd import EngineClient
 from ..errors import SpecError
 
-__all__ = ["ensure_rattler_image"]
+__all__ = ["ensure_rattler_image", "ensure_uv_image", "uv_binary"]
 
 
 def _rattler_files() -> tuple[str, dict[str, bytes | Path]]:
@@ -60,4 +65,42 @@ def ensure_rattler_image(engine: EngineClient) -> str:
     tree = SpecTree(files)
     # The engine tags an import only once it is complete: no reader finds half a tool.
     _import_rootfs(engine, tar_chunks(tree.write_tar), tag, ["LABEL dockyard.tool=rattler"])
+    return tag
+
+
+def uv_binary() -> tuple[str, Path] | None:
+    """(uv's version, its binary) from the ``uv`` wheel installed with dockyard, or None."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        from uv import find_uv_bin
+
+        path = Path(find_uv_bin())
+        ver = version("uv")
+    except (ImportError, FileNotFoundError, PackageNotFoundError):
+        return None
+    return (ver, path) if path.is_file() and os.access(path, os.X_OK) else None
+
+
+def ensure_uv_image(engine: EngineClient) -> str | None:
+    """The tag of the uv tool image, importing it into the engine when it is missing; None when the
+    ``uv`` wheel is not installed with dockyard (the caller installs with pip then).
+
+    Raises:
+        EngineError, EngineUnavailable: the engine refused the import or went away.
+    """
+    from ._base_images import _import_rootfs
+    from ._inputs import SpecTree, tar_chunks
+
+    found = uv_binary()
+    if found is None:
+        return None
+    ver, binary = found
+    script = Path(__file__).with_name("uv_install.py")
+    digest = hashlib.sha256(script.read_bytes()).hexdigest()[:12]
+    tag = f"dockyard/tool:uv-{ver}-{digest}"
+    if engine.inspect_image(tag) is not None:
+        return tag
+    tree = SpecTree({"uv": binary, "uv_install.py": script})
+    _import_rootfs(engine, tar_chunks(tree.write_tar), tag, ["LABEL dockyard.tool=uv"])
     return tag

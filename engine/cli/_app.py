@@ -10,7 +10,7 @@ import click
 
 from .. import __version__
 from ..errors import DockyardError
-from . import _compute, _images, _runs
+from . import _compute, _images, _locks, _runs
 from ._terminal import emit_json
 
 __all__ = ["cli", "main"]
@@ -26,6 +26,8 @@ def cli(debug: bool) -> None:
 for _command in (_images.doctor, _images.base, _images.env, _images.cache, _compute.compute,
                  _runs.run_command, _runs.runs, _runs.gpus_command, _runs.agent):
     cli.add_command(_command)
+for _command in (_locks.env_show, _locks.env_lock):
+    _images.env.add_command(_command)
 
 
 def _wants(flag: str, argv: list[str]) -> bool:

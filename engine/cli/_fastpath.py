@@ -68,6 +68,9 @@ def try_env_build_hit(args: list[str]) -> int | None:
         return None
     if not os.path.exists(index):
         return None
+    stem, _ = os.path.splitext(file)
+    if os.path.exists(stem + ".lock.txt"):
+        return None  # a lock next to the spec is part of the key: the full path reads it
     from dockyard.cache._fastread import fast_hit
 
     from ..build._memo import spec_fingerprint

@@ -186,11 +186,13 @@ def env_render(file: str) -> None:
     """Print the Dockerfile dockyard builds for the environment in FILE (and its context files)."""
     from .. import Environment
     from ..build import render_dockerfile
+    from ..build._resolved import installer_setting
 
     environment = Environment.load(file)
     inputs = environment.build_inputs()
     key, _ = _image_key(environment)
-    rendered = render_dockerfile(environment, key, inputs=inputs)
+    # A clean build's Dockerfile (a near miss starts from a neighbour's image instead, see README).
+    rendered = render_dockerfile(environment, key, inputs=inputs, installer=installer_setting())
     click.echo(rendered.dockerfile, nl=False)
     for name, (data, _mode) in sorted(rendered.spec.flat().items()):
         if isinstance(data, bytes) and not name.startswith(("files/", "channels/")):

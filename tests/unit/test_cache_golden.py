@@ -126,3 +126,45 @@ def test_context_key_is_pinned_and_appends_one_line() -> None:
     ) + f"context={xxh3_128_hexdigest(('+' + digest).encode())}\n"
     assert key.hex == xxh3_128_hexdigest(body.encode())
     assert key.hex == "3b675e94431a75039ce460e34d6a991a"
+
+
+# -- the optional `lock` part (`dockyard env lock`) and the installer, which is not a part -------------
+
+_PINS = ["numpy==2.1.0", "scikit-learn==1.5.2", "scipy==1.14.1", "joblib==1.4.2", "threadpoolctl==3.5.0"]
+
+
+def test_a_lock_is_pinned_and_appends_one_line_after_the_fixed_ones() -> None:
+    without = compute_key(CASES["python_pip"][0])
+    key = compute_key(KeyParts(PY, pip=["numpy==2.1.0", "scikit-learn>=1.5"], lock=list(reversed(_PINS))))
+    assert set(key.parts) == {*without.parts, "lock"}
+    assert {n: key.parts[n] for n in without.parts} == dict(without.parts), "only the lock part is added"
+    # Canonicalised like pip requirements: order of the pins does not matter.
+    assert key.parts["lock"] == xxh3_128_hexdigest(("+o\n\x00r\n" + "\n".join(sorted(_PINS))).encode())
+    body = f"dockyard-cache-key/v{SCHEMA_VERSION}\n" + "".join(
+        f"{n}={without.parts[n]}\n" for n in sorted(without.parts)
+    ) + f"lock={key.parts['lock']}\n"
+    assert key.hex == xxh3_128_hexdigest(body.encode()) == "b771c468fd1b02d2f4aa859a0368403d"
+
+
+def test_context_and_lock_together_come_in_that_order() -> None:
+    parts = KeyParts(None, dockerfile=_CTX_DOCKERFILE, context="0123456789abcdef0123456789abcdef", pip=["six"],
+                     lock=["six==1.17.0"])
+    key = compute_key(parts)
+    assert list(key.parts)[-2:] == ["context", "lock"]
+    assert key.hex == "9645e585e3ae634f033a9ea1c6dc2cf3"
+
+
+def test_the_installer_is_not_part_of_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """uv and pip install the same resolution into the same layout: images built before uv (by pip)
+    keep their keys, and DOCKYARD_INSTALLER=pip builds the same key (the README explains why)."""
+    from pathlib import Path
+
+    from dockyard import Environment
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "digits" / "environment.yml"
+    keys = set()
+    for installer in ("uv", "pip", ""):
+        monkeypatch.setenv("DOCKYARD_INSTALLER", installer)
+        keys.add(Environment.load(example).content_key().hex)
+    assert keys == {"a1685ff5bde7a8f3c00dfee2f3182a72"}, "the digits example's key of before uv"
+    assert "installer" not in KeyParts.__dataclass_fields__

@@ -106,7 +106,8 @@ PUBLIC = {
     "OPTIONAL_PART_NAMES", "PART_NAMES", "SCHEMA_VERSION", "BuildResult", "BuildSlot", "CacheEntry", "CacheError",
     "CacheInputError", "CacheStats", "ContentKey", "GcFailure", "GcReport", "ImageCache",
     "IndexCorrupt", "IndexUnavailable", "InvalidKey", "InvalidKeyParts", "KeyParts", "LeaseLost",
-    "PublishRecord", "WaitTimeout", "compute_key", "diff_keys", "FastHit", "fast_hit", "unresolved_key",
+    "PackageRecord", "PublishRecord", "WaitTimeout", "compute_key", "diff_keys", "FastHit", "fast_hit",
+    "unresolved_key",
 }
 
 

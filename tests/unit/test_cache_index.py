@@ -85,9 +85,9 @@ def test_entry_to_json_is_plain_json(cache: ImageCache) -> None:
 def test_index_is_wal_with_a_schema_version(cache: ImageCache) -> None:
     cache.record(KEY, image="img", image_id="id")
     assert _sql(cache, "PRAGMA journal_mode") == [("wal",)]
-    assert _sql(cache, "PRAGMA user_version") == [(4,)]
+    assert _sql(cache, "PRAGMA user_version") == [(5,)]
     assert {r[0] for r in _sql(cache, "SELECT name FROM sqlite_master WHERE type='table'")} == {
-        "entries", "leases", "resolutions", "memos", "publishes", "remote_parts"}
+        "entries", "leases", "resolutions", "memos", "publishes", "remote_parts", "packages"}
 
 
 def test_record_replaces_but_keeps_hits_and_pin(cache: ImageCache) -> None:
@@ -369,7 +369,7 @@ def test_an_index_of_schema_1_is_read_as_is_and_migrated_on_first_write(tmp_path
     assert cache.resolution(REF, max_age=60) is None
     assert _sql(cache, "PRAGMA user_version") == [(1,)]  # reads never migrate
     cache.remember_resolution(REF, DIGEST)  # the first write migrates
-    assert _sql(cache, "PRAGMA user_version") == [(4,)]
+    assert _sql(cache, "PRAGMA user_version") == [(5,)]
     assert cache.resolution(REF, max_age=60) == DIGEST
     assert cache.lookup(KEY) is not None and cache.stats().entries == 1
     cache.verify()
@@ -401,3 +401,30 @@ def test_parts_of_published_keys_are_remembered_per_registry(cache: ImageCache) 
     assert cache.remote_parts("127.0.0.1:5001/other") == {}
     with pytest.raises(CacheInputError):
         cache.remember_remote_parts("", KEY, dict(KEY.parts))
+
+
+def test_what_a_build_resolved_is_recorded_per_key_and_replaced_by_a_rebuild(cache: ImageCache) -> None:
+    assert cache.packages(KEY) is None
+    first = cache.record_packages(KEY, ["six==1.17.0", "Idna==3.7", "six==1.17.0"], installer="uv 0.13.9")
+    assert first.packages == ("Idna==3.7", "six==1.17.0") and first.neighbour == ""
+    again = cache.packages(KEY.hex)
+    assert again is not None and (again.installer, again.packages) == ("uv 0.13.9", ("Idna==3.7", "six==1.17.0"))
+    near = "b" * 32
+    cache.record_packages(KEY, ["six==1.17.0"], installer="pip", neighbour=near)
+    replaced = cache.packages(KEY)
+    assert replaced is not None and replaced.packages == ("six==1.17.0",) and replaced.neighbour == near
+    assert set(replaced.to_json()) == {"key", "installer", "layout", "packages", "neighbour", "recorded"}
+
+
+def test_a_package_record_refuses_what_is_not_a_list_of_lines(cache: ImageCache) -> None:
+    with pytest.raises(CacheInputError):
+        cache.record_packages(KEY, "six==1.17.0", installer="uv")
+    with pytest.raises(CacheInputError):
+        cache.record_packages(KEY, ["six==1\nevil"], installer="uv")
+    with pytest.raises(CacheInputError):
+        cache.record_packages(KEY, ["six==1"], installer="")
+    with pytest.raises(CacheInputError):
+        cache.record_packages(KEY, ["six==1"], installer="uv", layout="somewhere")
+    with pytest.raises(InvalidKey):
+        cache.record_packages(KEY, ["six==1"], installer="uv", neighbour="not-a-key")
+    assert cache.packages(KEY) is None

@@ -1,0 +1,226 @@
+#!/usr/bin/env python3
+"""Build times of a miss: pip (dockyard before uv) against uv, clean and near miss, side by side.
+
+    python benchmarks/build_times.py [--json] [--n 3]
+
+The environment is the digits example's (the python base image + numpy and scikit-learn, from the
+package index). Each sample builds, in-process with ``Builder.ensure_image`` and an empty dockyard
+home each time:
+
+* ``clean_pip``        ``DOCKYARD_INSTALLER=pip``, ``--no-cache``: dockyard's install step before uv
+                       (``python3 -m venv`` + ``pip install --no-cache-dir``), everything downloaded
+* ``clean_uv_cold``    uv, ``--no-cache``: BuildKit hands the step a new, empty download cache
+* ``clean_uv_warm``    uv, a key never built (a build arg nobody used) and no neighbour: the
+                       download cache holds the wheels from before
+* ``near_miss_pip``    the environment plus ``tqdm`` with pip: what a near miss cost before, a
+                       full build under a new key
+* ``near_miss_uv``     the same near miss with uv: it starts from ``clean_uv_warm``'s image and
+                       ``uv pip sync`` adds ``tqdm``
+* ``near_pair_locked`` two near misses of that image built at once (``+six``, ``+idna``), the
+                       cache mount ``sharing=locked`` (one installing step at a time): the wall
+                       time of both
+* ``near_pair_shared`` the same with ``sharing=shared`` (uv's own locking only: dockyard's setting)
+
+and the bytes each adds to the engine (image size minus the image it starts from):
+``neighbour_bytes`` (``clean_uv_warm`` over the base), ``near_miss_uv_bytes`` (over its neighbour),
+``near_miss_pip_bytes`` (over the base: a full copy).
+
+Every ``*_pip`` row includes what builds do now for both installers (reading the resolution from
+the image and labelling it: a second, metadata-only solve of about 0.2 s). Printed as a table and
+(``--json``) one JSON object in the shape every benchmark uses. Benchmarks print; they never assert
+timings. Needs a Docker Engine, the python base image and the package index. The images it builds
+are removed at the end of each sample; their steps stay in BuildKit's cache (about 1.5 GB per
+sample), which ``dockyard cache prune-build-cache`` frees.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+PYTHON_BASE = "dockyard/base:bookworm-python3"
+PACKAGES = ["numpy", "scikit-learn"]
+GOALS = {"near_miss_pip/near_miss_uv": 4.0, "clean_pip/clean_uv_cold": 2.0}
+BYTES_GOAL = 0.25
+
+
+def _env(extra: list[str], stamp: str) -> Any:
+    from dockyard import Environment
+
+    env = Environment("digits")
+    env.docker.base_image = PYTHON_BASE
+    env.python.pip_requirements = [*PACKAGES, *extra]
+    env.docker.build_args = {"BENCH": stamp}  # a key no earlier sample built (and no neighbour across samples)
+    return env
+
+
+def _size(engine: Any, ref: str) -> int:
+    found = engine.inspect_image(ref)
+    return int(found.get("Size") or 0) if found else 0
+
+
+def _build(work: Path, env: Any, *, installer: str, no_cache: bool = False) -> tuple[float, Any]:
+    from dockyard.build import Builder
+
+    builder = Builder(work / f"home-{uuid.uuid4().hex[:8]}", installer=installer, cache_registry="")
+    try:
+        started = time.perf_counter()
+        built = builder.ensure_image(env, no_cache=no_cache)
+        return time.perf_counter() - started, built
+    finally:
+        builder.close()
+
+
+def _pair(home: Path, envs: list[Any], made: list[str]) -> float:
+    """Two builds at once in one home (the neighbour is that home's); the wall time of both."""
+    from dockyard.build import Builder
+
+    errors: list[BaseException] = []
+
+    def one(env: Any) -> None:
+        builder = Builder(home, installer="uv", cache_registry="")
+        try:
+            built = builder.ensure_image(env)
+            made.append(built.image)
+            if built.neighbour is None:
+                raise RuntimeError(f"{built.image} was not a near miss")
+        except BaseException as exc:  # noqa: BLE001 - reported by the caller
+            errors.append(exc)
+        finally:
+            builder.close()
+
+    threads = [threading.Thread(target=one, args=(env,)) for env in envs]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    took = time.perf_counter() - started
+    if errors:
+        raise errors[0]
+    return took
+
+
+def _sample(work: Path, engine: Any, rows: dict[str, list[float]], i: int) -> None:
+    import dockyard.build._dockerfile as rendering
+    from dockyard.build import Builder
+
+    stamp = uuid.uuid4().hex
+    made: list[str] = []
+    try:
+        order = ("pip", "uv") if i % 2 == 0 else ("uv", "pip")
+        for which in order:
+            took, built = _build(work, _env([], stamp + "-clean-" + which), installer=which, no_cache=True)
+            rows[f"clean_{which}" if which == "pip" else "clean_uv_cold"].append(took)
+            made.append(built.image)
+        # A warm download cache, a key never built, and no neighbour (other build args).
+        home = work / f"near-home-{i}"
+        builder = Builder(home, installer="uv", cache_registry="")
+        try:
+            started = time.perf_counter()
+            neighbour = builder.ensure_image(_env([], stamp))
+            rows["clean_uv_warm"].append(time.perf_counter() - started)
+            made.append(neighbour.image)
+            started = time.perf_counter()
+            near = builder.ensure_image(_env(["tqdm"], stamp))
+            rows["near_miss_uv"].append(time.perf_counter() - started)
+            made.append(near.image)
+            assert near.neighbour == neighbour.key, "the near miss did not start from its neighbour"
+        finally:
+            builder.close()
+        took, pip_near = _build(work, _env(["tqdm"], stamp + "-pip"), installer="pip")
+        rows["near_miss_pip"].append(took)
+        made.append(pip_near.image)
+        base = _size(engine, PYTHON_BASE)
+        rows["neighbour_bytes"].append(_size(engine, neighbour.image) - base)
+        rows["near_miss_uv_bytes"].append(_size(engine, near.image) - _size(engine, neighbour.image))
+        rows["near_miss_pip_bytes"].append(_size(engine, pip_near.image) - base)
+        # Two near misses at once, with the cache mount locked, then shared (dockyard's setting).
+        default = rendering.UV_CACHE_MOUNT
+        for sharing, variant in (("locked", "six"), ("shared", "six>=1")):
+            rendering.UV_CACHE_MOUNT = re.sub(r"sharing=\w+", f"sharing={sharing}", default)
+            try:
+                envs = [_env([variant], stamp), _env(["idna" if sharing == "locked" else "idna>=2"], stamp)]
+                rows[f"near_pair_{sharing}"].append(_pair(home, envs, made))
+            finally:
+                rendering.UV_CACHE_MOUNT = default
+    finally:
+        for image in made:
+            engine.request("DELETE", f"/images/{image}?force=1")
+
+
+def _result(name: str, values: list[float], unit: str) -> dict[str, Any]:
+    ordered = sorted(values)
+    p95 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.95))]
+    digits = 0 if unit == "bytes" else 3
+    return {"name": name, "unit": unit, "p50": round(statistics.median(values), digits), "p95": round(p95, digits),
+            "n": len(values)}
+
+
+def run(n: int) -> dict[str, Any]:
+    from dockyard.dockerd import EngineClient
+
+    engine = EngineClient.from_env()
+    work = Path(tempfile.mkdtemp(prefix="dockyard-build-times-"))
+    names = ["clean_pip", "clean_uv_cold", "clean_uv_warm", "near_miss_pip", "near_miss_uv", "near_pair_locked",
+             "near_pair_shared", "neighbour_bytes", "near_miss_uv_bytes", "near_miss_pip_bytes"]
+    rows: dict[str, list[float]] = {name: [] for name in names}
+    try:
+        for i in range(n):
+            _sample(work, engine, rows, i)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    results = [_result(name, rows[name], "bytes" if name.endswith("_bytes") else "s") for name in names]
+    p50 = {r["name"]: r["p50"] for r in results}
+    ratios = {
+        "clean_pip/clean_uv_cold": round(p50["clean_pip"] / p50["clean_uv_cold"], 2),
+        "clean_pip/clean_uv_warm": round(p50["clean_pip"] / p50["clean_uv_warm"], 2),
+        "near_miss_pip/near_miss_uv": round(p50["near_miss_pip"] / p50["near_miss_uv"], 2),
+        "near_miss_uv_bytes/neighbour_bytes": round(p50["near_miss_uv_bytes"] / p50["neighbour_bytes"], 4),
+        "near_miss_pip_bytes/near_miss_uv_bytes": round(p50["near_miss_pip_bytes"] / max(1, p50["near_miss_uv_bytes"]), 1),
+        "near_pair_locked/near_pair_shared": round(p50["near_pair_locked"] / p50["near_pair_shared"], 2),
+    }
+    met = [f"{name} {ratios[name]}x (goal >= {goal}x): {'met' if ratios[name] >= goal else 'NOT met'}"
+           for name, goal in GOALS.items()]
+    share = ratios["near_miss_uv_bytes/neighbour_bytes"]
+    met.append(f"a near miss adds {share:.2%} of its neighbour's bytes (goal <= {BYTES_GOAL:.0%}): "
+               f"{'met' if share <= BYTES_GOAL else 'NOT met'}")
+    notes = (f"digits environment ({', '.join(PACKAGES)}; near miss: + tqdm), {n} samples, each build from an "
+             "empty dockyard home; " + "; ".join(met))
+    return {"benchmark": "build_times", "results": results, "ratios": ratios, "notes": notes}
+
+
+def _table(doc: dict[str, Any]) -> str:
+    lines = [f"{'name':<22} {'p50':>14} {'p95':>14} {'unit':>6} {'n':>3}"]
+    for r in doc["results"]:
+        fmt = "{:>14,.0f}" if r["unit"] == "bytes" else "{:>14.3f}"
+        lines.append(f"{r['name']:<22} {fmt.format(r['p50'])} {fmt.format(r['p95'])} {r['unit']:>6} {r['n']:>3}")
+    lines += [""] + [f"{name:<40} {value:>9}x" for name, value in doc["ratios"].items()]
+    lines += ["", doc["notes"]]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    parser.add_argument("--n", type=int, default=3, help="samples (each: every row once)")
+    args = parser.parse_args(argv)
+    if args.n < 1:
+        parser.error("--n must be >= 1")
+    doc = run(args.n)
+    print(json.dumps(doc) if args.json else _table(doc))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,530 @@
+"""Install pip requirements with uv inside the image being built: ``python3 uv_install.py OPTIONS``.
+
+This file travels in the uv tool image (``dockyard/tool:uv-…``, next to the ``uv`` binary) and runs
+INSIDE the image being built, with whatever ``python3`` the base image has. So it imports nothing of
+dockyard and parses as Python 3.8. The builder imports it too, for :data:`UNSUPPORTED` and
+:func:`unsupported_lines` (one list of what uv reads differently from pip, used on both sides).
+
+Modes (``--mode``):
+
+* ``venv``: a clean environment. ``python3 -m venv --without-pip PREFIX``, then the seed packages
+  ``python3 -m venv`` would have put there (pip, and setuptools before Python 3.12, from the very
+  wheels ``ensurepip`` bundles), then the requirements, resolved by ``uv pip compile`` and installed
+  by ``uv pip sync``. The environment holds the same packages as one pip made.
+* ``near``: a near miss. ``PREFIX`` does not exist and ``--from OLD`` is the environment of the
+  neighbour image this build starts from; ``PREFIX`` becomes a link to it, and ``uv pip sync``
+  changes only what differs from the new resolution (removes, adds, up- and downgrades), keeping
+  the seed packages. The result is the package set a clean build resolves, in a layer that holds
+  only the difference.
+* ``into``: an existing prefix (a conda environment): the resolution is installed into it with
+  ``uv pip install`` (nothing removed: the conda packages stay).
+
+The resolution (``name==version`` lines, the output of ``uv pip compile``) is written to
+``--record`` with a header naming the installer, so that the builder can label the image with it.
+
+uv falls back to pip, saying why, when it cannot do what pip would: a pip configuration file or
+``PIP_*`` variable it does not read, a requirements option it does not support, or a ``uv`` binary
+that cannot run in this image (it is linked against glibc).
+
+The download cache (``--cache``, a BuildKit cache mount) is only a cache: when uv fails for any
+reason other than the requirements themselves, or when an installed file does not match its
+wheel's ``RECORD`` (a damaged cache entry), the step retries once without the shared cache and
+then empties it, so a damaged or deleted cache never fails a build nor leaves a broken package.
+
+Exit status: 0 installed; 2 the requirements cannot be resolved or installed (one line on stderr,
+starting with ``dockyard-uv: ``, the resolver's own words); 1 anything else (one such line too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import csv
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+TAG = "dockyard-uv: "
+BAD_SPEC, FAILED = 2, 1
+MAX_ERROR = 600
+
+#: Requirements-file options uv ignores (with a warning) or does not have, while pip honours them:
+#: such a file is installed by pip, so that its result does not change.
+UNSUPPORTED = ("--prefer-binary", "--use-feature", "--use-deprecated", "--no-build-isolation",
+               "--global-option", "--config-settings", "--root-user-action", "--no-clean", "--src")
+#: Options uv takes on its command line only: moved there (option -> uv's flag).
+TRANSLATED = {"--pre": ("--prerelease", "allow"), "--trusted-host": ("--allow-insecure-host", None)}
+#: pip's variables uv does not read, mapped onto uv's own (pip's separator is whitespace).
+PIP_VARIABLES = {
+    "PIP_INDEX_URL": ("UV_DEFAULT_INDEX", None),
+    "PIP_EXTRA_INDEX_URL": ("UV_INDEX", " "),
+    "PIP_FIND_LINKS": ("UV_FIND_LINKS", ","),
+    "PIP_NO_INDEX": ("UV_NO_INDEX", None),
+    "PIP_TRUSTED_HOST": ("UV_INSECURE_HOST", " "),
+    "PIP_CONSTRAINT": ("UV_CONSTRAINT", " "),
+    "PIP_PRE": ("UV_PRERELEASE", None),
+}
+#: pip's variables that change nothing uv resolves or installs.
+PIP_HARMLESS = frozenset({
+    "PIP_CERT", "PIP_DISABLE_PIP_VERSION_CHECK", "PIP_NO_CACHE_DIR", "PIP_DEFAULT_TIMEOUT", "PIP_TIMEOUT",
+    "PIP_ROOT_USER_ACTION", "PIP_NO_WARN_SCRIPT_LOCATION", "PIP_PROGRESS_BAR", "PIP_NO_COLOR", "PIP_QUIET",
+    "PIP_VERBOSE", "PIP_BREAK_SYSTEM_PACKAGES", "PIP_NO_INPUT", "PIP_RETRIES", "PIP_CACHE_DIR",
+    "PIP_REQUIRE_VIRTUALENV", "PIP_NO_PYTHON_VERSION_WARNING", "PIP_CONFIG_FILE",
+})
+_PIP_CONFIGS = ("/etc/pip.conf", "/etc/xdg/pip/pip.conf", "~/.pip/pip.conf", "~/.config/pip/pip.conf")
+SEEDS = ("pip", "setuptools", "wheel")
+_PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)\s*(?:\[[^\]]*\])?\s*==\s*([^\s;]+)\s*$")
+
+
+class Failure(Exception):
+    """A failure to report as one line and an exit status."""
+
+    def __init__(self, message: str, status: int = FAILED) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class UsePip(Exception):
+    """uv cannot install these requirements as pip would: the reason, for the build's output."""
+
+
+def say(message: str) -> None:
+    print(TAG + message, flush=True)
+
+
+def normalize(name: str) -> str:
+    """PEP 503's form of a project name (``Scikit_Learn`` -> ``scikit-learn``)."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def shorten(text: str, limit: int = MAX_ERROR) -> str:
+    """One line out of uv's error output: its ``error:``/``cause:`` lines, without the hints."""
+    kept = []
+    for line in str(text).splitlines():
+        line = line.strip().lstrip("×╰─▶│├└ ").strip()
+        if not line or line.startswith(("warning:", "hint:", "help:", "Using Python", "Resolved", "Prepared")):
+            continue
+        for prefix in ("error: ", "cause: ", "Caused by: "):
+            if line.startswith(prefix):
+                line = line[len(prefix):]
+        if kept and line == kept[-1]:
+            continue
+        kept.append(line.rstrip(":"))
+    if len(kept) > 1 and kept[0].startswith("No solution found"):
+        kept = kept[1:]  # the cause says which package and which constraint; that is the message
+    text = ": ".join(kept)
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+
+
+def is_spec_error(output: str) -> bool:
+    """The requirements themselves are wrong (retrying without the cache cannot help)."""
+    markers = ("No solution found", "Failed to parse", "Couldn't parse", "is not a valid", "unsatisfiable",
+               "Unsupported requirement", "Distribution not found", "not found in the provided package locations",
+               "Failed to build", "Failed to download and build", "is not supported")
+    return any(m in output for m in markers)
+
+
+# -- what uv reads differently from pip -----------------------------------------------------------
+
+
+def _option(line: str) -> tuple[str, str]:
+    """(option, value) of a requirements-file option line (``--opt=value`` and ``--opt value``)."""
+    head, _, rest = line.strip().partition(" ")
+    if "=" in head and head.startswith("--"):
+        head, _, value = head.partition("=")
+        return head, value.strip()
+    return head, rest.strip()
+
+
+def unsupported_lines(lines: list) -> list:
+    """The requirement lines uv would not read as pip does (see :data:`UNSUPPORTED`)."""
+    return [line for line in lines if line.strip().startswith("-") and _option(line)[0] in UNSUPPORTED]
+
+
+def split_options(lines: list) -> tuple:
+    """(lines for uv's requirements file, extra command-line arguments) for ``lines``."""
+    kept, args = [], []
+    for line in lines:
+        if line.strip().startswith("-"):
+            option, value = _option(line)
+            if option in TRANSLATED:
+                flag, fixed = TRANSLATED[option]
+                args += [flag, fixed if fixed is not None else value]
+                continue
+        kept.append(line)
+    return kept, args
+
+
+def pip_settings(environ: dict, home: str) -> tuple:
+    """(uv's variables for pip's, or None when pip must install: the reason)."""
+    named = environ.get("PIP_CONFIG_FILE") or ""
+    # pip's own rule: PIP_CONFIG_FILE=/dev/null means "read no configuration file at all".
+    for path in () if named == os.devnull else (named, *_PIP_CONFIGS):
+        full = home + path[1:] if path.startswith("~") else path
+        if path and os.path.isfile(full):
+            return None, f"pip is configured by {path}, which uv does not read"
+    out = {}
+    for name, value in environ.items():
+        if not name.startswith("PIP_") or name in PIP_HARMLESS:
+            continue
+        if name not in PIP_VARIABLES:
+            return None, f"{name} is set, and uv has no equivalent"
+        uv_name, separator = PIP_VARIABLES[name]
+        if name in ("PIP_NO_INDEX", "PIP_PRE"):
+            if value.strip().lower() in ("", "0", "false", "no", "off"):
+                continue
+            value = "1" if name == "PIP_NO_INDEX" else "allow"
+        elif separator is not None:
+            value = separator.join(value.split())
+        out[uv_name] = value
+    if environ.get("PIP_CERT") and not environ.get("SSL_CERT_FILE"):
+        out["SSL_CERT_FILE"] = environ["PIP_CERT"]
+    return out, ""
+
+
+# -- reading and checking an environment -----------------------------------------------------------
+
+
+def site_dirs(python: str) -> list:
+    code = "import json, sysconfig; p = sysconfig.get_paths(); print(json.dumps(sorted({p['purelib'], p['platlib']})))"
+    out = subprocess.run([python, "-I", "-c", code], capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise Failure(f"cannot ask {python} where packages go: {shorten(out.stderr)}")
+    import json
+
+    return json.loads(out.stdout)
+
+
+def dist_infos(dirs: list) -> set:
+    found = set()
+    for folder in dirs:
+        try:
+            found.update(os.path.join(folder, n) for n in os.listdir(folder) if n.endswith(".dist-info"))
+        except OSError:
+            pass
+    return found
+
+
+def damaged_files(dist_info: str) -> list:
+    """Files of an installed distribution that do not match its ``RECORD`` (size or hash)."""
+    root = os.path.dirname(dist_info)
+    bad = []
+    try:
+        with open(os.path.join(dist_info, "RECORD"), newline="", encoding="utf-8") as fh:
+            rows = list(csv.reader(fh))
+    except OSError:
+        return [os.path.join(os.path.basename(dist_info), "RECORD")]
+    for row in rows:
+        if len(row) < 3 or not row[1] or "=" not in row[1]:
+            continue
+        path = os.path.normpath(os.path.join(root, row[0]))
+        algorithm, _, want = row[1].partition("=")
+        try:
+            if row[2] and os.path.getsize(path) != int(row[2]):
+                bad.append(row[0])
+                continue
+            digest = hashlib.new(algorithm)
+            with open(path, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(chunk)
+        except (OSError, ValueError):
+            bad.append(row[0])
+            continue
+        if base64.urlsafe_b64encode(digest.digest()).rstrip(b"=").decode() != want:
+            bad.append(row[0])
+    return bad
+
+
+def project_of(dist_info: str) -> str:
+    name = os.path.basename(dist_info)[: -len(".dist-info")]
+    return normalize(name.rsplit("-", 1)[0])
+
+
+def pins(text: str) -> dict:
+    """``name -> version`` of the ``name==version`` lines in ``text`` (other lines skipped)."""
+    out = {}
+    for line in text.replace("\\\n", " ").splitlines():
+        m = _PIN.match(re.sub(r"\s+--hash=\S+", "", line.split(" #", 1)[0]).strip())
+        if m:
+            out[normalize(m.group(1))] = m.group(2)
+    return out
+
+
+def seed_wheels() -> tuple:
+    """(folder, {name: version}) of the wheels ``ensurepip`` installs into a new venv, or None."""
+    try:
+        import ensurepip
+    except ImportError:
+        return None
+    bundled = os.path.join(os.path.dirname(ensurepip.__file__), "_bundled")
+    get = getattr(ensurepip, "_get_packages", None)
+    found = {}
+    folder = None
+    if get is not None:  # Python 3.10 and 3.11 (Debian's own WHEEL_PKG_DIR included)
+        try:
+            for name, package in get().items():
+                path = getattr(package, "wheel_path", None) or os.path.join(bundled, package.wheel_name)
+                found[name] = package.version
+                folder = os.path.dirname(path)
+        except Exception:  # noqa: BLE001 - a private API: anything wrong means "the slow way"
+            return None
+    else:  # Python 3.12+: pip only
+        try:
+            version = ensurepip.version()
+        except Exception:  # noqa: BLE001
+            return None
+        for candidate in (getattr(ensurepip, "_WHEEL_PKG_DIR", None), "/usr/share/python-wheels", bundled):
+            if candidate and os.path.isfile(os.path.join(candidate, f"pip-{version}-py3-none-any.whl")):
+                folder, found = candidate, {"pip": version}
+                break
+    if not found or folder is None:
+        return None
+    for name, version in found.items():
+        if not any(n.startswith(f"{name}-{version}-") and n.endswith(".whl") for n in os.listdir(folder)):
+            return None
+    return folder, found
+
+
+# -- the installer ---------------------------------------------------------------------------------
+
+
+class Uv:
+    """``uv`` run with the build's cache and pip's settings, retrying once without the cache."""
+
+    def __init__(self, binary: str, cache: str, settings: dict) -> None:
+        self.binary = binary
+        self.cache = cache
+        self.env = dict(os.environ)
+        self.env.update(settings)
+        self.env.update({
+            "UV_CACHE_DIR": cache, "UV_LINK_MODE": "copy", "UV_NO_PROGRESS": "1", "UV_PYTHON_DOWNLOADS": "never",
+            # pip's rule for several indexes: the best version from any of them, not the first index's.
+            "UV_INDEX_STRATEGY": "unsafe-best-match", "UV_NO_CONFIG": "1", "NO_COLOR": "1",
+        })
+        if not self.env.get("SSL_CERT_FILE"):
+            self.env["UV_NATIVE_TLS"] = "1"  # the image's own trust store, as Debian's pip uses
+        self.damaged = False
+
+    def version(self) -> str:
+        out = subprocess.run([self.binary, "--version"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, env=self.env, check=False)
+        if out.returncode != 0:
+            raise UsePip(f"uv cannot run in this image ({shorten(out.stdout, 160) or f'exit {out.returncode}'})")
+        text = out.stdout.split("(")[0].strip()  # "uv 0.13.9 (x86_64-unknown-linux-gnu)"
+        return text[3:].strip() if text.startswith("uv ") else text
+
+    def run(self, args: list, what: str, echo: bool = True) -> str:
+        """Run ``uv ARGS``; on a failure the requirements did not cause, once more without the cache."""
+        first = self._call(args, echo)
+        if first.returncode == 0:
+            return first.stdout
+        if is_spec_error(first.stdout):
+            raise Failure(f"{what}: {shorten(first.stdout)}", BAD_SPEC)
+        say(f"uv failed ({shorten(first.stdout, 200)}); trying again without the download cache")
+        self.damaged = True
+        second = self._call(["--no-cache", *args], echo)
+        if second.returncode == 0:
+            return second.stdout
+        status = BAD_SPEC if is_spec_error(second.stdout) else FAILED
+        raise Failure(f"{what}: {shorten(second.stdout)}", status)
+
+    def _call(self, args: list, echo: bool) -> subprocess.CompletedProcess:
+        out = subprocess.run([self.binary, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, env=self.env, check=False)
+        for line in out.stdout.splitlines() if echo or out.returncode else ():
+            if line.strip():
+                print(line, flush=True)
+        return out
+
+    def clean(self) -> None:
+        """Empty the shared cache (its mount point stays): the next build downloads afresh."""
+        for name in os.listdir(self.cache) if os.path.isdir(self.cache) else ():
+            path = os.path.join(self.cache, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                try:
+                    os.remove(path)
+                except OSError:
+                    pass
+
+
+#: Options of a requirements file that say where packages come from: the install reads them too.
+_SOURCE_OPTIONS = ("-i", "--index-url", "--extra-index-url", "--no-index", "-f", "--find-links", "--only-binary",
+                   "--no-binary", "--require-hashes")
+
+
+def resolve(uv: Uv, python: str, requirements: list, extra: list, work: str) -> str:
+    """``uv pip compile``: the pins for ``requirements`` with this interpreter (nothing installed).
+
+    Also writes ``resolved.txt`` for the install: the pins after the options saying where packages
+    come from (an index, ``--no-index --find-links DIR``), which the pins alone do not carry.
+    """
+    source = os.path.join(work, "requirements.in")
+    target = os.path.join(work, "compiled.txt")
+    with open(source, "w", encoding="utf-8") as fh:
+        fh.write("\n".join(requirements) + "\n")
+    hashes = any("--hash" in line or line.startswith("--require-hashes") for line in requirements)
+    uv.run(["pip", "compile", source, "--python", python, "--no-header", "--no-annotate", "--quiet",
+            *(["--generate-hashes"] if hashes else []), "--output-file", target, *extra],
+           "cannot resolve the requirements")
+    with open(target, encoding="utf-8") as fh:
+        compiled = fh.read()
+    options = [line for line in requirements if line.startswith("-") and _option(line)[0] in _SOURCE_OPTIONS]
+    with open(os.path.join(work, "resolved.txt"), "w", encoding="utf-8") as fh:
+        fh.write("".join(f"{line}\n" for line in options) + compiled)
+    return compiled
+
+
+def install(uv: Uv, python: str, resolved: str, *, mode: str, extra: list, work: str, before: set | None = None) -> None:
+    """Install ``resolved`` (``sync``: exactly it plus the seeds there are; ``into``: add it), with
+    bytecode compiled as pip does, then check every distribution installed since ``before`` (default:
+    now) against its wheel's RECORD."""
+    dirs = site_dirs(python)
+    before = dist_infos(dirs) if before is None else before
+    files = [os.path.join(work, "resolved.txt")]
+    wanted = pins(resolved)
+    if mode != "into":
+        have = pins(uv.run(["pip", "freeze", "--python", python], "cannot list the environment", echo=False))
+        seeds = {n: v for n, v in have.items() if n in SEEDS and n not in wanted}
+        if seeds:
+            files.append(os.path.join(work, "seeds.txt"))
+            with open(files[-1], "w", encoding="utf-8") as fh:
+                fh.write("".join(f"{n}=={v}\n" for n, v in sorted(seeds.items())))
+    verb = ["pip", "install", "-r", files[0]] if mode == "into" else ["pip", "sync", *files]
+    uv.run([*verb, "--python", python, "--compile-bytecode", *extra], "cannot install the requirements")
+    new = sorted(dist_infos(dirs) - before)
+    bad = {project_of(d): damaged_files(d) for d in new}
+    bad = {name: files for name, files in bad.items() if files}
+    if bad:
+        say(f"damaged files from the download cache ({', '.join(sorted(bad))}: {sum(map(len, bad.values()))} "
+            "files); installing them again without it")
+        uv.damaged = True
+        again = [a for name in sorted(bad) for a in ("--reinstall-package", name)]
+        uv.run(["--no-cache", *verb, "--python", python, "--compile-bytecode", *again, *extra],
+               "cannot install the requirements")
+        still = [name for name in bad for d in dist_infos(dirs) if project_of(d) == name and damaged_files(d)]
+        if still:
+            raise Failure(f"installed files of {', '.join(sorted(set(still)))} do not match their RECORD")
+
+
+def seed(uv: Uv, prefix: str, python: str) -> None:
+    """The packages ``python3 -m venv`` puts in a new environment, from the same wheels."""
+    found = seed_wheels()
+    if found is None:
+        say("no seed wheels found; running ensurepip")
+        out = subprocess.run([python, "-m", "ensurepip", "--default-pip"], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, check=False)
+        if out.returncode != 0:
+            raise Failure(f"ensurepip failed in {prefix}: {shorten(out.stdout)}")
+        return
+    folder, packages = found
+    specs = [f"{n}=={v}" for n, v in sorted(packages.items())]
+    # No bytecode here: the install of the requirements compiles the whole environment in one pass.
+    uv.run(["pip", "install", "--python", python, "--no-index", "--find-links", folder, *specs],
+           "cannot install the seed packages")
+
+
+def pip_install(python3: str, prefix: str, requirements_file: str, mode: str, why: str) -> str:
+    """The pip path, as dockyard built before uv: returns ``pip freeze``."""
+    say(f"installing with pip: {why}")
+    if mode == "near" and os.path.islink(prefix):
+        os.remove(prefix)  # a neighbour's environment cannot be changed in place by pip: a clean one
+    if mode != "into":
+        venv = subprocess.run([python3, "-m", "venv", prefix])
+        if venv.returncode != 0:
+            raise Failure(f"python3 -m venv {prefix} failed (exit {venv.returncode})")
+    python = os.path.join(prefix, "bin", "python")
+    done = subprocess.run([python, "-m", "pip", "install", "--no-cache-dir", "-r", requirements_file])
+    if done.returncode != 0:
+        raise Failure(f"pip install failed (exit {done.returncode}): see its output above", BAD_SPEC)
+    frozen = subprocess.run([python, "-m", "pip", "freeze"], stdout=subprocess.PIPE, text=True)
+    return frozen.stdout
+
+
+def write_record(path: str, installer: str, mode: str, resolved: str, note: str = "") -> None:
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    lines = ["# dockyard resolution", f"# installer: {installer}", f"# mode: {mode}"]
+    if note:
+        lines.append(f"# note: {note}")
+    # One line per package: continuations joined, hashes (--generate-hashes) left out of the record.
+    joined = resolved.replace("\\\n", " ")
+    body = [re.sub(r"\s+--hash=\S+", "", line).strip() for line in joined.splitlines()
+            if line.strip() and not line.lstrip().startswith(("#", "-"))]
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write("\n".join(lines + body) + "\n")
+
+
+def main(argv: list) -> int:
+    parser = argparse.ArgumentParser(prog="uv_install.py")
+    parser.add_argument("--uv", required=True)
+    parser.add_argument("--cache", required=True)
+    parser.add_argument("--requirements", required=True)
+    parser.add_argument("--prefix", required=True)
+    parser.add_argument("--record", required=True)
+    parser.add_argument("--mode", choices=("venv", "near", "into"), default="venv")
+    parser.add_argument("--from", dest="old", default=None)
+    args = parser.parse_args(argv)
+    prefix = args.prefix
+    python3 = sys.executable or "python3"
+    try:
+        with open(args.requirements, encoding="utf-8") as fh:
+            lines = [line.strip() for line in fh.read().splitlines() if line.strip()]
+        if args.mode == "near":
+            if not args.old or not os.path.isdir(args.old):
+                raise Failure(f"the neighbour's environment {args.old} is not in this image")
+            if os.path.lexists(prefix):
+                raise Failure(f"{prefix} exists already")
+            # The neighbour's folder is changed in place (in this image's layer only), under the new
+            # name too: its scripts keep working, and only the changed files enter the new layer.
+            os.symlink(os.path.realpath(args.old), prefix)
+        settings, why = pip_settings(dict(os.environ), os.path.expanduser("~"))
+        odd = unsupported_lines(lines)
+        try:
+            if settings is None:
+                raise UsePip(why)
+            if odd:
+                raise UsePip(f"uv does not support {_option(odd[0])[0]}")
+            uv = Uv(args.uv, args.cache, settings)
+            installer = f"uv {uv.version()}"
+        except UsePip as reason:
+            frozen = pip_install(python3, prefix, args.requirements, args.mode, str(reason))
+            write_record(args.record, "pip", args.mode, frozen, note=str(reason))
+            return 0
+        python = os.path.join(prefix, "bin", "python")
+        if args.mode != "venv" and not os.path.exists(python):
+            raise Failure(f"{prefix} has no bin/python to install into")
+        requirements, extra = split_options(lines)
+        work = tempfile.mkdtemp(prefix="dockyard-uv-")
+        try:
+            # Resolved first: requirements that cannot be met fail before anything is installed. A new
+            # venv's interpreter is the base's python3, so that one resolves for it.
+            resolved = resolve(uv, python3 if args.mode == "venv" else python, requirements, extra, work)
+            if args.mode == "venv":
+                created = subprocess.run([python3, "-m", "venv", "--without-pip", prefix])
+                if created.returncode != 0:
+                    raise Failure(f"python3 -m venv --without-pip {prefix} failed (exit {created.returncode})")
+                seed(uv, prefix, python)
+            # A new environment: every distribution in it is checked, the seeds too.
+            install(uv, python, resolved, mode="into" if args.mode == "into" else "sync", extra=extra,
+                    work=work, before=set() if args.mode == "venv" else None)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        if uv.damaged:
+            say("emptying the download cache, which failed this build once")
+            uv.clean()
+        write_record(args.record, installer, args.mode, resolved)
+        say(f"resolved {len(pins(resolved))} packages with {installer}")
+    except Failure as failure:
+        print(TAG + str(failure), file=sys.stderr, flush=True)
+        return failure.status
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
