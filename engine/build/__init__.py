@@ -48,6 +48,10 @@ _EXPORTS = {
     "prune_build_cache": "._image_gc",
     "image_names": "._image_gc",
     "parse_size": "._image_gc",
+    # recorded resolutions and locks
+    "installer_setting": "._resolved",
+    "lock_environment": "._resolved",
+    "show_environment": "._resolved",
     # the CLI fast lane's memo
     "spec_fingerprint": "._memo",
 }
@@ -62,4 +66,5 @@ if TYPE_CHECKING:  # pragma: no cover
     from ._image_gc import collect_build_inputs, collect_garbage, image_names, parse_size, prune_build_cache
     from ._memo import spec_fingerprint
     from ._registry import ImageName, login_check, parse_image_ref, pull_image, push_image, qualify
+    from ._resolved import installer_setting, lock_environment, show_environment
     from ._shared import CacheRegistry, Presence, nearest_key, resolve_cache_registry

@@ -185,8 +185,7 @@ def env_diff(a: str, b: str, as_json: bool) -> None:
 def env_render(file: str) -> None:
     """Print the Dockerfile dockyard builds for the environment in FILE (and its context files)."""
     from .. import Environment
-    from ..build import render_dockerfile
-    from ..build._resolved import installer_setting
+    from ..build import installer_setting, render_dockerfile
 
     environment = Environment.load(file)
     inputs = environment.build_inputs()

@@ -18,8 +18,7 @@ def env_show(file: str, as_json: bool) -> None:
     """Show the image of the environment in FILE, its lock, and the versions its build resolved
     (recorded at build time: unpinned requirements are frozen by the cache; `env lock` pins them)."""
     from .. import Environment
-    from ..build import Builder
-    from ..build._resolved import show_environment
+    from ..build import Builder, show_environment
 
     builder = Builder()
     try:
@@ -65,8 +64,7 @@ def env_lock(file: str, progress_mode: str, as_json: bool) -> None:
     The image of FILE's requirements (ignoring any lock) is built first when it is not there."""
     from .. import Environment
     from .._lockfile import lock_path
-    from ..build import Builder
-    from ..build._resolved import lock_environment
+    from ..build import Builder, lock_environment
     from ._terminal import BuildProgress
 
     env = Environment.load(file)

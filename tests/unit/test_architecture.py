@@ -84,7 +84,7 @@ _SURFACES = {
     "dockyard.core": ["ComputeTarget", "Dataset", "Environment", "Experiment", "Run", "ScriptRunConfig", "Workspace"],
     "dockyard.build": ["BaseImage", "BuildEvent", "BuildKitClient", "Builder", "BuiltImage", "CacheRegistry", "HOST_CA_BUNDLE",
                        "ImageName", "RenderedBuild", "SolveSpec", "Worker", "base_image_ref", "bootstrap",
-                       "collect_build_inputs", "collect_garbage", "ensure_image", "image_names", "image_tag", "list_base_images", "login_check",
+                       "collect_build_inputs", "collect_garbage", "ensure_image", "image_names", "image_tag", "installer_setting", "lock_environment", "show_environment", "list_base_images", "login_check",
                        "parse_image_ref", "parse_size", "Presence", "prune_build_cache", "pull_image", "push_image", "qualify", "render_dockerfile", "nearest_key", "resolve_cache_registry", "SharedStatus",
                        "spec_fingerprint"],
     "dockyard.runs": ["CONTAINER_LIB", "CONTAINER_META", "CONTAINER_WORK", "ComputeRecord", "DATASETS_ROOT",
