@@ -291,9 +291,11 @@ def test_every_env_command_shows_the_key_env_build_tags_and_cache_pin_takes_eith
     env_file = tmp_path / "env.yml"
     env_file.write_text(f"name: k\ndocker:\n  base_image: {PYTHON}\n  build_args: {{STAMP: {uuid.uuid4().hex}}}\n")
 
+    home = tmp_path / "home"  # its own index: a default home another checkout wrote must not matter
+
     def dockyard(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "dockyard", *args], capture_output=True, text=True, timeout=120,
-                              env={**os.environ, **env})
+                              env={**os.environ, "DOCKYARD_HOME": str(home), **env})
 
     built = dockyard("env", "build", str(env_file), "--json")
     assert built.returncode == 0, built.stderr
