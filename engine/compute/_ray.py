@@ -274,7 +274,7 @@ class RayBackend:
     # -- dispatching ------------------------------------------------------------------------------
 
     def dispatch(self, queued: Sequence[AgentRun], running: Sequence[AgentRun]) -> None:
-        self._sweep_nodes([*queued, *running])
+        self._sweep_nodes()
         busy = Counter((str(r.workspace), r.target.name) for r in running)
         with self._lock:
             alive = {k for k, t in self._threads.items() if t.is_alive()}
@@ -294,9 +294,9 @@ class RayBackend:
 
     def idle(self) -> None:
         """A pass with no run on a Ray target: the nodes are still swept."""
-        self._sweep_nodes(())
+        self._sweep_nodes()
 
-    def _sweep_nodes(self, runs: Sequence[AgentRun]) -> None:
+    def _sweep_nodes(self) -> None:
         """Every few seconds while this agent drives the cluster: remove, on every live node, the
         containers that actors lost with their node left there. Not once per node: Ray declares a
         lost node's actors dead only after its health checks time out, which may be after the node
