@@ -556,6 +556,10 @@ class LocalBackend:
             except EnvironmentProblem as exc:
                 self._engine_unreachable(run, exc.message)
                 return
+            if handle is None and run.record.launcher == "process" and _holds_exit_code(run.record.folder.exit_code):
+                # It ended before its pid was recorded (its agent was killed right after starting
+                # it, and the next one adopted it by its exit code): the exit code is the truth.
+                handle = LaunchHandle("process", "0", run.id)
             if handle is None:
                 self._finish(run, None, "the run has no container or process (it was lost while starting)")
                 return

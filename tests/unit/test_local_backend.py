@@ -114,3 +114,20 @@ def test_a_lease_is_released_only_when_its_holder_is_proven_gone(backend, monkey
     monkeypatch.setattr(local.processes, "live_runs", lambda: processes)
     local._reclaim()
     assert ("VIRTUAL-GPU-0" in local.leases.held()) is kept
+
+
+def test_a_process_run_that_ended_before_its_pid_was_recorded_ends_with_its_exit_code(backend):
+    """An agent killed right after starting a short run: the run ended, its pid was never recorded.
+    The next agent adopts it by its exit code file; following it must then read that code, not
+    call it lost (a race seen in the kill -9 stress test)."""
+    local, store, folder, _spawned = backend
+    rec = record(store, "r1", 0, 1.0)
+    rec.folder.prepare()
+    rec.folder.exit_code.write_text("3\n")
+    local._adopt_or_start(agent_runs(store, folder, ["r1"])[0], ())
+    adopted = store.get("r1")
+    assert adopted.status == RunStatus.RUNNING and not adopted.pid
+    local.poll(agent_runs(store, folder, ["r1"])[0])
+    ended = store.get("r1")
+    assert ended.status == RunStatus.FAILED and ended.exit_code == 3, (ended.status, ended.reason)
+    assert "lost while starting" not in ended.reason
