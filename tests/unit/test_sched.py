@@ -643,15 +643,58 @@ def test_without_time_limits_the_front_run_reserves_after_reserve_unknown_s():
 
 def test_a_young_run_that_does_not_fit_reserves_nothing_and_small_runs_flow():
     # 6 GPUs busy until t=100 (drain 100 s at t=0); the 8-GPU run reserves once it has waited
-    # reserve_factor x drain. Until then a long 1-GPU run may start on a free GPU.
+    # reserve_factor x drain. Until then a 1-GPU run may start on a free GPU (one that ends by the
+    # young run's guard, t=360: see the next test).
     running = [Active("busy", tuple(U[:6]), 100.0)]
-    queue = [Waiting("big", req(8, limit=1000), 0.0), Waiting("long", req(1, limit=500), 1.0)]
+    queue = [Waiting("big", req(8, limit=1000), 0.0), Waiting("long", req(1, limit=300), 1.0)]
     p = plan(10.0, DGX, frozenset(U[6:]), queue, running, Policy(reserve_factor=3.0))
     assert list(started(p)) == ["long"] and p.reservation is None
     assert p.reasons["big"].startswith("needs 8 GPUs; 1 free; smaller runs may start first until it reserves")
     # Waited 300 s >= 3 x 90 s: it reserves, and the long run no longer starts.
     p = plan(300.0, DGX, frozenset(U[6:]), queue, [Active("busy", tuple(U[:6]), 390.0)], Policy(reserve_factor=3.0))
     assert p.starts == () and p.reservation == Reservation("big", 390.0, tuple(U))
+
+
+def test_a_run_behind_a_young_run_starts_only_if_it_ends_by_the_young_runs_guard():
+    # "big" (8 GPUs) at t=10: free from t=100 (drain 90 s), it reserves once it has waited
+    # 3 x 90 = 270 s, 260 s from now. Its guard: t=100 + 260 = 360. A run ranked behind it may
+    # take its GPUs only if it ends by then, so no single long run moves its start far.
+    running = [Active("busy", tuple(U[:6]), 100.0)]
+    queue = [Waiting("big", req(8, limit=1000), 0.0), Waiting("fits", req(1, limit=350), 1.0),
+             Waiting("too-long", req(1, limit=351), 2.0), Waiting("no-limit", req(1), 3.0)]
+    p = plan(10.0, DGX, frozenset(U[6:]), queue, running, Policy(reserve_factor=3.0))
+    assert list(started(p)) == ["fits"] and p.reservation is None
+    assert p.reasons["too-long"].startswith("its time limit ends after t+350s, and run big (ahead in the queue")
+    assert p.reasons["no-limit"] == p.reasons["too-long"]
+    # The guard shrinks as the run ages: at t=50 (drain 50 s, it reserves after 150 s, 100 s
+    # from now) it is t=200.
+    queue = [Waiting("big", req(8, limit=1000), 0.0), Waiting("a", req(1, limit=150), 1.0),
+             Waiting("b", req(1, limit=151), 2.0)]
+    p = plan(50.0, DGX, frozenset(U[6:]), queue, running, Policy(reserve_factor=3.0))
+    assert list(started(p)) == ["a"] and p.reservation is None
+
+
+def test_a_young_runs_guard_covers_only_the_gpus_it_would_start_on():
+    # "quad" needs 4 GPUs: GPUs 0-3 free up at t=100, GPUs 4-5 are busy much longer, 6-7 free.
+    # It would start on 0-3, so a long run may still take GPU 6 or 7, never a GPU of 0-3.
+    running = [Active("a", tuple(U[:4]), 100.0), Active("b", tuple(U[4:6]), 10_000.0)]
+    queue = [Waiting("quad", req(4, limit=1000), 0.0), Waiting("long", req(2, limit=5000), 1.0)]
+    p = plan(10.0, DGX, frozenset(U[6:]), queue, running, Policy(reserve_factor=3.0))
+    assert dict(p.starts) == {"long": tuple(U[6:])} and p.reservation is None
+
+
+def test_backfill_behind_a_reservation_keeps_to_the_guard_of_a_young_run_ranked_ahead():
+    # At t=300 "wide" (8 GPUs, first in the queue) is young: free from t=1000, it reserves after
+    # 2 x 700 s; its guard is t=1000 + 1400 - 300 = 2100. "quad" (4 GPUs) has waited long
+    # enough: it reserves GPUs 0-3 from t=400. Backfill onto GPUs 6-7 must also end by t=2100.
+    running = [Active("x", tuple(U[:4]), 400.0), Active("y", tuple(U[4:6]), 1000.0)]
+    queue = [Waiting("wide", req(8, limit=100), 0.0), Waiting("quad", req(4, limit=100), 0.5),
+             Waiting("long", req(1, limit=5000), 1.0), Waiting("ends-in-time", req(1, limit=1800), 2.0)]
+    policy = Policy(reserve_factor=2.0, short_first=0.0, fair_share=False)
+    p = plan(300.0, DGX, frozenset(U[6:]), queue, running, policy)
+    assert p.reservation == Reservation("quad", 400.0, tuple(U[:4]))
+    assert list(started(p)) == ["ends-in-time"]
+    assert p.reasons["long"].startswith("its time limit ends after t+1800s, and run wide")
 
 
 def test_short_runs_go_first_within_a_window_of_the_longest_wait():
