@@ -122,6 +122,7 @@ class Builder:
         # One object per registry, so its short memory of absent keys lasts across builds.
         self._registries: dict[tuple[str, str, str | None, str | None], CacheRegistry] = {}
         self._publishing: list[threading.Thread] = []
+        self._publishing_lock = threading.Lock()  # a node's daemon builds and waits from many threads
         #: What the last publish of each key said (None: pushed), for `dockyard cache` to report.
         self.published: dict[str, str | None] = {}
         #: What installs pip requirements: ``uv`` (default) or ``pip`` (``DOCKYARD_INSTALLER``).
@@ -147,10 +148,18 @@ class Builder:
 
     def close(self) -> None:
         """Wait for pushes to the shared cache still under way, then close the index."""
-        for thread in self._publishing:
-            thread.join()
-        self._publishing.clear()
+        self.wait_published()
         self.cache.close()
+
+    def wait_published(self, key_hex: str = "") -> None:
+        """Wait for the push of ``key_hex`` (every push under way if empty) to the shared cache.
+
+        A cluster node reports a run's end only after its image's push: a run submitted after it
+        then finds the image in the shared cache on any other node, and pulls instead of building."""
+        with self._publishing_lock:
+            waiting = [t for t in self._publishing if not key_hex or t.name == f"publish-{key_hex[:12]}"]
+        for thread in waiting:
+            thread.join()
 
     # -- resolution -----------------------------------------------------------------------------
 
@@ -605,10 +614,10 @@ class Builder:
                     pass
 
         thread = threading.Thread(target=push, name=f"publish-{key_hex[:12]}", daemon=True)
-        # The agent's builder lives for days: keep only the pushes still under way.
-        self._publishing = [t for t in self._publishing if t.is_alive()]
-        self._publishing.append(thread)
-        thread.start()
+        with self._publishing_lock:  # the agent's builder lives for days: keep only pushes under way
+            self._publishing = [t for t in self._publishing if t.is_alive()]
+            self._publishing.append(thread)
+            thread.start()
 
     def _bases_refreshed(self, env: Environment, report: Callable[[str], None]) -> bool:
         """Resolve again (pull) every base the engine no longer holds: one inspect per base.

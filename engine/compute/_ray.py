@@ -1,17 +1,21 @@
 """The ``ray`` compute backend: runs on an existing Ray cluster, followed from this machine.
 
-Each run is one **detached, named Ray actor** (:class:`._ray_node.NodeRun`) that reserves the
-run's GPUs and one CPU; Ray places it on a node, and there the actor gets the image by content key
-from the node's own engine (local hit, then the shared cache, then a build), unpacks the snapshot
-(sent once per node), starts the container through ``launch/`` with the GPUs Ray gave it (by
-UUID) and keeps its output in a folder on the node. Nothing assumes a shared filesystem.
+A run holds its GPUs and CPUs through a **detached placement group** (``pg-<label>``: one bundle
+per node it spans, ``STRICT_SPREAD`` for a distributed run), which Ray reserves in milliseconds.
+On each node Ray chose, that node's long-lived **daemon** (:class:`._ray_node.NodeDaemon`, one
+detached actor per node) gets the image by content key from the node's own engine (local hit,
+then the shared cache, then a build), unpacks the snapshot (sent once per node), starts the
+container through ``launch/`` with the GPUs the bundle holds (by UUID) and keeps its output in a
+folder on the node. Nothing assumes a shared filesystem.
 
-This agent is the Ray driver. One follower thread per run reads the actor's output and metrics
-**from the offsets this machine already holds** (the sizes of the run's own files), so a restarted
-agent re-attaches by the actor's name and misses or repeats nothing. What it believes comes from
-the holder: a live actor is asked; an actor Ray no longer knows, or one that died with its node,
-ends the run ``Failed`` with the reason; a cluster that cannot be asked leaves the run as it is
-(unknown is not gone).
+This agent is the Ray driver. One follower thread per run reads each part's output and metrics
+**from the offsets this machine already holds** (the sizes of the run's own files; for the ranks
+of a distributed run, a journal), so a restarted agent re-attaches by the group's name and misses
+or repeats nothing. What it believes comes from the holder: a node's daemon is asked; a part whose
+node Ray calls dead, or whose bundle Ray moved to another node, ends the run ``Failed`` ("node
+lost", never started again: it may have run); a cluster that cannot be asked leaves the run as it
+is (unknown is not gone). A run's group is removed when its end is recorded; daemons remove the
+containers of runs whose group is gone.
 
 The token of a token-authenticated cluster is read from the file or the variable the target names
 (``RAY_AUTH_TOKEN_PATH`` / ``RAY_AUTH_TOKEN`` for Ray in this process only); dockyard stores only
@@ -38,9 +42,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ClusterUnavailable, ComputeTargetException, DockyardError, EnvironmentProblem
-from ..runs import RunRuntime, RunStatus, SnapshotStore
+from ..runs import Distribution, RunRuntime, RunStatus, SnapshotStore
 from ._backend import AgentRun, RunEvents
-from ._ray_node import NAMESPACE
+from ._ray_node import NAMESPACE, daemon_name, group_name
 
 __all__ = ["ClusterReport", "RayBackend", "check_cluster"]
 
@@ -49,8 +53,8 @@ _LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
 _READ_WAIT_S = 1.0
 _READ_TIMEOUT_S = 30.0
 _CHECK_TIMEOUT_S = 90.0
-# Placements of a run's actor that may die before it answers once (its node was lost meanwhile).
-_PLACEMENTS = 3
+# How long asking a placed group's bundles for their nodes and GPUs may take.
+_PLACE_TIMEOUT_S = 120.0
 # How often the agent sweeps every node of containers whose run's actor was lost with its node.
 _SWEEP_EVERY_S = 15.0
 _connect_lock = threading.Lock()
@@ -134,10 +138,6 @@ def _token_hint(exc: BaseException) -> str:
     if "auth" in text or "token" in text or "unauthenticated" in text:
         return "the cluster wants a token: attach with --token-file FILE or --token-env VARIABLE"
     return "check the address (the head's GCS port, e.g. 6379) and that this machine can reach it"
-
-
-def actor_name(run: AgentRun) -> str:
-    return f"run-{run_label(run)}"
 
 
 def run_label(run: AgentRun) -> str:
@@ -251,6 +251,103 @@ def _check_main() -> int:
 # -- the backend ---------------------------------------------------------------------------------------
 
 
+class _Part:
+    """One container of a run on the cluster: its rank (one per node), its node, that node's daemon,
+    the unit's name there and the GPU indices its bundle holds."""
+
+    def __init__(self, rank: int, node_id: str, gpus: list[str], unit: str, daemon: Any) -> None:
+        self.rank = rank
+        self.node_id = node_id
+        self.gpus = gpus
+        self.unit = unit
+        self.daemon = daemon
+
+
+class _Single:
+    """A run of one container: its output and metrics are appended as they come, and the offsets
+    read from the node are the sizes of this machine's own files (a restarted agent re-reads
+    nothing and misses nothing)."""
+
+    def __init__(self, folder: Any) -> None:
+        self.folder = folder
+
+    def offsets(self, _rank: int) -> tuple[int, int]:
+        return _size(self.folder.log), _size(self.folder.metrics)
+
+    def take(self, _rank: int, log: bytes, metrics: bytes) -> None:
+        _append(self.folder.log, log)
+        _append(self.folder.metrics, metrics)
+
+    def flush(self, _rank: int) -> None:
+        pass
+
+
+class _Merged:
+    """The ranks of a distributed run, merged line by line into the run's one log (each line carries
+    its ``[rank R]`` prefix from the node) and its one metrics file.
+
+    Each rank's offsets, the partial line it ended with, and the sizes of the merged files are kept
+    in ``meta/ranks.json``, written after every append: a restarted agent cuts the merged files back
+    to the sizes the journal names (an append it did not journal), then reads every rank from its
+    journalled offset — no gap, no repeat."""
+
+    def __init__(self, folder: Any, ranks: int) -> None:
+        self.folder = folder
+        self.path = Path(folder.meta) / "ranks.json"
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            data = {}
+        if len(data.get("log") or ()) != ranks:
+            data = {"log": [0] * ranks, "metrics": [0] * ranks, "partial": [""] * ranks,
+                    "partial_metrics": [""] * ranks, "log_size": _size(folder.log),
+                    "metrics_size": _size(folder.metrics)}
+        self.data = data
+        for path, size in ((folder.log, data["log_size"]), (folder.metrics, data["metrics_size"])):
+            if _size(path) > size:
+                with open(path, "r+b") as fh:
+                    fh.truncate(size)
+
+    def offsets(self, rank: int) -> tuple[int, int]:
+        return int(self.data["log"][rank]), int(self.data["metrics"][rank])
+
+    def take(self, rank: int, log: bytes, metrics: bytes) -> None:
+        if not log and not metrics:
+            return
+        self._merge(rank, log, "log", "partial", self.folder.log)
+        self._merge(rank, metrics, "metrics", "partial_metrics", self.folder.metrics)
+        self._save()
+
+    def flush(self, rank: int) -> None:
+        """The rank ended: a last line without its newline is written too."""
+        changed = False
+        for key, path in (("partial", self.folder.log), ("partial_metrics", self.folder.metrics)):
+            rest = self.data[key][rank]
+            if rest:
+                _append(path, rest.encode("utf-8", "surrogateescape") + b"\n")
+                self.data[key][rank] = ""
+                changed = True
+        if changed:
+            self._save()
+
+    def _merge(self, rank: int, data: bytes, offset_key: str, partial_key: str, path: Path) -> None:
+        if not data:
+            return
+        text = self.data[partial_key][rank].encode("utf-8", "surrogateescape") + data
+        whole, _, rest = text.rpartition(b"\n")
+        if whole or text.endswith(b"\n"):
+            _append(path, whole + b"\n")
+        self.data[partial_key][rank] = rest.decode("utf-8", "surrogateescape")
+        self.data[offset_key][rank] += len(data)
+
+    def _save(self) -> None:
+        self.data["log_size"] = _size(self.folder.log)
+        self.data["metrics_size"] = _size(self.folder.metrics)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data))
+        os.replace(tmp, self.path)
+
+
 class RayBackend:
     """Runs on Ray clusters. Constructed by the agent (see :class:`ComputeBackend`)."""
 
@@ -267,9 +364,11 @@ class RayBackend:
         self._closing = False
         self._tars: dict[str, bytes] = {}
         self._next_sweep = 0.0
+        self._daemons: dict[str, Any] = {}
+        self._code = ""
 
     def close(self) -> None:
-        self._closing = True  # followers stop; actors and their runs live on, and are re-attached
+        self._closing = True  # followers stop; the runs live on on their nodes, and are re-attached
 
     # -- dispatching ------------------------------------------------------------------------------
 
@@ -297,10 +396,9 @@ class RayBackend:
         self._sweep_nodes()
 
     def _sweep_nodes(self) -> None:
-        """Every few seconds while this agent drives the cluster: remove, on every live node, the
-        containers that actors lost with their node left there. Not once per node: Ray declares a
-        lost node's actors dead only after its health checks time out, which may be after the node
-        has come back (and a container whose actor Ray still calls alive is kept)."""
+        """Every few seconds while this agent drives the cluster: on every live node, make sure its
+        daemon is up (a run placed there then starts at once) and let it remove the containers of
+        runs whose placement group is gone (a node lost mid-run that came back)."""
         if _connected is None or time.monotonic() < self._next_sweep:
             return
         self._next_sweep = time.monotonic() + _SWEEP_EVERY_S
@@ -309,24 +407,30 @@ class RayBackend:
     def _sweep(self) -> None:
         try:
             import ray
-            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-            from ._ray_node import sweep_node
-
-            task = ray.remote(num_cpus=0, max_retries=0)(sweep_node)
             nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
         except Exception as exc:  # noqa: BLE001 - tried again on the next sweep
             self.events.log(f"listing the cluster's nodes failed: {_short(exc)}")
             return
         for node_id in nodes:
             try:
-                strategy = NodeAffinitySchedulingStrategy(node_id, soft=False)
-                removed = ray.get(task.options(scheduling_strategy=strategy).remote(), timeout=60)
+                daemon = self._daemon(ray, node_id)
+                removed = ray.get(daemon.sweep.remote(), timeout=60)
+                self._warm(ray, node_id)
             except Exception:  # noqa: BLE001 - a node that just died (Ray still lists it): the next sweep
+                self._forget_daemon(node_id)
                 continue
             for label in removed:
                 self.events.log(f"removed the container of {label} from node {node_id[:12]}: "
-                                "its run's actor was lost with the node")
+                                "its run's placement group is gone (its node was lost)")
+
+    def _warm(self, ray: Any, node_id: str) -> None:
+        """Keep a Ray worker of this driver on the node, so asking a bundle for its GPUs costs
+        milliseconds (a fresh worker costs ~0.4 s; idle workers are reused)."""
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        strategy = NodeAffinitySchedulingStrategy(node_id, soft=False)
+        ray.get(_bundle_task(ray).options(num_cpus=0, num_gpus=0, scheduling_strategy=strategy).remote(), timeout=60)
 
     def poll(self, run: AgentRun) -> None:
         """A Running run: make sure a follower reads it (after an agent restart, one is started)."""
@@ -347,9 +451,9 @@ class RayBackend:
             run = self.events.refresh(run)
             if run.record.status not in (RunStatus.QUEUED, RunStatus.RUNNING):
                 return  # ended meanwhile (this pass's row was older than its follower's last write)
-            actor = self._actor_of(run)
-            if actor is not None:
-                self._follow(run, actor)
+            parts = self._place(run)
+            if parts is not None:
+                self._follow(run, parts)
         except ClusterUnavailable as exc:
             self.events.note(run, f"the Ray cluster cannot be reached: {exc.message}")
             time.sleep(1.0)  # the next pass tries again
@@ -360,90 +464,171 @@ class RayBackend:
         finally:
             self.wake()
 
-    def _fail(self, run: AgentRun, reason: str) -> None:
+    def _fail(self, run: AgentRun, reason: str, parts: Sequence[_Part] = ()) -> None:
+        """The run ends Failed (its other containers stopped, its GPUs given back)."""
         fresh = self.events.refresh(run)
         if fresh.record.status == RunStatus.QUEUED:
             self.events.failed_to_start(run, reason)
         elif fresh.record.status == RunStatus.RUNNING:
             self.events.finished(run, None, reason)
         self.events.log(f"{run.id}: {reason.splitlines()[0]}")
+        self._release(run, parts)
 
-    def _actor_of(self, run: AgentRun) -> Any:
-        """The run's actor: found by its name (adopted), else made now — unless one was made before
-        and is gone (then the run ends: whether it ran cannot be known, so it is not run again)."""
+    # -- placing ---------------------------------------------------------------------------------
+
+    def _place(self, run: AgentRun) -> list[_Part] | None:
+        """The run's placement group (found by its name, else made now) and, on each of its
+        nodes, its unit started (at most once: a unit a node knows is not started again). None
+        when the run ended meanwhile (canceled, its node lost) or this agent is stopping."""
         ray = connect(run.target.settings)
-        name = actor_name(run)
+        from ray.util.placement_group import get_placement_group, placement_group
+
+        record = run.record
+        label = run_label(run)
+        runtime = RunRuntime.from_dict(record.runtime)
+        spread = runtime.distributed
+        nodes = spread.nodes if spread else 1
+        gpus = record.gpu_count
         try:
-            return ray.get_actor(name, namespace=NAMESPACE)
+            group = get_placement_group(group_name(label))
         except ValueError:
-            pass  # Ray knows no such actor
-        if run.record.container_id or run.record.status == RunStatus.RUNNING:
-            self._fail(run, "node lost: the run's Ray actor is gone (its node left the cluster, or the cluster "
-                            "restarted); it is not started again, since it may have run")
-            return None
-        if run.record.cancel_requested:
-            self.events.canceled(run)
-            return None
-        payload = self._payload(run)
-        from ray.exceptions import RayActorError
-
-        from ._ray_node import NodeRun
-
-        gpus = run.record.gpu_count
-        for attempt in range(_PLACEMENTS):
-            actor = ray.remote(NodeRun).options(
-                name=name, namespace=NAMESPACE, lifetime="detached", num_cpus=1, num_gpus=gpus,
-                max_restarts=0, max_task_retries=0,
-            ).remote(run.id, run_label(run))
-            # Recorded before it can do anything: from now on a restarted agent adopts it by name.
-            self.events.launched(run, container_id=f"ray:{name}")
-            self.events.note(run, f"waiting for the Ray cluster to place it ({gpus} GPU(s), 1 CPU)")
-            try:
-                where = self._placed(run, actor, ray)
-                break
-            except RayActorError as exc:
-                # It died before it answered once (placed on a node that was just lost, which Ray
-                # had not noticed yet): it never ran anything, so placing it again runs nothing twice.
-                self.events.log(f"{run.id}: its actor died before it started ({_short(exc)}); placing it again")
-                if attempt == _PLACEMENTS - 1:
-                    raise ClusterUnavailable(f"the run's actor died {_PLACEMENTS} times before it started: "
-                                             f"{_short(exc)}", address=run.target.settings.get("address", "")) from exc
-                time.sleep(2.0)
-        if where is None:
-            return None
-        send = []
-        if not ray.get(actor.has_snapshot.remote(payload["snapshot"]), timeout=_READ_TIMEOUT_S):
-            send = [ray.put(self._snapshot_tar(run.record.snapshot))]
-        ray.get(actor.start.remote(payload, send), timeout=_READ_TIMEOUT_S)
-        # Which node holds it, for `runs show` (the actor's name alone finds it again).
-        self.events.launched(run, container_id=f"ray:{name}@{where['node_id'][:16]}")
-        self.events.note(run, f"preparing on node {where['host']} (image, snapshot)")
-        self.events.log(f"{run.id} placed on Ray node {where['host']} ({where['node_id'][:12]})")
-        return actor
-
-    def _placed(self, run: AgentRun, actor: Any, ray: Any) -> dict[str, Any] | None:
-        """Wait until Ray placed the actor (the cluster's queue), honouring a cancel meanwhile."""
-        ref = actor.where.remote()
-        while True:
-            ready, _ = ray.wait([ref], timeout=1.0)
-            if ready:
-                return ray.get(ref)
-            if self._closing:
+            group = None
+        if group is None:
+            if record.container_id or record.status == RunStatus.RUNNING:
+                self._fail(run, "node lost: the run's placement group is gone (the cluster restarted, or it was "
+                                "removed); it is not started again, since it may have run")
                 return None
-            if self.events.cancel_requested(run):
-                ray.kill(actor)
+            if record.cancel_requested:
                 self.events.canceled(run)
                 return None
+            bundle = {"CPU": 1, "GPU": gpus} if gpus else {"CPU": 1}
+            group = placement_group([dict(bundle) for _ in range(nodes)], name=group_name(label), lifetime="detached",
+                                    strategy="STRICT_SPREAD" if nodes > 1 else "PACK")
+            # Recorded before anything runs: from now on a restarted agent adopts it by its name.
+            self.events.launched(run, container_id=f"ray:run-{label}")
+        if not self._wait_placed(run, group, nodes, gpus):
+            return None
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    def _payload(self, run: AgentRun) -> dict[str, Any]:
+        task = _bundle_task(ray)
+        asks = [task.options(num_cpus=0, num_gpus=gpus, scheduling_strategy=PlacementGroupSchedulingStrategy(
+            group, placement_group_bundle_index=i)).remote() for i in range(nodes)]
+        bundles = ray.get(asks, timeout=_PLACE_TIMEOUT_S)
+        current = [str(b["node_id"]) for b in bundles]
+        recorded = _recorded_nodes(record.container_id)
+        if recorded and recorded != [n[:16] for n in current]:
+            lost = [r for r, n in enumerate(recorded) if n != current[r][:16]]
+            self._fail(run, f"node lost: node {recorded[lost[0]]} of the run (rank {lost[0]}) left the cluster; "
+                            "Ray placed its share elsewhere, and it is not started again, since it may have run")
+            return None
+        parts = [_Part(rank, node, list(b["gpus"]), label if nodes == 1 else f"{label}.r{rank}",
+                       self._daemon(ray, node)) for rank, (node, b) in enumerate(zip(current, bundles, strict=True))]
+        if not recorded:  # where it runs, before it can start there (`runs show`; a moved part is "lost")
+            self.events.launched(run, container_id=f"ray:run-{label}@{','.join(n[:16] for n in current)}")
+        payload = self._payload(run, label)
+        rendezvous = self._rendezvous(ray, parts) if spread else {}
+        for part in parts:
+            send = []
+            if not ray.get(part.daemon.has_snapshot.remote(payload["snapshot"]), timeout=_READ_TIMEOUT_S):
+                send = [ray.put(self._snapshot_tar(record.snapshot))]
+            ray.get(part.daemon.start.remote(part.unit, self._part_payload(payload, part, spread, rendezvous),
+                                             send, part.gpus), timeout=_READ_TIMEOUT_S)
+        hosts = ", ".join(sorted({self._host_of(ray, p.node_id) for p in parts}))
+        self.events.note(run, f"preparing on node {hosts} (image, snapshot)")
+        self.events.log(f"{run.id} placed on Ray node {hosts} ({', '.join(p.node_id[:12] for p in parts)})")
+        return parts
+
+    def _wait_placed(self, run: AgentRun, group: Any, nodes: int, gpus: int) -> bool:
+        """Wait until Ray reserved the group (the cluster's queue), honouring a cancel meanwhile."""
+        noted = False
+        while True:
+            if group.wait(timeout_seconds=1):
+                return True
+            if self._closing:
+                return False
+            if not noted:
+                spread = f" on {nodes} different nodes" if nodes > 1 else ""
+                self.events.note(run, f"waiting for the Ray cluster to place it ({gpus} GPU(s), 1 CPU{spread})")
+                noted = True
+            if self.events.cancel_requested(run):
+                self._release(run, ())
+                self.events.canceled(run)
+                return False
+
+    def _daemon(self, ray: Any, node_id: str) -> Any:
+        """The node's daemon (made once per node and code; a daemon that died is made again, and
+        adopts what its predecessor started from the node's folders)."""
+        with self._lock:
+            found = self._daemons.get(node_id)
+        if found is not None:
+            return found
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        from .._codeid import code_id
+        from ._ray_node import DAEMON_CONCURRENCY, NodeDaemon
+
+        if not self._code:
+            self._code = code_id()
+        daemon = ray.remote(NodeDaemon).options(
+            name=daemon_name(node_id, self._code), namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
+            num_cpus=0, max_concurrency=DAEMON_CONCURRENCY, max_restarts=0, max_task_retries=0,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+        ).remote()
+        with self._lock:
+            self._daemons[node_id] = daemon
+        return daemon
+
+    def _forget_daemon(self, node_id: str) -> None:
+        with self._lock:
+            self._daemons.pop(node_id, None)
+
+    def _host_of(self, ray: Any, node_id: str) -> str:
+        for node in ray.nodes():
+            if node.get("NodeID") == node_id:
+                return str(node.get("NodeManagerAddress") or node_id[:12])
+        return node_id[:12]
+
+    def _node_alive(self, ray: Any, node_id: str) -> bool | None:
+        """Whether Ray counts the node alive: True, False, or None (the cluster cannot say now)."""
+        try:
+            for node in ray.nodes():
+                if node.get("NodeID") == node_id:
+                    return bool(node.get("Alive"))
+        except Exception:  # noqa: BLE001 - unknown is not gone
+            return None
+        return False
+
+    def _rendezvous(self, ray: Any, parts: Sequence[_Part]) -> dict[str, str]:
+        """Where the ranks meet: the first node's address and a port free there (kept by the first
+        unit once started, so a restarted agent gives a later rank the same one)."""
+        first = parts[0]
+        known = ray.get(first.daemon.read.remote(first.unit, 0, 0, 0.0), timeout=_READ_TIMEOUT_S)
+        variables = known.get("variables") or {}
+        if variables.get("MASTER_PORT"):
+            return {"MASTER_ADDR": variables["MASTER_ADDR"], "MASTER_PORT": variables["MASTER_PORT"]}
+        port = ray.get(first.daemon.free_port.remote(), timeout=_READ_TIMEOUT_S)
+        return {"MASTER_ADDR": self._host_of(ray, first.node_id), "MASTER_PORT": str(port)}
+
+    def _payload(self, run: AgentRun, label: str) -> dict[str, Any]:
         record = run.record
         runtime = RunRuntime.from_dict(record.runtime)
         shared = runtime.shared_cache[0] if runtime.shared_cache else ""
         # Nodes authenticate to the shared cache with their own credentials (docker login there):
         # only the registry's address travels, never a user name or a password variable's name.
-        return {"experiment": record.experiment, "script": record.script, "arguments": list(record.arguments),
+        return {"run_id": record.id, "label": label, "container": record.id, "experiment": record.experiment,
+                "script": record.script, "arguments": list(record.arguments),
                 "environment": dict(record.environment), "runtime": runtime.to_dict(), "snapshot": record.snapshot,
                 "shared_cache": shared}
+
+    @staticmethod
+    def _part_payload(payload: dict[str, Any], part: _Part, spread: Distribution | None,
+                      rendezvous: Mapping[str, str]) -> dict[str, Any]:
+        if spread is None:
+            return payload
+        return {**payload, "container": f"{payload['run_id']}.r{part.rank}", "network": "host",
+                "ranks": [spread.per_node, part.rank],
+                "variables": {**rendezvous, "WORLD_SIZE": str(spread.world_size), "NODE_RANK": str(part.rank),
+                              "NODE_COUNT": str(spread.nodes), "DOCKYARD_DISTRIBUTED": spread.kind}}
 
     def _snapshot_tar(self, snapshot_id: str) -> bytes:
         found = self._tars.get(snapshot_id)
@@ -460,83 +645,167 @@ class RayBackend:
 
     # -- following -------------------------------------------------------------------------------
 
-    def _follow(self, run: AgentRun, actor: Any) -> None:
-        """Read the run's output and metrics from the node until it ends; record what it says."""
+    def _follow(self, run: AgentRun, parts: list[_Part]) -> None:
+        """Read every part's output and metrics until all have ended; record what they say. One
+        part failing (or exiting non-zero) stops the others, and the run fails."""
         import ray
         from ray.exceptions import GetTimeoutError, RayActorError
 
         folder = run.record.folder
         folder.prepare()
-        canceled_sent = False
+        sink: _Single | _Merged = _Single(folder) if len(parts) == 1 else _Merged(folder, len(parts))
+        ends: dict[int, dict[str, Any]] = {}
+        pending: dict[Any, _Part] = {}
+        stopping = False
         started = run.record.status == RunStatus.RUNNING
-        while not self._closing:
-            if not canceled_sent and self.events.cancel_requested(run):
-                actor.cancel.remote()
-                canceled_sent = True
-            try:
-                got = ray.get(actor.read.remote(_size(folder.log), _size(folder.metrics), _READ_WAIT_S),
-                              timeout=_READ_TIMEOUT_S)
-            except RayActorError as exc:
-                self._fail(run, f"node lost: the run's Ray actor died ({_short(exc)})")
-                return
-            except (GetTimeoutError, ConnectionError, OSError) as exc:
-                self.events.note(run, f"the Ray cluster does not answer ({_short(exc)}); the run is followed "
-                                      "again when it does")
-                time.sleep(1.0)
+        granted: list[str] = []
+        while not self._closing and len(ends) < len(parts):
+            if not stopping and self.events.cancel_requested(run):
+                self._stop(parts, ends)
+                stopping = True
+            for part in parts:
+                if part.rank not in ends and part not in pending.values():
+                    log_at, metrics_at = sink.offsets(part.rank)
+                    pending[part.daemon.read.remote(part.unit, log_at, metrics_at, _READ_WAIT_S)] = part
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=_READ_TIMEOUT_S)
+            if not ready:
+                self.events.note(run, "the Ray cluster does not answer; the run is followed again when it does")
                 continue
-            _append(folder.log, got["log"])
-            if got["metrics"]:
-                _append(folder.metrics, got["metrics"])
+            for ref in ready:
+                part = pending.pop(ref)
                 try:
-                    self.events.ingest_metrics(self.events.refresh(run))
-                except EnvironmentProblem as exc:
-                    self.events.log(f"{run.id}: its metrics could not be stored now: {exc.message}")
-            state = got["state"]
-            if got["started"] and not started:  # running, or already ended: a short run's start is recorded too
-                held = self.events.refresh(run).record.container_id
-                self.events.launched(run, container_id=held or f"ray:{actor_name(run)}", image=got["image"])
-                self.events.granted(run, got["gpus"])
-                started = self.events.started(run)
-                if not started:  # canceled while it was prepared
-                    actor.cancel.remote()
-                    canceled_sent = True
-                self.events.note(run, "")
-                self.wake()
-            if got["more"]:
-                continue
-            if state == "failed":
-                self._fail(run, got["reason"] or "the run could not start on its node")
-                self._close(actor)
-                return
-            if state == "exited":
-                self._collect_outputs(run, actor)
-                fresh = self.events.refresh(run)
-                if fresh.record.status == RunStatus.QUEUED:
-                    if fresh.record.cancel_requested:
-                        self.events.canceled(run)
-                    else:
-                        self.events.failed_to_start(run, got["reason"] or "it ended before it started")
-                else:
-                    self.events.finished(fresh, got["exit_code"], got["reason"])
-                self._close(actor)
-                return
+                    got = ray.get(ref, timeout=_READ_TIMEOUT_S)
+                except RayActorError as exc:
+                    alive = self._node_alive(ray, part.node_id)
+                    self._forget_daemon(part.node_id)
+                    if alive is False:
+                        where = f" (rank {part.rank})" if len(parts) > 1 else ""
+                        self._stop(parts, ends)
+                        self._fail(run, f"node lost: the node of the run{where} left the cluster ({_short(exc)})",
+                                   parts)
+                        return
+                    if alive:  # its daemon died, not the node: a new one adopts the unit
+                        part.daemon = self._daemon(ray, part.node_id)
+                    time.sleep(1.0)
+                    continue
+                except (GetTimeoutError, ConnectionError, OSError) as exc:
+                    self.events.note(run, f"the Ray cluster does not answer ({_short(exc)}); the run is followed "
+                                          "again when it does")
+                    time.sleep(1.0)
+                    continue
+                sink.take(part.rank, got["log"], got["metrics"])
+                if got["metrics"]:
+                    try:
+                        self.events.ingest_metrics(self.events.refresh(run))
+                    except EnvironmentProblem as exc:
+                        self.events.log(f"{run.id}: its metrics could not be stored now: {exc.message}")
+                if got["state"] == "unknown":
+                    got = {**got, "state": "failed", "reason": "its node has no trace of it (the node's dockyard "
+                                                              "folder was removed?)"}
+                if got["started"] and (not started or not set(got["gpus"]) <= set(granted)):
+                    granted = sorted({*granted, *got["gpus"]})
+                    if not started:
+                        held = self.events.refresh(run).record.container_id
+                        self.events.launched(run, container_id=held or f"ray:run-{run_label(run)}",
+                                             image=got["image"])
+                    self.events.granted(run, granted)
+                    if not started:  # running, or already ended: a short run's start is recorded too
+                        started = self.events.started(run)
+                        if not started:  # canceled while it was prepared
+                            self._stop(parts, ends)
+                            stopping = True
+                        started = True
+                        self.events.note(run, "")
+                        self.wake()
+                if got["more"]:
+                    continue
+                if got["state"] in ("failed", "exited"):
+                    sink.flush(part.rank)
+                    ends[part.rank] = got
+                    if (got["state"] == "failed" or got["exit_code"] != 0) and not stopping:
+                        self._stop(parts, ends)  # one rank failed: the others stop, the run fails
+                        stopping = True
+        if self._closing:
+            return
+        self._end(run, parts, ends)
 
-    def _collect_outputs(self, run: AgentRun, actor: Any) -> None:
+    def _end(self, run: AgentRun, parts: Sequence[_Part], ends: Mapping[int, Mapping[str, Any]]) -> None:
+        """Record the run's true end from its parts' ends, then give its node resources back."""
+        for part in parts:
+            self._collect_outputs(run, part)
+        many = len(parts) > 1
+        # The first part that failed decides (a part stopped because another failed ends too).
+        failed = next((r for r in sorted(ends) if ends[r]["state"] == "failed"), None)
+        nonzero = next((r for r in sorted(ends) if ends[r]["state"] == "exited" and ends[r]["exit_code"] != 0), None)
+        fresh = self.events.refresh(run)
+        if failed is not None and fresh.record.status == RunStatus.QUEUED:
+            if fresh.record.cancel_requested:
+                self.events.canceled(run)
+            else:
+                self.events.failed_to_start(run, ends[failed]["reason"] or "the run could not start on its node")
+        elif failed is not None:
+            reason = ends[failed]["reason"] or "a part of the run could not start"
+            self.events.finished(fresh, None, f"rank {failed}: {reason}" if many else reason)
+        elif fresh.record.status == RunStatus.QUEUED:
+            if fresh.record.cancel_requested:
+                self.events.canceled(run)
+            else:
+                self.events.failed_to_start(run, ends[0]["reason"] or "it ended before it started")
+        else:
+            first = nonzero if nonzero is not None else 0
+            end = ends[first]
+            reason = str(end["reason"] or "")
+            self.events.finished(fresh, end["exit_code"], f"rank {first}: {reason}" if many and reason else reason)
+        self._release(run, parts)
+
+    def _stop(self, parts: Sequence[_Part], ends: Mapping[int, Any]) -> None:
+        for part in parts:
+            if part.rank not in ends:
+                try:
+                    part.daemon.cancel.remote(part.unit)
+                except Exception:  # noqa: BLE001 - a lost node's part: nothing to stop there
+                    pass
+
+    def _collect_outputs(self, run: AgentRun, part: _Part) -> None:
         import ray
 
         try:
-            data = ray.get(actor.outputs.remote(), timeout=300)
+            data = ray.get(part.daemon.outputs.remote(part.unit), timeout=300)
         except Exception as exc:  # noqa: BLE001 - the run's end is recorded whatever the outputs did
             self.events.log(f"{run.id}: its outputs could not be fetched: {_short(exc)}")
             return
         with tarfile.open(fileobj=io.BytesIO(data)) as tar:
             tar.extractall(run.record.folder.outputs, filter="data")
 
-    def _close(self, actor: Any) -> None:
+    def _release(self, run: AgentRun, parts: Sequence[_Part]) -> None:
+        """Each part's container and folder removed on its node, then the run's placement group:
+        its GPUs and CPUs go back to the cluster."""
+        for part in parts:
+            try:
+                part.daemon.close.remote(part.unit)
+            except Exception:  # noqa: BLE001 - swept later (its group is gone)
+                pass
         try:
-            actor.close.remote()  # it removes its container and folder, then ends itself
-        except Exception:  # noqa: BLE001 - an actor left behind holds no GPU once its run ended
-            pass
+            from ray.util.placement_group import get_placement_group, remove_placement_group
+
+            remove_placement_group(get_placement_group(group_name(run_label(run))))
+        except ValueError:
+            pass  # none (never made, or removed already)
+        except Exception as exc:  # noqa: BLE001 - logged; the GPUs stay reserved until it is removed
+            self.events.log(f"{run.id}: its placement group could not be removed: {_short(exc)}")
+
+
+def _bundle_task(ray: Any) -> Any:
+    from ._ray_node import bundle_gpus
+
+    # max_calls=0: the worker is kept for the next ask (Ray's default for GPU tasks is a fresh one).
+    return ray.remote(max_calls=0, max_retries=0)(bundle_gpus)
+
+
+def _recorded_nodes(container_id: str) -> list[str]:
+    """The nodes a run's parts were started on, as recorded (``ray:run-<label>@<node>,<node>``)."""
+    _, at, nodes = container_id.partition("@")
+    return [n for n in nodes.split(",") if n] if at else []
 
 
 def _size(path: Path) -> int:

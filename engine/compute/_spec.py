@@ -44,11 +44,18 @@ def run_variables(run_id: str, experiment: str, env: Environment, runtime: RunRu
 
 def container_spec(
     run_id: str, experiment: str, argv: Sequence[str], env: Environment, runtime: RunRuntime, folder: RunFolder,
-    *, image: str, gpus: Sequence[str], virtual: bool, labels: Mapping[str, str],
+    *, image: str, gpus: Sequence[str], virtual: bool, labels: Mapping[str, str], launch_id: str = "",
+    variables: Mapping[str, str] | None = None, network: str | None = None,
 ) -> LaunchSpec:
     """A run's container: its folder mounted, the GPUs by UUID (never CUDA_VISIBLE_DEVICES: Docker
-    renumbers from 0), metrics and the in-run API wired up."""
+    renumbers from 0), metrics and the in-run API wired up.
+
+    ``launch_id`` names the container (``dockyard-<launch_id>``; default the run's id: one rank of a
+    distributed run has its own); ``variables`` come on top (a rank's); ``network`` is Docker's
+    network mode (``host`` for the ranks of a distributed run, as NCCL jobs use)."""
+    extra = dict(variables or {})
     variables = run_variables(run_id, experiment, env, runtime)
+    variables.update(extra)
     variables.update({
         # NVIDIA's runtime reads NVIDIA_VISIBLE_DEVICES; "void" gives a CPU-only run no GPU.
         "NVIDIA_VISIBLE_DEVICES": ",".join(gpus) if gpus else "void",
@@ -58,8 +65,8 @@ def container_spec(
     mounts = tuple(BindMount(src, dst, ro) for src, dst, ro in folder.container_mounts(library_dir()))
     mounts += tuple(BindMount(m.source, m.target, m.read_only) for m in runtime.mounts)
     return LaunchSpec(
-        run_id, tuple(argv), variables, CONTAINER_WORK, folder.container_log, image=image, mounts=mounts,
+        launch_id or run_id, tuple(argv), variables, CONTAINER_WORK, folder.container_log, image=image, mounts=mounts,
         labels=dict(labels), device_ids=tuple(gpus) if gpus and not virtual else (),
         shm_size=runtime.shm_size, ulimits=tuple((u.name, u.soft, u.hard) for u in runtime.ulimits),
-        ipc_mode=runtime.ipc,
+        ipc_mode=runtime.ipc, network_mode=network,
     )

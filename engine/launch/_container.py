@@ -68,6 +68,7 @@ class ContainerLauncher:
             "name": container_name(spec.run_id),
             "host_config": self.api.create_host_config(
                 mounts=mounts, device_requests=device_requests, shm_size=spec.shm_size, ipc_mode=spec.ipc_mode,
+                network_mode=spec.network_mode,
                 ulimits=[Ulimit(name=n, soft=soft, hard=hard) for n, soft, hard in spec.ulimits] or None,
             ),
             "use_config_proxy": False,  # the run gets its environment's variables, not the client's proxies

@@ -48,6 +48,7 @@ class LaunchSpec:
         shm_size: bytes of ``/dev/shm`` (containers only; None: the engine's default).
         ulimits: ``(name, soft, hard)`` limits (containers only).
         ipc_mode: Docker's IPC mode (containers only; None: the engine's default).
+        network_mode: Docker's network mode, e.g. ``host`` (containers only; None: the default bridge).
     """
 
     run_id: str
@@ -63,6 +64,7 @@ class LaunchSpec:
     shm_size: int | None = None
     ulimits: tuple[tuple[str, int, int], ...] = ()
     ipc_mode: str | None = None
+    network_mode: str | None = None
 
     def __post_init__(self) -> None:
         if not self.run_id or not self.argv:

@@ -28,6 +28,7 @@ _EXPORTS = {
     "DEFAULT_SHM_BYTES": "._runtime",
     "RunMount": "._runtime",
     "RunRuntime": "._runtime",
+    "Distribution": "._runtime",
     "Ulimit": "._runtime",
 }
 __all__ = sorted(_EXPORTS)
@@ -35,6 +36,6 @@ __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._layout import CONTAINER_LIB, CONTAINER_META, CONTAINER_WORK, LOG_NAME, RunFolder
-    from ._runtime import DATASETS_ROOT, DEFAULT_SHM_BYTES, RunMount, RunRuntime, Ulimit
+    from ._runtime import DATASETS_ROOT, DEFAULT_SHM_BYTES, Distribution, RunMount, RunRuntime, Ulimit
     from ._snapshot import Snapshot, SnapshotStore
     from ._store import FINAL, LOCAL_KIND, ComputeRecord, LauncherKind, RunRecord, RunStatus, RunStore, new_run_id

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["DATASETS_ROOT", "DEFAULT_SHM_BYTES", "RunMount", "RunRuntime", "Ulimit"]
+__all__ = ["DATASETS_ROOT", "DEFAULT_SHM_BYTES", "Distribution", "RunMount", "RunRuntime", "Ulimit"]
 
 #: Where datasets appear inside a container: ``<root>/<dataset name>``.
 DATASETS_ROOT = "/mnt/dockyard/datasets"
@@ -36,6 +36,28 @@ class Ulimit:
 
 
 @dataclass(frozen=True)
+class Distribution:
+    """A distributed run (Azure ML's ``PyTorchConfiguration`` / ``MpiConfiguration``): ``nodes``
+    containers, one per node, each starting ``per_node`` processes; ``kind`` is ``pytorch`` or ``mpi``."""
+
+    kind: str
+    nodes: int
+    per_node: int = 1
+    backend: str = ""
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.per_node
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "nodes": self.nodes, "per_node": self.per_node, "backend": self.backend}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Distribution:
+        return cls(str(data["kind"]), int(data["nodes"]), int(data.get("per_node") or 1), str(data.get("backend") or ""))
+
+
+@dataclass(frozen=True)
 class RunRuntime:
     """Mounts, shared memory size, ulimits, IPC mode, extra variables, and the datasets by name
     (name -> the path the script reads them at)."""
@@ -49,6 +71,8 @@ class RunRuntime:
     #: The shared image cache the run's build uses: (``REG/REPO`` or ``""`` for none, username,
     #: name of the password's variable); None for runs from before (the agent's own setting).
     shared_cache: tuple[str, str, str] | None = None
+    #: How a distributed run spans nodes; None for a run of one container.
+    distributed: Distribution | None = None
 
     def with_shared_cache(self, registry: str, username: str, password_env: str) -> RunRuntime:
         from dataclasses import replace
@@ -58,6 +82,8 @@ class RunRuntime:
     def to_dict(self) -> dict[str, Any]:
         shared = {} if self.shared_cache is None else {"shared_cache": dict(zip(
             ("registry", "username", "password_env"), self.shared_cache, strict=True))}
+        if self.distributed is not None:
+            shared = {**shared, "distributed": self.distributed.to_dict()}
         return {**shared,
             "mounts": [{"source": m.source, "target": m.target, "read_only": m.read_only} for m in self.mounts],
             "shm_size": self.shm_size,
@@ -72,7 +98,9 @@ class RunRuntime:
         """The stored form (``{}`` for runs from before runtimes: Docker's defaults)."""
         data = data or {}
         shared = data.get("shared_cache")
+        distributed = data.get("distributed")
         return cls(
+            distributed=Distribution.from_dict(distributed) if isinstance(distributed, dict) else None,
             shared_cache=(str(shared.get("registry") or ""), str(shared.get("username") or ""),
                           str(shared.get("password_env") or "")) if isinstance(shared, dict) else None,
             mounts=tuple(RunMount(str(m["source"]), str(m["target"]), bool(m.get("read_only", True)))

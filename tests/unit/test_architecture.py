@@ -88,7 +88,7 @@ _SURFACES = {
                        "parse_image_ref", "parse_size", "Presence", "prune_build_cache", "pull_image", "push_image", "qualify", "render_dockerfile", "nearest_key", "resolve_cache_registry", "SharedStatus",
                        "spec_fingerprint"],
     "dockyard.runs": ["CONTAINER_LIB", "CONTAINER_META", "CONTAINER_WORK", "ComputeRecord", "DATASETS_ROOT",
-                      "DEFAULT_SHM_BYTES", "FINAL", "LOCAL_KIND", "LOG_NAME", "LauncherKind", "RunFolder", "RunMount",
+                      "DEFAULT_SHM_BYTES", "Distribution", "FINAL", "LOCAL_KIND", "LOG_NAME", "LauncherKind", "RunFolder", "RunMount",
                       "RunRecord", "RunRuntime", "RunStatus", "RunStore", "Snapshot", "SnapshotStore", "Ulimit",
                       "new_run_id"],
     "dockyard.gpu": ["Active", "Gpu", "GpuDiscovery", "GpuRequest", "Lease", "LeaseConflict", "LeaseStore", "Plan",
