@@ -13,6 +13,8 @@ timing, on this machine and on both nodes.
 * ``ray_burst_drain``  ``--burst`` runs of 1 GPU and 1 s each submitted at once to the cluster (8
   GPUs): time from the first submit to the last ``Completed``, and the GPU utilisation over it
   (busy GPU-seconds / (8 x drain time))
+* ``local_burst_drain``  the same burst on the ``local`` target with 8 virtual GPUs: what this
+  machine allows (both nodes run on it too), so ``ray_burst_over_local_burst`` is the cluster's own cost
 
 Ratio ``ray_over_local`` = ray / local per run (goal ≤ 1.5). Printed as a table and, with
 ``--json``, one JSON object. Benchmarks print; they never assert timings.
@@ -60,12 +62,12 @@ def _submit_to_completed(ws: Any, src: Path, env: Any, target: str, n: int) -> l
     return took
 
 
-def _burst(ws: Any, src: Path, env: Any, count: int) -> dict[str, float]:
+def _burst(ws: Any, src: Path, env: Any, count: int, target: str = "cluster") -> dict[str, float]:
     from dockyard import Experiment
 
     started = time.perf_counter()
     first_submit = time.time()
-    runs = [Experiment(ws, "burst").submit(_config(src, env, "cluster", "sleep1.py", gpus=1)) for _ in range(count)]
+    runs = [Experiment(ws, "burst").submit(_config(src, env, target, "sleep1.py", gpus=1)) for _ in range(count)]
     for run in runs:
         if run.wait_for_completion(raise_on_error=False)["status"] != "Completed":
             raise SystemExit("a burst run did not complete")
@@ -91,6 +93,8 @@ def run(n: int, burst: int) -> dict[str, Any]:
     (src / "sleep1.py").write_text("import time\ntime.sleep(1.0)\n")
     home = work / "home"
     os.environ["DOCKYARD_HOME"] = str(home)
+    os.environ["DOCKYARD_GPUS"] = str(2 * GPUS_PER_NODE)  # the local burst's GPUs: as many as the cluster's
+    os.environ["DOCKYARD_LOCAL_MAX_RUNS"] = str(2 * GPUS_PER_NODE)
     nodes = {name: {"gpus": GPUS_PER_NODE, "cpus": GPUS_PER_NODE, "env": {"DOCKYARD_HOME": str(work / f"node-{name}")}}
              for name in ("a", "b")}
     env = Environment("bench")
@@ -112,11 +116,13 @@ def run(n: int, burst: int) -> dict[str, Any]:
             local = _submit_to_completed(ws, src, env, "local", n)
             ray = _submit_to_completed(ws, src, env, "cluster", n)
             drained = _burst(ws, src, env, burst)
+            # The same burst on this machine's own 8 (virtual) GPUs: what the machine itself allows.
+            drained_local = _burst(ws, src, env, burst, target="local")
         finally:
             stop_agent(home)
     rows = {"local_submit_to_completed": round(statistics.median(local), 4),
             "ray_submit_to_completed": round(statistics.median(ray), 4),
-            "ray_burst_drain": drained["drain_s"]}
+            "ray_burst_drain": drained["drain_s"], "local_burst_drain": drained_local["drain_s"]}
     ideal = burst / (2 * GPUS_PER_NODE) * 1.0
     return {
         "benchmark": "cluster_overhead",
@@ -125,8 +131,10 @@ def run(n: int, burst: int) -> dict[str, Any]:
         "burst": burst,
         "rows": rows,
         "burst_gpu_utilisation": drained["gpu_utilisation"],
+        "local_burst_gpu_utilisation": drained_local["gpu_utilisation"],
         "burst_ideal_drain_s": ideal,
-        "ratios": {"ray_over_local": round(rows["ray_submit_to_completed"] / rows["local_submit_to_completed"], 2)},
+        "ratios": {"ray_over_local": round(rows["ray_submit_to_completed"] / rows["local_submit_to_completed"], 2),
+                   "ray_burst_over_local_burst": round(rows["ray_burst_drain"] / rows["local_burst_drain"], 2)},
         "goal": {"ray_over_local_at_most": 1.5,
                  "met": rows["ray_submit_to_completed"] / rows["local_submit_to_completed"] <= 1.5},
     }
@@ -138,6 +146,7 @@ def _table(doc: dict[str, Any]) -> str:
     lines += [f"{name:<28} {value:>10.4f}" for name, value in doc["rows"].items()]
     lines.append(f"{'burst GPU utilisation':<28} {doc['burst_gpu_utilisation']:>10.3f}"
                  f"  (ideal drain {doc['burst_ideal_drain_s']:.1f} s)")
+    lines.append(f"{'local burst GPU utilisation':<28} {doc['local_burst_gpu_utilisation']:>10.3f}")
     lines.append("")
     lines += [f"{name}: {value}x" for name, value in doc["ratios"].items()]
     lines.append(f"goal ray_over_local <= {doc['goal']['ray_over_local_at_most']}: "

@@ -16,13 +16,16 @@ from typing import Any
 
 from ._units import binary_size
 from .errors import InputError
-from .runs import DEFAULT_SHM_BYTES, RunMount, Ulimit
+from .runs import DEFAULT_SHM_BYTES, Distribution, RunMount, Ulimit
 
 __all__ = [
     "ALLOWED_DOCKER_ARGUMENTS",
     "MOUNT_ROOTS_ENV",
     "DockerConfiguration",
+    "MpiConfiguration",
+    "PyTorchConfiguration",
     "check_mount",
+    "distribution_of",
     "parse_docker_arguments",
     "parse_mount",
     "parse_shm_size",
@@ -70,6 +73,93 @@ class DockerConfiguration:
     def __repr__(self) -> str:
         return (f"DockerConfiguration(use_docker={self.use_docker!r}, arguments={self.arguments!r}, "
                 f"shm_size={self.shm_size!r})")
+
+
+def _count(value: object, name: str, where: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise InputError(f"{where}: {name} must be a positive integer, got {value!r}",
+                         hint=f"e.g. {where}({name}=2)")
+    return value
+
+
+class PyTorchConfiguration:
+    """Azure ML's ``azureml.core.runconfig.PyTorchConfiguration``: a run of ``process_count``
+    processes over ``node_count`` nodes (one container per node, ``process_count / node_count``
+    processes in each), given ``MASTER_ADDR``, ``MASTER_PORT``, ``WORLD_SIZE``, ``RANK``,
+    ``NODE_RANK`` and ``LOCAL_RANK`` as ``torch.distributed`` reads them (``init_method="env://"``).
+
+    Args:
+        communication_backend: Azure's field (``Nccl``, ``Gloo``); passed as ``DOCKYARD_DIST_BACKEND``.
+        process_count: processes in all (default: one per node); a multiple of ``node_count``.
+        node_count: nodes (containers), each on its own node of a cluster target.
+    """
+
+    kind = "pytorch"
+
+    def __init__(self, communication_backend: str = "Nccl", process_count: int | None = None,
+                 node_count: int = 1, **kwargs: Any) -> None:
+        if kwargs:
+            raise InputError(f"PyTorchConfiguration got unknown arguments: {', '.join(sorted(kwargs))}",
+                             hint="it takes communication_backend, process_count and node_count")
+        self.communication_backend = communication_backend
+        self.node_count = node_count
+        self.process_count = process_count
+
+    def _distribution(self) -> Distribution:
+        nodes = _count(self.node_count, "node_count", "PyTorchConfiguration")
+        total = nodes if self.process_count is None else _count(self.process_count, "process_count",
+                                                                 "PyTorchConfiguration")
+        if total % nodes:
+            raise InputError(f"PyTorchConfiguration: process_count {total} is not a multiple of node_count {nodes}",
+                             hint="give every node the same number of processes, e.g. "
+                                  f"process_count={nodes * max(1, total // nodes)}")
+        return Distribution(self.kind, nodes, total // nodes, str(self.communication_backend or ""))
+
+    def __repr__(self) -> str:
+        return (f"PyTorchConfiguration(communication_backend={self.communication_backend!r}, "
+                f"process_count={self.process_count!r}, node_count={self.node_count!r})")
+
+
+class MpiConfiguration:
+    """Azure ML's ``azureml.core.runconfig.MpiConfiguration``: ``process_count_per_node`` processes
+    on each of ``node_count`` nodes. dockyard starts the processes itself (no ``mpirun``): each gets
+    the names Open MPI gives its ranks (``OMPI_COMM_WORLD_RANK``, ``…_LOCAL_RANK``, ``…_SIZE``) and
+    the ``torch.distributed`` ones, so scripts that read either find their rank and a rendezvous
+    (``MASTER_ADDR``/``MASTER_PORT``); MPI's own wire-up between nodes (ssh, ``mpirun``) is not made.
+    """
+
+    kind = "mpi"
+
+    def __init__(self, process_count_per_node: int = 1, node_count: int = 1, **kwargs: Any) -> None:
+        if kwargs:
+            raise InputError(f"MpiConfiguration got unknown arguments: {', '.join(sorted(kwargs))}",
+                             hint="it takes process_count_per_node and node_count")
+        self.process_count_per_node = process_count_per_node
+        self.node_count = node_count
+
+    def _distribution(self) -> Distribution:
+        nodes = _count(self.node_count, "node_count", "MpiConfiguration")
+        per_node = _count(self.process_count_per_node, "process_count_per_node", "MpiConfiguration")
+        return Distribution(self.kind, nodes, per_node)
+
+    def __repr__(self) -> str:
+        return f"MpiConfiguration(process_count_per_node={self.process_count_per_node!r}, node_count={self.node_count!r})"
+
+
+def distribution_of(config: object) -> Distribution | None:
+    """The run's distribution from a ``distributed_job_config`` (None: one process).
+
+    Raises:
+        InputError: not a PyTorch/MPI configuration, or bad counts.
+    """
+    if config is None:
+        return None
+    if not isinstance(config, (PyTorchConfiguration, MpiConfiguration)):
+        raise InputError(f"distributed_job_config {type(config).__name__} is not supported here",
+                         hint="use PyTorchConfiguration(process_count=…, node_count=…) or "
+                              "MpiConfiguration(process_count_per_node=…, node_count=…)")
+    found = config._distribution()
+    return None if found.world_size == 1 else found
 
 
 def parse_shm_size(value: str | int | None, where: str = "shm_size") -> int:

@@ -21,7 +21,14 @@ from typing import TYPE_CHECKING, Any
 from ._azure_only import AzureNames, instance_getattr
 from ._environment import Environment
 from ._home import WORKSPACES, dockyard_home, workspace_folders
-from ._runtime import DockerConfiguration, check_mount, parse_docker_arguments, parse_mount, parse_shm_size
+from ._runtime import (
+    DockerConfiguration,
+    check_mount,
+    distribution_of,
+    parse_docker_arguments,
+    parse_mount,
+    parse_shm_size,
+)
 from .compute import LOCAL_COMPUTE
 from .errors import ComputeTargetException, InputError
 from .runs import DATASETS_ROOT, LOCAL_KIND, RunRuntime, RunStatus, new_run_id
@@ -88,6 +95,25 @@ def _check_cluster_run(compute: str, container: bool, runtime: RunRuntime, env: 
         raise InputError(f"a build context folder is on this machine; the cluster target {compute!r} builds on its nodes",
                          hint="give the Dockerfile as text (docker.base_dockerfile) with no COPY of local files, "
                          "or a base image; or run on `local`")
+
+
+def _check_distribution(compute: str, runtime: RunRuntime, cluster: Any) -> None:
+    """A distributed run needs as many nodes as it spans: one, or a cluster target's ``max_nodes``.
+
+    Raises:
+        InputError: more nodes than the target has.
+    """
+    spread = runtime.distributed
+    if spread is None or spread.nodes == 1:
+        return
+    if cluster is None:
+        raise InputError(f"node_count {spread.nodes} needs a cluster: the target {compute!r} is this machine",
+                         hint="attach a Ray cluster (dockyard compute attach ray NAME --address …) and run there, "
+                              "or use node_count=1 (its processes then share this machine)")
+    if spread.nodes > cluster.max_nodes:
+        raise InputError(f"node_count {spread.nodes} is more than the {cluster.max_nodes} node(s) the target "
+                         f"{compute!r} may use at once (its max_nodes)",
+                         hint="lower node_count, or attach the target again with a larger --max-nodes")
 
 
 def _cache_registry_setting(value: object, where: str) -> CacheRegistry | None:
@@ -510,8 +536,8 @@ class ScriptRunConfig:
         if kwargs:
             raise InputError(f"ScriptRunConfig got unknown arguments: {', '.join(sorted(kwargs))}",
                              hint="see help(ScriptRunConfig) for what it takes")
-        ignored = [name for name, value in (("run_config", run_config), ("distributed_job_config", distributed_job_config),
-                                            ("resume_from", resume_from), ("command", command)) if value is not None]
+        ignored = [name for name, value in (("run_config", run_config), ("resume_from", resume_from),
+                                            ("command", command)) if value is not None]
         if ignored:
             warnings.warn(f"ScriptRunConfig: {', '.join(ignored)} (Azure ML only) are ignored here", stacklevel=2)
         self.source_directory = str(source_directory)
@@ -528,6 +554,8 @@ class ScriptRunConfig:
         self.max_run_duration_seconds = max_run_duration_seconds
         self.docker_runtime_config = docker_runtime_config
         self.mounts = [str(m) for m in mounts]
+        # PyTorchConfiguration / MpiConfiguration: one container per node, the processes in each.
+        self.distributed_job_config = distributed_job_config
 
     def _runtime(self, env: Environment, container: bool) -> tuple[list[str], RunRuntime]:
         """The script's arguments (datasets replaced by their paths) and the container's setup.
@@ -569,7 +597,8 @@ class ScriptRunConfig:
         shm = given["shm_size"] or parse_shm_size(
             (docker.shm_size if docker and docker.shm_size is not None else env.docker.shm_size), "shm_size")
         runtime = RunRuntime(mounts=tuple(mounts) if container else (), shm_size=shm, ulimits=tuple(given["ulimits"]),
-                             ipc=given["ipc"], variables=given["variables"], datasets=datasets)
+                             ipc=given["ipc"], variables=given["variables"], datasets=datasets,
+                             distributed=distribution_of(self.distributed_job_config))
         return arguments, runtime
 
     def _validate(self) -> tuple[Path, str]:
@@ -674,6 +703,7 @@ class Experiment(metaclass=AzureNames):
         on_cluster = target_record is not None and target_record.kind != LOCAL_KIND
         if on_cluster:
             _check_cluster_run(str(compute), container, runtime, env)
+        _check_distribution(str(compute), runtime, target_record if on_cluster else None)
         gpu_request = config._gpu_request(here=not on_cluster)
         registry = env.docker.base_image_registry
         if container and registry.address and registry.password is not None:

@@ -34,7 +34,7 @@ from ..gpu import Lease, LeaseConflict, LeaseStore
 from ..launch import ContainerLauncher, LaunchHandle, LaunchSpec, Observation, ProcessLauncher
 from ..runs import RunRuntime, RunStatus, SnapshotStore
 from ._backend import AgentRun, RunEvents
-from ._spec import container_spec, library_dir, pythonpath, run_variables
+from ._spec import container_spec, library_dir, pythonpath, rank_command, rank_variables, run_variables
 
 __all__ = ["LocalBackend"]
 
@@ -106,6 +106,14 @@ def _holds_exit_code(path: Path) -> bool:
         return path.read_text().strip().lstrip("-").isdigit()
     except OSError:
         return False
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def _clock(t: float) -> str:
@@ -456,13 +464,17 @@ class LocalBackend:
         if record.launcher == "process":
             folder.link_outputs()  # ./outputs is collected as a container run's is
             variables = run_variables(record.id, record.experiment, env, runtime)
+            argv: tuple[str, ...] = (env.python.interpreter_path, record.script, *record.arguments)
+            if runtime.distributed is not None:  # one node's processes share this machine's network
+                variables.update(rank_variables(runtime.distributed, 0, "127.0.0.1", _free_port()))
+                argv = rank_command(argv, runtime.distributed, 0)
             # Local processes are isolated by CUDA alone; "" hides every GPU from a CPU-only run.
             variables.update({
                 "CUDA_VISIBLE_DEVICES": ",".join(gpus),
                 "DOCKYARD_METRICS_FILE": str(folder.metrics),
                 "PYTHONPATH": pythonpath(str(library_dir().parent), env),
             })
-            spec = LaunchSpec(record.id, (env.python.interpreter_path, record.script, *record.arguments), variables,
+            spec = LaunchSpec(record.id, argv, variables,
                               str(folder.work), str(folder.log), exit_code_path=str(folder.exit_code))
             handle = self.processes.launch(spec, on_created=lambda h: self._recorded(run, h, ""))
             self._running(run, handle, f"as local process {handle.ref}")
@@ -480,9 +492,13 @@ class LocalBackend:
             self.events.canceled(run)
             return
         virtual = self._gpu_state()[0].virtual if gpus else False
-        spec = container_spec(record.id, record.experiment, (self._python(built, env), record.script, *record.arguments),
-                              env, runtime, folder, image=built.image, gpus=gpus, virtual=virtual,
-                              labels={"dockyard.workspace": str(run.workspace)})
+        argv = (self._python(built, env), record.script, *record.arguments)
+        ranks: dict[str, str] = {}
+        if runtime.distributed is not None:  # one node: its processes meet in the container's own network
+            ranks = rank_variables(runtime.distributed, 0, "127.0.0.1", 29500)
+            argv = rank_command(argv, runtime.distributed, 0)
+        spec = container_spec(record.id, record.experiment, argv, env, runtime, folder, image=built.image, gpus=gpus,
+                              virtual=virtual, labels={"dockyard.workspace": str(run.workspace)}, variables=ranks)
         handle = self.containers.launch(spec, on_created=lambda h: self._recorded(run, h, built.image))
         self._running(run, handle, f"in container {handle.ref[:12]} ({built.image})")
 

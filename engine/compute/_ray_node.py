@@ -186,6 +186,11 @@ class NodeDaemon:
         return {"host": socket.gethostname(), "node_id": ray.get_runtime_context().get_node_id(),
                 "docker_host": os.environ.get("DOCKER_HOST", ""), "pid": os.getpid(), "code": self.code}
 
+    def busy(self) -> int:
+        """Units this daemon still follows (a daemon of older code is ended once it follows none)."""
+        with self._lock:
+            return sum(unit.state in ("preparing", "running") for unit in self._units.values())
+
     def has_snapshot(self, snapshot_id: str) -> bool:
         return self._snapshot_path(snapshot_id).is_file()
 
@@ -398,7 +403,7 @@ class NodeDaemon:
         from ..gpu import inventory
         from ..runs import RunRuntime
         from ._local import _BuildLog
-        from ._spec import container_spec
+        from ._spec import container_spec, rank_command
 
         folder = unit.folder
         tar_path = self._snapshot_path(payload["snapshot"])
@@ -435,9 +440,8 @@ class NodeDaemon:
         labels = self._engine.image_labels(built.image) or {}
         python = labels.get("dockyard.python") or env.python.interpreter_path
         argv: tuple[str, ...] = (python, payload["script"], *payload["arguments"])
-        if payload.get("ranks"):  # a distributed run's node: its processes, one per local rank
-            per_node, node_rank = payload["ranks"]
-            argv = (python, "-m", "dockyard._ranks", str(per_node), str(node_rank), "--", *argv)
+        if runtime.distributed is not None:  # a distributed run's node: its processes, one per local rank
+            argv = rank_command(argv, runtime.distributed, int(payload["rank"]))
         spec = container_spec(payload["run_id"], payload["experiment"], argv, env, runtime, folder,
                               image=built.image, gpus=gpus, virtual=found.virtual,
                               labels={CLUSTER_LABEL: payload["label"]}, launch_id=payload["container"],

@@ -10,9 +10,9 @@ from pathlib import Path
 
 from .._environment import Environment
 from ..launch import BindMount, LaunchSpec
-from ..runs import CONTAINER_LIB, CONTAINER_WORK, RunFolder, RunRuntime
+from ..runs import CONTAINER_LIB, CONTAINER_WORK, Distribution, RunFolder, RunRuntime
 
-__all__ = ["container_spec", "library_dir", "pythonpath", "run_variables"]
+__all__ = ["container_spec", "library_dir", "pythonpath", "rank_command", "rank_variables", "run_variables"]
 
 
 def library_dir() -> Path:
@@ -40,6 +40,20 @@ def run_variables(run_id: str, experiment: str, env: Environment, runtime: RunRu
     if runtime.datasets:  # Run.get_context().input_datasets reads them
         variables["DOCKYARD_INPUT_DATASETS"] = json.dumps(dict(runtime.datasets))
     return variables
+
+
+def rank_command(argv: Sequence[str], spread: Distribution, node_rank: int) -> tuple[str, ...]:
+    """One node's command of a distributed run: ``dockyard._ranks`` starts its processes (one per
+    local rank, each line prefixed with its rank) with the same interpreter."""
+    return (argv[0], "-m", "dockyard._ranks", str(spread.per_node), str(node_rank), "--", *argv)
+
+
+def rank_variables(spread: Distribution, node_rank: int, master_addr: str, master_port: int | str) -> dict[str, str]:
+    """What every process of one node of a distributed run reads (``RANK`` and ``LOCAL_RANK`` are
+    set per process by ``dockyard._ranks``)."""
+    return {"MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port), "WORLD_SIZE": str(spread.world_size),
+            "NODE_RANK": str(node_rank), "NODE_COUNT": str(spread.nodes), "DOCKYARD_DISTRIBUTED": spread.kind,
+            **({"DOCKYARD_DIST_BACKEND": spread.backend} if spread.backend else {})}
 
 
 def container_spec(

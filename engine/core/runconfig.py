@@ -1,5 +1,6 @@
-"""``dockyard.core.runconfig`` (Azure ML's ``azureml.core.runconfig``): how a run's container runs."""
+"""``dockyard.core.runconfig`` (Azure ML's ``azureml.core.runconfig``): how a run's container runs,
+and how a distributed run spans nodes."""
 
-from dockyard._runtime import DockerConfiguration
+from dockyard._runtime import DockerConfiguration, MpiConfiguration, PyTorchConfiguration
 
-__all__ = ["DockerConfiguration"]
+__all__ = ["DockerConfiguration", "MpiConfiguration", "PyTorchConfiguration"]

@@ -396,3 +396,144 @@ def test_a_node_pulls_a_private_base_with_its_own_login(tmp_path, second_engine,
     image_id = pull_image(name, no_password, engine=second_engine.client)
     assert image_id.startswith("sha256:") and second_engine.client.inspect_image(remote) is not None
     second_engine.client.request("DELETE", f"/images/{urllib.parse.quote(remote, safe='')}")
+
+
+RENDEZVOUS = """\
+import os, socket, sys, time
+rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+print("env", rank, os.environ["LOCAL_RANK"], os.environ["NODE_RANK"], world,
+      os.environ.get("NVIDIA_VISIBLE_DEVICES"), flush=True)
+if rank == int(os.environ.get("FAIL_RANK", "-1")):
+    sys.exit(3)
+if os.environ.get("FAIL_RANK"):
+    time.sleep(300)  # the others wait: the failed rank must stop them
+if rank == 0:
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(("0.0.0.0", port))
+    server.listen()
+    server.settimeout(120)
+    joined = []
+    while len(joined) < world - 1:
+        conn, _ = server.accept()
+        joined.append(int(conn.recv(16)))
+        conn.sendall(b"ok")
+        conn.close()
+    print("rendezvous", sorted(joined), flush=True)
+else:
+    deadline = time.time() + 120
+    while True:
+        try:
+            conn = socket.create_connection((addr, port), timeout=5)
+            break
+        except OSError:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.2)
+    conn.sendall(str(rank).encode())
+    assert conn.recv(2) == b"ok"
+    print("joined", rank, flush=True)
+"""
+
+
+def submit_distributed(ws, tmp_path, env, fail_rank: int | None = None):
+    from dockyard.core.runconfig import PyTorchConfiguration
+
+    src = source(tmp_path)
+    (src / "ddp.py").write_text(RENDEZVOUS)
+    env.environment_variables = {"FAIL_RANK": str(fail_rank)} if fail_rank is not None else {}
+    config = ScriptRunConfig(str(src), "ddp.py", compute_target="cluster", environment=env,
+                             distributed_job_config=PyTorchConfiguration(process_count=4, node_count=2))
+    config.gpus = 1  # per node
+    return Experiment(ws, "ddp").submit(config)
+
+
+def test_a_distributed_run_spans_both_nodes_and_its_ranks_find_each_other(ws, tmp_path):
+    run = submit_distributed(ws, tmp_path, env_with_stamp())
+    details = run.wait_for_completion(raise_on_error=False)
+    record = ws.store.get(run.id)
+    text = Path(record.folder.log).read_text()
+    assert details["status"] == "Completed", (record.reason, text[-3000:])
+    nodes = record.container_id.rpartition("@")[2].split(",")
+    assert len(nodes) == 2 and nodes[0] != nodes[1], f"the two nodes of the run are not distinct: {record.container_id}"
+    # Every rank's lines are in the run's one log, prefixed with its rank, and whole.
+    envs = {}
+    for line in text.splitlines():
+        prefix, _, rest = line.partition("] ")
+        if rest.startswith("env "):
+            assert prefix == f"[rank {rest.split()[1]}", line
+            _env, rank, local, node, world, gpus = rest.split()
+            envs[int(rank)] = (int(local), int(node), int(world), gpus)
+    assert sorted(envs) == [0, 1, 2, 3], text
+    assert all(world == 4 for *_x, world, _g in envs.values())
+    assert {r: (local, node) for r, (local, node, _w, _g) in envs.items()} == {0: (0, 0), 1: (1, 0), 2: (0, 1), 3: (1, 1)}
+    assert "[rank 0] rendezvous [1, 2, 3]" in text, text
+    assert sum(f"] joined {r}" in text for r in (1, 2, 3)) == 3
+    # Each node's container saw one GPU, its own.
+    assert len({g for *_x, g in envs.values()}) >= 1 and all(g and g != "void" for *_x, g in envs.values())
+    assert len(record.gpus) == 2
+
+
+def test_one_failing_rank_fails_the_run_and_stops_the_others(ws, tmp_path, cluster, second_engine):
+    from dockyard.dockerd import EngineClient
+    from dockyard.launch import ContainerLauncher
+
+    run = submit_distributed(ws, tmp_path, env_with_stamp(), fail_rank=3)
+    started = time.monotonic()
+    details = run.wait_for_completion(raise_on_error=False)
+    record = ws.store.get(run.id)
+    assert details["status"] == "Failed", record.reason
+    assert record.exit_code == 3 and "node rank 1" in record.reason, (record.exit_code, record.reason)
+    assert time.monotonic() - started < 200, "the other ranks were not stopped (they sleep 300 s)"
+    for engine in (EngineClient.from_env(), second_engine.client):
+        for rank in (0, 1):
+            deadline = time.monotonic() + 30
+            while ContainerLauncher(engine).find(f"{run.id}.r{rank}") is not None and time.monotonic() < deadline:
+                time.sleep(0.5)
+            assert ContainerLauncher(engine).find(f"{run.id}.r{rank}") is None, "a rank's container is left"
+
+
+def test_a_distributed_run_wider_than_the_target_is_refused_at_submit(ws, tmp_path):
+    from dockyard.core.runconfig import PyTorchConfiguration
+
+    src = source(tmp_path)
+    config = ScriptRunConfig(str(src), "train.py", compute_target="cluster", environment=env_with_stamp(),
+                             distributed_job_config=PyTorchConfiguration(node_count=9))
+    with pytest.raises(InputError, match="max_nodes"):
+        Experiment(ws, "ddp").submit(config)
+    assert not [r for r in ws.store.list(limit=100) if r.experiment == "ddp"], "a refused submit left a run"
+
+
+COUNT = """\
+import os, time
+rank = int(os.environ["RANK"])
+for i in range(12):
+    print("line", rank, i, flush=True)
+    time.sleep(0.5)
+"""
+
+
+def test_a_killed_agent_re_attaches_to_a_distributed_run_and_no_rank_loses_or_repeats_a_line(ws, tmp_path):
+    from dockyard.compute import agent_status
+    from dockyard.core.runconfig import MpiConfiguration
+
+    src = source(tmp_path)
+    (src / "count.py").write_text(COUNT)
+    config = ScriptRunConfig(str(src), "count.py", compute_target="cluster", environment=env_with_stamp(),
+                             distributed_job_config=MpiConfiguration(process_count_per_node=2, node_count=2))
+    run = Experiment(ws, "ddp").submit(config)
+    log = Path(ws.store.get(run.id).folder.log)
+    deadline = time.monotonic() + 120
+    while "line 0 2" not in (log.read_text() if log.exists() else "") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    status = agent_status(ws.home)
+    assert status.running and status.pid
+    os.kill(status.pid, signal.SIGKILL)
+    time.sleep(2.0)  # the ranks go on on their nodes meanwhile
+    details = run.wait_for_completion(raise_on_error=False)
+    assert details["status"] == "Completed", ws.store.get(run.id).reason
+    lines = [line for line in log.read_text().splitlines() if "] line " in line]
+    for rank in range(4):
+        mine = [line for line in lines if line.startswith(f"[rank {rank}] ")]
+        assert mine == [f"[rank {rank}] line {rank} {i}" for i in range(12)], f"rank {rank}: a gap or a repeat"
