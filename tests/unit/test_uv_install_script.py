@@ -12,6 +12,7 @@ import base64
 import hashlib
 import io
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -88,6 +89,41 @@ def test_installed_files_are_checked_against_their_record(tmp_path: Path) -> Non
     assert script.project_of(str(dist)) == "pkg"
 
 
+def test_bytecode_is_compiled_for_everything_but_the_packages_own_test_suites(tmp_path: Path) -> None:
+    site = tmp_path / "site-packages"
+    sources = {"pkg/__init__.py": "X = 1\n", "pkg/sub/mod.py": "Y = 2\n", "pkg/testing/helpers.py": "Z = 3\n",
+               "pkg/test_util.py": "W = 4\n", "pkg/tests/test_a.py": "assert True\n",
+               "pkg/sub/test/test_b.py": "assert True\n", "pkg/old.py": "print 'python 2'\n"}
+    for rel, text in sources.items():
+        (site / rel).parent.mkdir(parents=True, exist_ok=True)
+        (site / rel).write_text(text)
+    rx = re.compile(script.skipped_by_compile([str(site)]))
+    assert rx.search(f"{site}/pkg/tests/test_a.py") and rx.search(f"{site}/pkg/sub/test/test_b.py")
+    assert not rx.search(f"{site}/pkg/testing/helpers.py") and not rx.search(f"{site}/pkg/test_util.py")
+    assert not rx.search(f"/elsewhere/tests/{site.name}/pkg/x.py"), "only folders below the site directory count"
+
+    script.compile_bytecode(sys.executable, [str(site)])
+    compiled = {p.parent.parent.relative_to(site).as_posix() + "/" + p.name.split(".")[0] + ".py"
+                for p in site.rglob("*.pyc")}
+    assert compiled == {"pkg/__init__.py", "pkg/sub/mod.py", "pkg/testing/helpers.py", "pkg/test_util.py"}
+    # What is compiled is what Python itself would write: an import uses it (no recompiling).
+    pyc = next(site.rglob("mod.*.pyc"))
+    before = pyc.stat().st_mtime_ns
+    subprocess.run([sys.executable, "-c", "import pkg.sub.mod"], cwd=site, check=True, timeout=60)
+    assert pyc.stat().st_mtime_ns == before
+    # Compiled already: left alone; only the given paths when paths are given.
+    script.compile_bytecode(sys.executable, [str(site)], [str(site / "pkg/sub")])
+    assert pyc.stat().st_mtime_ns == before
+
+
+def test_the_top_level_paths_of_a_distribution_come_from_its_record(tmp_path: Path) -> None:
+    dist = _installed(tmp_path, {"pkg/__init__.py": b"X = 1\n", "single.py": b"Y = 1\n"})
+    with (dist / "RECORD").open("a") as fh:
+        fh.write("../../../bin/tool,sha256=x,1\nhook.pth,sha256=y,1\npkg-1.0.data/scripts/s,,\n")
+    assert script.top_level_paths(str(dist)) == [str(tmp_path / "pkg"), str(tmp_path / "single.py")]
+    assert script.top_level_paths(str(tmp_path / "none.dist-info")) == []
+
+
 def test_pins_read_compiled_output_with_hashes_and_comments() -> None:
     text = "six==1.17.0 \\\n    --hash=sha256:abc\nIdna_Extra==3.7  # via x\npkg @ file:///w/pkg.whl\n"
     assert script.pins(text) == {"six": "1.17.0", "idna-extra": "3.7"}
@@ -96,11 +132,13 @@ def test_pins_read_compiled_output_with_hashes_and_comments() -> None:
 # -- the script, run as in a build ------------------------------------------------------------------
 
 
-def _wheel(folder: Path, name: str, version: str, requires: tuple[str, ...] = ()) -> None:
+def _wheel(folder: Path, name: str, version: str, requires: tuple[str, ...] = (), tests: bool = False) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     dist = f"{name}-{version}.dist-info"
     meta = f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n" + "".join(f"Requires-Dist: {r}\n" for r in requires)
-    files = {f"{name}/__init__.py": f"VERSION = {version!r}\n".encode(), f"{dist}/METADATA": meta.encode(),
+    suite = {f"{name}/tests/__init__.py": b"", f"{name}/tests/test_it.py": b"def test_it():\n    pass\n"}
+    files = {**(suite if tests else {}), f"{name}/__init__.py": f"VERSION = {version!r}\n".encode(),
+             f"{dist}/METADATA": meta.encode(),
              f"{dist}/WHEEL": b"Wheel-Version: 1.0\nGenerator: dockyard-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
     record = io.StringIO()
     for path, data in files.items():
@@ -118,7 +156,7 @@ def wheels(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("wheels")
     _wheel(folder, "tinya", "1.0")
     _wheel(folder, "tinya", "2.0")
-    _wheel(folder, "tinyb", "1.0", requires=("tinya",))
+    _wheel(folder, "tinyb", "1.0", requires=("tinya",), tests=True)
     _wheel(folder, "tinyc", "1.0")
     return folder
 
@@ -151,6 +189,12 @@ def test_a_clean_venv_then_a_near_miss_of_it_then_a_damaged_cache(tmp_path: Path
     assert out.returncode == 0, out.stdout + out.stderr
     frozen = _freeze(tmp_path / "a")
     assert {"tinya==1.0", "tinyb==1.0"} <= set(frozen) and any(p.startswith("pip==") for p in frozen), frozen
+    site = next((tmp_path / "a/lib").glob("python*/site-packages"))
+    assert any((site / "tinyb/__pycache__").glob("__init__.*.pyc")), "bytecode compiled"
+    assert any((site / "pip/__pycache__").glob("__init__.*.pyc")), "the seeds' too"
+    assert (site / "tinyb/tests/test_it.py").is_file() and not (site / "tinyb/tests/__pycache__").exists()
+    assert re.search(r"\(resolve [0-9.]+ s, venv [0-9.]+ s, install [0-9.]+ s, check [0-9.]+ s, bytecode [0-9.]+ s\)",
+                     out.stdout), out.stdout
     text = record.read_text()
     assert "# installer: uv " in text and "# mode: venv" in text
     assert [line for line in text.splitlines() if not line.startswith("#")] == ["tinya==1.0", "tinyb==1.0"]
