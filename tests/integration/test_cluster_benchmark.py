@@ -18,6 +18,8 @@ def test_the_cluster_benchmark_prints_its_ratio():
                           cwd=root, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-2000:]
     doc = json.loads(done.stdout.strip().splitlines()[-1])
-    assert set(doc["rows"]) == {"local_submit_to_completed", "ray_submit_to_completed", "ray_burst_drain"}
-    assert doc["ratios"]["ray_over_local"] > 0 and 0 < doc["burst_gpu_utilisation"] <= 1
+    assert set(doc["rows"]) == {"local_submit_to_completed", "ray_submit_to_completed", "ray_burst_drain",
+                                "local_burst_drain"}
+    assert doc["ratios"]["ray_over_local"] > 0 and doc["ratios"]["ray_burst_over_local_burst"] > 0
+    assert 0 < doc["burst_gpu_utilisation"] <= 1 and 0 < doc["local_burst_gpu_utilisation"] <= 1
     assert isinstance(doc["goal"]["met"], bool)

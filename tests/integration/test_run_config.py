@@ -184,8 +184,8 @@ def test_a_link_out_of_the_allowed_folders_is_refused(ws, tmp_path, monkeypatch)
 def test_unknown_arguments_are_an_error_and_azure_only_ones_a_warning(tmp_path):
     with pytest.raises(InputError, match="unknown arguments: colour"):
         ScriptRunConfig(str(tmp_path), "x.py", colour="blue")
-    with pytest.warns(UserWarning, match="distributed_job_config"):
-        ScriptRunConfig(str(tmp_path), "x.py", distributed_job_config=object())
+    with pytest.warns(UserWarning, match="resume_from"):
+        ScriptRunConfig(str(tmp_path), "x.py", resume_from=object())
     with pytest.raises(InputError, match="does not exist"):
         Dataset.File.from_files(str(tmp_path / "nothing-here"))
 
