@@ -68,6 +68,10 @@ def _host(address: str) -> str:
 def _prepare_environment(settings: Mapping[str, str]) -> None:
     """What Ray reads from this process's environment, set before it is imported."""
     address = settings.get("address", "")
+    # Ray's driver ends its whole process 60 s after the cluster's GCS stops answering; this process
+    # is the machine's agent, which also serves this machine's runs: it must outlive any cluster
+    # (measured: with this, the driver lives on, and calls wait until the GCS answers again).
+    os.environ.setdefault("RAY_gcs_rpc_server_reconnect_timeout_s", str(10 * 365 * 86400))
     if _host(address) in _LOOPBACK:
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # keep 127.0.0.1 as 127.0.0.1
     if settings.get("auth_token_file"):
@@ -442,6 +446,7 @@ class RayBackend:
         self._daemons: dict[str, Any] = {}
         self._code = ""
         self._admission = _Admission()
+        self._sweeper: threading.Thread | None = None
 
     def close(self) -> None:
         self._closing = True  # followers stop; the runs live on on their nodes, and are re-attached
@@ -480,8 +485,11 @@ class RayBackend:
         runs whose placement group is gone (a node lost mid-run that came back)."""
         if _connected is None or time.monotonic() < self._next_sweep:
             return
+        if self._sweeper is not None and self._sweeper.is_alive():
+            return  # the last one waits on a cluster that does not answer: one at a time
         self._next_sweep = time.monotonic() + _SWEEP_EVERY_S
-        threading.Thread(target=self._sweep, name="ray-sweep", daemon=True).start()
+        self._sweeper = threading.Thread(target=self._sweep, name="ray-sweep", daemon=True)
+        self._sweeper.start()
 
     def _sweep(self) -> None:
         try:

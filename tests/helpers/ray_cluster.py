@@ -131,6 +131,16 @@ class RayCluster:
         """Start the named node again (a new raylet with the same environment)."""
         self._command(f"add {name}")
 
+    def kill(self) -> None:
+        """SIGKILL every process of the cluster at once (head and nodes): the cluster is unreachable
+        with nothing told to anyone, as when its machines lose power or network."""
+        proc = self._proc
+        if proc is not None:
+            try:
+                os.killpg(proc.pid, 9)
+            except ProcessLookupError:
+                pass
+
     def log_tail(self, lines: int = 40) -> str:
         try:
             return "\n".join((self.folder / "cluster.log").read_text(errors="replace").splitlines()[-lines:])

@@ -537,3 +537,44 @@ def test_a_killed_agent_re_attaches_to_a_distributed_run_and_no_rank_loses_or_re
     for rank in range(4):
         mine = [line for line in lines if line.startswith(f"[rank {rank}] ")]
         assert mine == [f"[rank {rank}] line {rank} {i}" for i in range(12)], f"rank {rank}: a gap or a repeat"
+
+
+def test_a_cluster_that_goes_away_leaves_the_agent_serving_this_machine(tmp_path, monkeypatch):
+    """Ray's driver ends its process 60 s after the GCS stops answering, unless told otherwise; the
+    agent (the driver) must live on: its cluster run stays as it is (unknown is not gone) and
+    local runs still run."""
+    from dockyard.compute import agent_status, stop_agent
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("DOCKYARD_HOME", str(home))
+    monkeypatch.delenv("DOCKYARD_CACHE_REGISTRY", raising=False)
+    lonely = RayCluster({"a": {"gpus": 1, "env": {"DOCKYARD_HOME": str(tmp_path / "node-a")}}}).start()
+    try:
+        ws = Workspace("lonely", home=home)
+        ComputeTarget.attach(ws, "cluster", RayCompute.attach_configuration(
+            lonely.address, auth_token_file=str(lonely.token_file)))
+        run = submit(ws, tmp_path, env_with_stamp(), 400, pause=0.5, gpus=0)
+        deadline = time.monotonic() + 120
+        while ws.store.get(run.id).status.value != "Running" and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert ws.store.get(run.id).status.value == "Running", ws.store.get(run.id).reason
+        agent = agent_status(home).pid
+        lonely.kill()
+        time.sleep(75)  # past Ray's 60 s
+        assert agent_status(home).pid == agent, "the agent died with the cluster"
+        assert ws.store.get(run.id).status.value == "Running", "a run on a cluster that cannot be asked was ended"
+        env = Environment("here")
+        env.docker.enabled = False
+        env.python.interpreter_path = sys.executable
+        (tmp_path / "src" / "hello.py").write_text("print('still here')\n")
+        here = Experiment(ws, "local").submit(ScriptRunConfig(str(tmp_path / "src"), "hello.py", environment=env))
+        assert here.wait_for_completion(raise_on_error=False)["status"] == "Completed"
+        assert agent_status(home).pid == agent
+    finally:
+        stop_agent(home)
+        lonely.stop()
+        from dockyard.dockerd import EngineClient
+        from dockyard.launch import ContainerLauncher, LaunchHandle
+
+        for left in [r for r in ws.store.list(limit=10) if r.compute == "cluster"]:  # no node sweeps it now
+            ContainerLauncher(EngineClient.from_env()).remove(LaunchHandle("container", f"dockyard-{left.id}", left.id))
