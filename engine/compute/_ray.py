@@ -30,6 +30,7 @@ import hashlib
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
 import tarfile
@@ -55,6 +56,8 @@ _READ_TIMEOUT_S = 30.0
 _CHECK_TIMEOUT_S = 90.0
 # How long asking a placed group's bundles for their nodes and GPUs may take.
 _PLACE_TIMEOUT_S = 120.0
+# How often the agent checks that the cluster's GCS port answers.
+_PROBE_EVERY_S = 5.0
 # How often the agent sweeps every node of containers whose run's actor was lost with its node.
 _SWEEP_EVERY_S = 15.0
 _connect_lock = threading.Lock()
@@ -447,6 +450,9 @@ class RayBackend:
         self._code = ""
         self._admission = _Admission()
         self._sweeper: threading.Thread | None = None
+        self._prober: threading.Thread | None = None
+        self._next_probe = 0.0
+        self._silent_since: float | None = None
 
     def close(self) -> None:
         self._closing = True  # followers stop; the runs live on on their nodes, and are re-attached
@@ -455,6 +461,8 @@ class RayBackend:
 
     def dispatch(self, queued: Sequence[AgentRun], running: Sequence[AgentRun]) -> None:
         self._sweep_nodes()
+        if self._cluster_silent(queued, running):
+            return  # nothing can be placed; each run's reason says why
         busy: Counter[tuple[str, str]] = Counter()
         for r in running:
             busy[(str(r.workspace), r.target.name)] += _nodes_of(r)
@@ -474,6 +482,46 @@ class RayBackend:
                 continue
             busy[target] += nodes
             self._spawn(run)
+
+    def _cluster_silent(self, queued: Sequence[AgentRun], running: Sequence[AgentRun]) -> bool:
+        """Whether the cluster this agent drives stopped answering: its GCS port is probed (a TCP
+        connect, 2 s at most, in the background, every few seconds), since Ray's own calls then
+        wait without end. While it is silent every run on it says so in its reason."""
+        if _connected is None:
+            return False
+        if self._prober is None or not self._prober.is_alive():
+            if time.monotonic() >= self._next_probe:
+                self._next_probe = time.monotonic() + _PROBE_EVERY_S
+                self._prober = threading.Thread(target=self._probe, args=(_connected,), name="ray-probe", daemon=True)
+                self._prober.start()
+        silent = self._silent_since
+        runs = [r for r in (*queued, *running) if r.target.settings.get("address") == _connected]
+        if silent is None:
+            for run in runs:
+                if run.record.reason.startswith("the Ray cluster at"):
+                    self.events.note(run, "")
+            return False
+        when = time.strftime("%H:%M:%S", time.localtime(silent))
+        for run in runs:
+            what = "started" if run.record.status == RunStatus.QUEUED else "followed again"
+            reason = f"the Ray cluster at {_connected} does not answer since {when}; the run is {what} when it does"
+            if run.record.reason != reason:
+                self.events.note(run, reason)
+        return True
+
+    def _probe(self, address: str) -> None:
+        host, _, port = address.removeprefix("ray://").rpartition(":")
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=2.0):
+                pass
+        except (OSError, ValueError):
+            if self._silent_since is None:
+                self._silent_since = time.time()
+                self.events.log(f"the Ray cluster at {address} does not answer (its GCS port refuses or is silent)")
+            return
+        if self._silent_since is not None:
+            self.events.log(f"the Ray cluster at {address} answers again")
+        self._silent_since = None
 
     def idle(self) -> None:
         """A pass with no run on a Ray target: the nodes are still swept."""
@@ -543,6 +591,8 @@ class RayBackend:
 
     def poll(self, run: AgentRun) -> None:
         """A Running run: make sure a follower reads it (after an agent restart, one is started)."""
+        if self._silent_since is not None:
+            return  # a follower now would only wait on the silent cluster; dispatch notes it
         with self._lock:
             thread = self._threads.get(run.key)
             if thread is not None and thread.is_alive():

@@ -562,7 +562,15 @@ def test_a_cluster_that_goes_away_leaves_the_agent_serving_this_machine(tmp_path
         lonely.kill()
         time.sleep(75)  # past Ray's 60 s
         assert agent_status(home).pid == agent, "the agent died with the cluster"
-        assert ws.store.get(run.id).status.value == "Running", "a run on a cluster that cannot be asked was ended"
+        record = ws.store.get(run.id)
+        assert record.status.value == "Running", "a run on a cluster that cannot be asked was ended"
+        assert "does not answer since" in record.reason, record.reason
+        later = submit(ws, tmp_path, env_with_stamp(), 1, gpus=0)  # submitted while the cluster is away
+        deadline = time.monotonic() + 30
+        while "does not answer" not in ws.store.get(later.id).reason and time.monotonic() < deadline:
+            time.sleep(0.5)
+        record = ws.store.get(later.id)
+        assert record.status.value == "Queued" and lonely.address in record.reason, (record.status, record.reason)
         env = Environment("here")
         env.docker.enabled = False
         env.python.interpreter_path = sys.executable
