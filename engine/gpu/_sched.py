@@ -1318,6 +1318,15 @@ def plan(
         e = next(it)
         fronts.append((rank(e, b.account), n, e, it))
     heapq.heapify(fronts)
+
+    def advance(it: Iterator[tuple], n: int, account: str) -> None:
+        """The front of bucket ``n`` was taken or passed over: its next run (from ``it``) is its front."""
+        following = next(it, None)
+        if following is None:
+            heapq.heappop(fronts)
+        else:
+            heapq.heapreplace(fronts, (rank(following, account), n, following, it))
+
     while fronts:
         stored, n, entry, it = fronts[0]
         b = buckets[n]
@@ -1332,12 +1341,7 @@ def plan(
             if entry[1] > most:
                 # It would delay a young run ahead of it past its guard: of this bucket, only the
                 # runs whose time limit ends in time may start (same shape, same GPUs chosen).
-                it = _untaken(b.ordered(-_INF, most, c, cap), taken)
-                following = next(it, None)
-                if following is None:
-                    heapq.heappop(fronts)
-                else:
-                    heapq.heapreplace(fronts, (rank(following, b.account), n, following, it))
+                advance(_untaken(b.ordered(-_INF, most, c, cap), taken), n, b.account)
                 continue
         if chosen is not None:
             starts.append((entry[0], w.run_id, chosen))
@@ -1347,11 +1351,7 @@ def plan(
             if limit is not None:
                 insort(known, (now + limit, chosen))
             usage[b.account] = usage.get(b.account, 0) + w.request.count
-            following = next(it, None)
-            if following is None:
-                heapq.heappop(fronts)
-            else:
-                heapq.heapreplace(fronts, (rank(following, b.account), n, following, it))
+            advance(it, n, b.account)
             continue
         at, mask = reserve(w.request)
         if _mature(policy, now, w, at):
