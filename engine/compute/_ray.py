@@ -118,6 +118,9 @@ def connect(settings: Mapping[str, str]) -> Any:
         if _connected is not None:
             raise ClusterUnavailable(f"this agent already drives the Ray cluster at {_connected}",
                                      address=address, hint="one agent drives one Ray cluster; use one address")
+        if not _answers(address):  # ray.init would wait half a minute, then fail
+            raise ClusterUnavailable(f"the Ray cluster at {address} does not answer (nothing accepts connections "
+                                     "on that port)", address=address, hint=_token_hint(RuntimeError("")))
         _prepare_environment(settings)
         ray = _import_ray()
         import logging
@@ -133,6 +136,17 @@ def connect(settings: Mapping[str, str]) -> Any:
                                      address=address, hint=_token_hint(exc)) from exc
         _connected = address
         return ray
+
+
+def _answers(address: str, timeout: float = 2.0) -> bool:
+    """Whether something accepts a TCP connection at the cluster's address (its GCS, or Ray
+    Client's server): Ray's own calls wait without end for a cluster that does not."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
 
 
 def _short(exc: BaseException) -> str:
@@ -510,11 +524,7 @@ class RayBackend:
         return True
 
     def _probe(self, address: str) -> None:
-        host, _, port = address.removeprefix("ray://").rpartition(":")
-        try:
-            with socket.create_connection((host.strip("[]"), int(port)), timeout=2.0):
-                pass
-        except (OSError, ValueError):
+        if not _answers(address):
             if self._silent_since is None:
                 self._silent_since = time.time()
                 self.events.log(f"the Ray cluster at {address} does not answer (its GCS port refuses or is silent)")

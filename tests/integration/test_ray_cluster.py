@@ -196,18 +196,23 @@ def test_cancel_stops_the_container_on_its_node(ws, tmp_path, cluster, second_en
         assert ContainerLauncher(engine).find(run.id) is None, "the canceled run's container is left on its node"
 
 
-def test_a_killed_agent_re_attaches_and_nothing_is_lost_or_repeated(ws, tmp_path):
+def kill_the_agent_once(ws, log: Path, text: str) -> None:
+    """kill -9 the agent once ``text`` is in the run's log; the run goes on on its nodes meanwhile."""
     from dockyard.compute import agent_status
 
-    run = submit(ws, tmp_path, env_with_stamp(), 16, pause=0.5)
-    log = Path(ws.store.get(run.id).folder.log)
     deadline = time.monotonic() + 120
-    while "line 2" not in (log.read_text() if log.exists() else "") and time.monotonic() < deadline:
+    while text not in (log.read_text() if log.exists() else "") and time.monotonic() < deadline:
         time.sleep(0.2)
     status = agent_status(ws.home)
     assert status.running and status.pid
     os.kill(status.pid, signal.SIGKILL)
-    time.sleep(2.0)  # the run goes on on its node meanwhile
+    time.sleep(2.0)
+
+
+def test_a_killed_agent_re_attaches_and_nothing_is_lost_or_repeated(ws, tmp_path):
+    run = submit(ws, tmp_path, env_with_stamp(), 16, pause=0.5)
+    log = Path(ws.store.get(run.id).folder.log)
+    kill_the_agent_once(ws, log, "line 2")
     details = run.wait_for_completion(raise_on_error=False)  # wakes a new agent, which re-attaches
     assert details["status"] == "Completed"
     lines = [line for line in log.read_text().splitlines() if line.startswith("line ")]
@@ -515,7 +520,6 @@ for i in range(12):
 
 
 def test_a_killed_agent_re_attaches_to_a_distributed_run_and_no_rank_loses_or_repeats_a_line(ws, tmp_path):
-    from dockyard.compute import agent_status
     from dockyard.core.runconfig import MpiConfiguration
 
     src = source(tmp_path)
@@ -524,13 +528,7 @@ def test_a_killed_agent_re_attaches_to_a_distributed_run_and_no_rank_loses_or_re
                              distributed_job_config=MpiConfiguration(process_count_per_node=2, node_count=2))
     run = Experiment(ws, "ddp").submit(config)
     log = Path(ws.store.get(run.id).folder.log)
-    deadline = time.monotonic() + 120
-    while "line 0 2" not in (log.read_text() if log.exists() else "") and time.monotonic() < deadline:
-        time.sleep(0.2)
-    status = agent_status(ws.home)
-    assert status.running and status.pid
-    os.kill(status.pid, signal.SIGKILL)
-    time.sleep(2.0)  # the ranks go on on their nodes meanwhile
+    kill_the_agent_once(ws, log, "line 0 2")
     details = run.wait_for_completion(raise_on_error=False)
     assert details["status"] == "Completed", ws.store.get(run.id).reason
     lines = [line for line in log.read_text().splitlines() if "] line " in line]

@@ -63,3 +63,20 @@ def test_a_node_of_other_code_or_without_an_engine_is_named() -> None:
     assert problems[0].startswith("node n2 22222222 (10.0.0.7)") and "dockyard 0.0.9" in problems[0]
     assert problems[1].startswith("node n3") and "no Docker Engine" in problems[1]
     assert problems[2].startswith("node n4") and "ImportError" in problems[2]
+
+
+def test_attaching_a_cluster_nothing_answers_for_is_one_quick_clear_error(tmp_path) -> None:
+    import socket
+    import time
+
+    from dockyard.compute._ray import check_cluster
+    from dockyard.errors import ClusterUnavailable
+
+    with socket.socket() as sock:  # a port nothing listens on (bound, never listening)
+        sock.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{sock.getsockname()[1]}"
+        started = time.monotonic()
+        with pytest.raises(ClusterUnavailable) as err:
+            check_cluster({"address": address})
+    assert "does not answer" in err.value.message and address in err.value.message
+    assert time.monotonic() - started < 20, "Ray's own connect (half a minute) was waited for"
