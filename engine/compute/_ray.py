@@ -697,7 +697,12 @@ class RayBackend:
             return None
         parts = [_Part(rank, node, list(b["gpus"]), label if nodes == 1 else f"{label}.r{rank}",
                        self._daemon(ray, node)) for rank, (node, b) in enumerate(zip(current, bundles, strict=True))]
-        if not recorded:  # where it runs, before it can start there (`runs show`; a moved part is "lost")
+        if not recorded:
+            if self._unwanted(run):  # canceled while it was placed: nothing starts
+                self._release(run, ())
+                self.events.canceled(run)
+                return None
+            # Where it runs, before it can start there (`runs show`; a moved part is "lost").
             self.events.launched(run, container_id=f"ray:run-{label}@{','.join(n[:16] for n in current)}")
         payload = self._payload(run, label)
         rendezvous = self._rendezvous(ray, parts) if spread else {}
@@ -711,6 +716,12 @@ class RayBackend:
         self.events.note(run, f"preparing on node {hosts} (image, snapshot)")
         self.events.log(f"{run.id} placed on Ray node {hosts} ({', '.join(p.node_id[:12] for p in parts)})")
         return parts
+
+    def _unwanted(self, run: AgentRun) -> bool:
+        """Whether a run not started yet should no longer start: its cancel was asked for, or it
+        ended meanwhile (a queued run is canceled at once by whoever cancels it)."""
+        fresh = self.events.record(run.workspace, run.id)
+        return fresh is None or fresh.cancel_requested or fresh.status not in (RunStatus.QUEUED, RunStatus.RUNNING)
 
     def _admit(self, run: AgentRun, nodes: int, gpus: int) -> bool:
         """Wait for room on the cluster (see :class:`_Admission`); False if it was canceled meanwhile
@@ -726,7 +737,7 @@ class RayBackend:
                 self.events.note(run, f"waiting for room on the Ray cluster ({gpus} GPU(s), 1 CPU"
                                       f"{f' on {nodes} different nodes' if nodes > 1 else ''})")
                 noted.append(True)
-            return self.events.cancel_requested(run)
+            return self._unwanted(run)
 
         if self._admission.admit(ray, run_label(run), run.record.created, nodes * gpus, nodes, stop):
             return True
@@ -746,7 +757,7 @@ class RayBackend:
                 spread = f" on {nodes} different nodes" if nodes > 1 else ""
                 self.events.note(run, f"waiting for the Ray cluster to place it ({gpus} GPU(s), 1 CPU{spread})")
                 noted = True
-            if self.events.cancel_requested(run):
+            if self._unwanted(run):
                 self._release(run, ())
                 self.events.canceled(run)
                 return False

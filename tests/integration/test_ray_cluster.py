@@ -584,3 +584,44 @@ def test_a_cluster_that_goes_away_leaves_the_agent_serving_this_machine(tmp_path
 
         for left in [r for r in ws.store.list(limit=10) if r.compute == "cluster"]:  # no node sweeps it now
             ContainerLauncher(EngineClient.from_env()).remove(LaunchHandle("container", f"dockyard-{left.id}", left.id))
+
+
+def test_a_run_canceled_while_it_waits_for_room_never_starts(ws, tmp_path, cluster, second_engine):
+    import urllib.parse
+
+    from dockyard.dockerd import EngineClient
+    from dockyard.launch import ContainerLauncher
+
+    env = env_with_stamp()
+    busy = [submit(ws, tmp_path, env, 200, pause=0.5, gpus=2) for _ in range(2)]  # every GPU of both nodes
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not all(ws.store.get(r.id).status.value == "Running" for r in busy):
+        time.sleep(0.3)
+    since = int(time.time()) - 1
+    late = submit(ws, tmp_path, env, 1, gpus=2)
+    try:
+        # It waits on this machine ("waiting for room") or, when Ray's view of the free GPUs lagged
+        # behind the busy runs' placement, in Ray's queue ("waiting for the Ray cluster to place it").
+        deadline = time.monotonic() + 120
+        while "waiting for" not in ws.store.get(late.id).reason and time.monotonic() < deadline:
+            time.sleep(0.3)
+        assert "waiting for" in ws.store.get(late.id).reason, ws.store.get(late.id).reason
+        late.cancel()  # a queued run is Canceled at once; its follower must not start it later
+    finally:
+        for run in busy:
+            run.cancel()
+    assert late.wait_for_completion(raise_on_error=False)["status"] == "Canceled"
+    for run in busy:
+        assert run.wait_for_completion(raise_on_error=False)["status"] == "Canceled"
+    time.sleep(5)  # room again: a follower that missed the cancel would start it now
+    record = ws.store.get(late.id)
+    assert record.status.value == "Canceled" and record.started is None
+    assert "@" not in record.container_id, f"the canceled run was placed on a node: {record.container_id}"
+    assert "line 0" not in (Path(record.folder.log).read_text() if Path(record.folder.log).exists() else "")
+    # The engines' own record: no container of the canceled run was ever created on either node.
+    query = urllib.parse.urlencode({"since": since, "until": int(time.time()) + 1,
+                                    "filters": json.dumps({"container": [f"dockyard-{late.id}"]})})
+    for engine in (EngineClient.from_env(), second_engine.client):
+        assert ContainerLauncher(engine).find(late.id) is None, "the canceled run was started"
+        events = [json.loads(line) for line in engine.request("GET", f"/events?{query}").body.decode().splitlines() if line]
+        assert not [e for e in events if e.get("Action") == "create"], f"the canceled run's container was made: {events}"
