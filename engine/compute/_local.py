@@ -487,7 +487,10 @@ class LocalBackend:
             build_log.failed(exc)
             raise
         build_log.done(built)
-        if self.events.cancel_requested(run):
+        fresh = self.events.record(run.workspace, run.id)
+        # Canceled during the build: asked for (a running run), or done at once (a queued one is
+        # Canceled by whoever cancels it): the container is never made.
+        if fresh is None or fresh.cancel_requested or fresh.final:
             self._release(run)
             self.events.canceled(run)
             return

@@ -120,6 +120,33 @@ def test_cancel_a_running_run(ws: Workspace, tmp_path: Path):
     assert details["status"] == "Canceled"
 
 
+def test_a_run_canceled_while_its_image_builds_never_gets_a_container(ws: Workspace, tmp_path: Path):
+    """A queued run is Canceled at once by whoever cancels it; the agent, still building its image,
+    must then not make its container (the engine's own events are asked)."""
+    import urllib.parse
+
+    from dockyard.dockerd import EngineClient
+
+    src = source(tmp_path, "print('ran')\n", "ran.py")
+    env = Environment(f"slow-{uuid.uuid4().hex[:6]}")
+    env.docker.base_dockerfile = f"FROM {PYTHON}\nRUN sleep 6 && echo {uuid.uuid4().hex}\n"
+    since = int(time.time()) - 1
+    run = Experiment(ws, "exp").submit(ScriptRunConfig(str(src), "ran.py", environment=env))
+    log = Path(run._record().run_dir) / "meta" / "std.log"
+    deadline = time.monotonic() + 60
+    while "building" not in (log.read_text() if log.exists() else "") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    run.cancel()
+    assert run.get_status() == "Canceled"
+    time.sleep(12)  # the build ends meanwhile
+    record = ws.store.get(run.id)
+    assert record.status.value == "Canceled" and record.started is None and not record.container_id
+    query = urllib.parse.urlencode({"since": since, "until": int(time.time()) + 1,
+                                    "filters": json.dumps({"container": [f"dockyard-{run.id}"]})})
+    events = EngineClient.from_env().request("GET", f"/events?{query}").body.decode().splitlines()
+    assert not [e for e in map(json.loads, filter(None, events)) if e.get("Action") == "create"], events
+
+
 def test_compute_target_max_nodes_limits_concurrency(ws: Workspace, tmp_path: Path):
     from dockyard.core.compute import AmlCompute, ComputeTarget
 
