@@ -116,6 +116,31 @@ def test_bytecode_is_compiled_for_everything_but_the_packages_own_test_suites(tm
     assert pyc.stat().st_mtime_ns == before
 
 
+def test_bytecode_work_is_shared_out_by_bytes_and_a_missing_interpreter_is_said(tmp_path: Path,
+                                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    files = [(size, f"f{size}.py") for size in (900, 500, 400, 300, 100, 100)]
+    shares = script.share_out(files, 2)
+    assert sorted(p for share in shares for p in share) == sorted(p for _, p in files), "every file once"
+    assert sorted(sum(int(p[1:-3]) for p in share) for share in shares) == [1100, 1200], "about equal bytes"
+    assert script.share_out(files[:1], 4) == [["f900.py"]], "no empty share"
+    site = tmp_path / "site-packages"
+    (site / "pkg").mkdir(parents=True)
+    (site / "pkg/__init__.py").write_text("X = 1\n")
+    script.compile_bytecode(str(tmp_path / "no-such-python"), [str(site)])
+    assert "some modules were left without bytecode (cannot start" in capsys.readouterr().out
+    assert not (site / "pkg/__pycache__").exists()
+
+
+def test_a_download_cache_is_empty_until_it_holds_a_folder(tmp_path: Path) -> None:
+    assert script.cache_is_empty(str(tmp_path / "absent"))
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "CACHEDIR.TAG").write_text("Signature: 8a477f597d28d172789f06886806bc55\n")
+    assert script.cache_is_empty(str(cache)), "uv's marker files are no entry"
+    (cache / "archive-v0").mkdir()
+    assert not script.cache_is_empty(str(cache))
+
+
 def test_the_top_level_paths_of_a_distribution_come_from_its_record(tmp_path: Path) -> None:
     dist = _installed(tmp_path, {"pkg/__init__.py": b"X = 1\n", "single.py": b"Y = 1\n"})
     with (dist / "RECORD").open("a") as fh:
@@ -195,6 +220,7 @@ def test_a_clean_venv_then_a_near_miss_of_it_then_a_damaged_cache(tmp_path: Path
     assert (site / "tinyb/tests/test_it.py").is_file() and not (site / "tinyb/tests/__pycache__").exists()
     assert re.search(r"\(resolve [0-9.]+ s, venv [0-9.]+ s, install [0-9.]+ s, check [0-9.]+ s, bytecode [0-9.]+ s\)",
                      out.stdout), out.stdout
+    assert "the download cache was empty" in out.stdout, "a new cache holds nothing damaged: no check"
     text = record.read_text()
     assert "# installer: uv " in text and "# mode: venv" in text
     assert [line for line in text.splitlines() if not line.startswith("#")] == ["tinya==1.0", "tinyb==1.0"]
@@ -219,6 +245,7 @@ def test_a_clean_venv_then_a_near_miss_of_it_then_a_damaged_cache(tmp_path: Path
     out, _ = _run(tmp_path, cache, [*offline, "tinya"], tmp_path / "c")
     assert out.returncode == 0, out.stdout + out.stderr
     assert "damaged files from the download cache (tinya" in out.stdout
+    assert "the download cache was empty" not in out.stdout
     assert (tmp_path / "c/lib").exists()
     code = subprocess.run([str(tmp_path / "c/bin/python"), "-c", "import tinya; print(tinya.VERSION)"],
                           capture_output=True, text=True, timeout=60)
