@@ -464,16 +464,9 @@ def cache_is_empty(cache: str) -> bool:
         return not os.path.exists(cache)
 
 
-def skipped_by_compile(dirs: list) -> str:
-    """The regular expression of the files :func:`compile_bytecode` leaves alone: those in a folder
-    named ``tests`` or ``test`` below a site directory (``compileall -x``'s form, for readers)."""
-    roots = "|".join(re.escape(d.rstrip("/")) for d in dirs)
-    return rf"^(?:{roots})/(?:[^/]+/)*(?:{'|'.join(TEST_FOLDERS)})/"
-
-
 #: Each compiling process: NUL-separated source paths on stdin; a file whose bytecode is current
 #: (the header compileall compares: magic, flags 0, the source's mtime) is left as it is; a file that
-#: does not compile is left without bytecode, silently, as pip leaves it.
+#: does not compile, or whose bytecode cannot be written, is left without, silently, as pip leaves it.
 _COMPILER = r"""
 import importlib.util, os, py_compile, struct, sys
 magic = importlib.util.MAGIC_NUMBER
@@ -487,7 +480,10 @@ for source in sys.stdin.buffer.read().decode("utf-8", "surrogateescape").split("
                 continue
     except (OSError, ValueError):
         pass
-    py_compile.compile(source, doraise=False, quiet=2)
+    try:
+        py_compile.compile(source, doraise=False, quiet=2)
+    except (OSError, ValueError):  # unreadable, or its bytecode cannot be written: left without
+        pass
 """
 
 

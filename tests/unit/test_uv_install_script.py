@@ -90,18 +90,13 @@ def test_installed_files_are_checked_against_their_record(tmp_path: Path) -> Non
 
 
 def test_bytecode_is_compiled_for_everything_but_the_packages_own_test_suites(tmp_path: Path) -> None:
-    site = tmp_path / "site-packages"
+    site = tmp_path / "tests" / "site-packages"  # only folders below the site directory count
     sources = {"pkg/__init__.py": "X = 1\n", "pkg/sub/mod.py": "Y = 2\n", "pkg/testing/helpers.py": "Z = 3\n",
                "pkg/test_util.py": "W = 4\n", "pkg/tests/test_a.py": "assert True\n",
                "pkg/sub/test/test_b.py": "assert True\n", "pkg/old.py": "print 'python 2'\n"}
     for rel, text in sources.items():
         (site / rel).parent.mkdir(parents=True, exist_ok=True)
         (site / rel).write_text(text)
-    rx = re.compile(script.skipped_by_compile([str(site)]))
-    assert rx.search(f"{site}/pkg/tests/test_a.py") and rx.search(f"{site}/pkg/sub/test/test_b.py")
-    assert not rx.search(f"{site}/pkg/testing/helpers.py") and not rx.search(f"{site}/pkg/test_util.py")
-    assert not rx.search(f"/elsewhere/tests/{site.name}/pkg/x.py"), "only folders below the site directory count"
-
     script.compile_bytecode(sys.executable, [str(site)])
     compiled = {p.parent.parent.relative_to(site).as_posix() + "/" + p.name.split(".")[0] + ".py"
                 for p in site.rglob("*.pyc")}
