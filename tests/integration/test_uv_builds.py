@@ -238,3 +238,23 @@ def test_the_pip_section_of_a_conda_spec_is_installed_by_uv_into_the_conda_prefi
                           "greet; python -c 'import six, sys; print(sys.prefix)'"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.splitlines() == ["hello from greet", f"/opt/dockyard/envs/{built.key}"]
+
+
+def test_a_second_clean_build_takes_its_bytecode_from_the_cache_and_python_uses_it(builder: Builder) -> None:
+    stamp = uuid.uuid4().hex
+    builder.ensure_image(env_of(["six", "tqdm"], stamp + "-first"))
+    said: list[str] = []
+    # Other build args: another key and no neighbour, so a clean build with a warm cache.
+    second = builder.ensure_image(env_of(["six", "tqdm"], stamp + "-second"),
+                                  on_event=lambda e: said.append(e.text) if e.kind == "log" else None)
+    assert second.neighbour is None
+    # One line for the seeds (pip…), compiled alongside the install, one for the rest.
+    counts = [[int(n.replace(",", "")) for n in t.split() if n.replace(",", "").isdigit()]
+              for t in said if "modules from the bytecode cache" in t]
+    assert len(counts) == 2 and all(reused > 0 and compiled == 0 for reused, compiled in counts), said
+    # Python loads those modules from their .pyc as it finds them (-v says so), never recompiling.
+    loaded = subprocess.run(["docker", "run", "--rm", second.image, "python", "-v", "-c", "import six, tqdm"],
+                            capture_output=True, text=True, timeout=60)
+    assert loaded.returncode == 0, loaded.stderr
+    assert "code object from '" in loaded.stderr and "/tqdm/__pycache__/" in loaded.stderr
+    assert "bytecode is stale" not in loaded.stderr and "# wrote " not in loaded.stderr

@@ -126,6 +126,38 @@ def test_bytecode_work_is_shared_out_by_bytes_and_a_missing_interpreter_is_said(
     assert not (site / "pkg/__pycache__").exists()
 
 
+def test_compiled_modules_are_kept_by_their_source_and_a_damaged_entry_is_not_used(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cache = tmp_path / "cache"
+    sources = {"pkg/__init__.py": "X = 1\n", "pkg/mod.py": "def f():\n    return 2\n"}
+    sites = []
+    for name in ("one", "two", "three"):
+        site = tmp_path / name / "site-packages"
+        for rel, text in sources.items():
+            (site / rel).parent.mkdir(parents=True, exist_ok=True)
+            (site / rel).write_text(text)
+        sites.append(site)
+    script.compile_bytecode(sys.executable, [str(sites[0])], cache=str(cache))
+    assert "0 modules from the bytecode cache, 2 compiled" in capsys.readouterr().out
+    script.compile_bytecode(sys.executable, [str(sites[1])], cache=str(cache))
+    assert "2 modules from the bytecode cache, 0 compiled" in capsys.readouterr().out
+    # What came from the store is what Python itself would write: an import uses it, the path is its own.
+    pyc = next(sites[1].rglob("mod.*.pyc"))
+    before = pyc.stat().st_mtime_ns
+    out = subprocess.run([sys.executable, "-c", "import pkg.mod; print(pkg.mod.f(), pkg.mod.f.__code__.co_filename)"],
+                         cwd=sites[1], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.split() == ["2", str(sites[1] / "pkg/mod.py")] and pyc.stat().st_mtime_ns == before
+    # An entry cut short is not used: the module is compiled again (and the entry written anew).
+    for entry in (cache / script.BYTECODE_STORE).rglob("*"):
+        if entry.is_file():
+            entry.write_bytes(entry.read_bytes()[:40])
+    script.compile_bytecode(sys.executable, [str(sites[2])], cache=str(cache))
+    assert "0 modules from the bytecode cache, 2 compiled" in capsys.readouterr().out
+    out = subprocess.run([sys.executable, "-c", "import pkg.mod; print(pkg.mod.f())"], cwd=sites[2],
+                         capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "2"
+
+
 def test_a_download_cache_is_empty_until_it_holds_a_folder(tmp_path: Path) -> None:
     assert script.cache_is_empty(str(tmp_path / "absent"))
     cache = tmp_path / "cache"
