@@ -142,10 +142,12 @@ def _spec_mount(from_image: str | None) -> str:
     return f"--mount=type=bind{source},target={_MOUNT}"
 
 
-def _uv_command(prefix: str, record: str, mode: str, old: str | None = None) -> str:
+def _uv_command(prefix: str, record: str, mode: str, old: str | None = None, fresh: str | None = None) -> str:
     near = f" --from {old}" if old else ""
+    # --fresh NONCE: a --no-cache build; the nonce makes the step BuildKit's own cache cannot answer.
+    again = f" --fresh {fresh}" if fresh else ""
     return (f"python3 -s {_UV}/uv_install.py --uv {_UV}/uv --cache /tmp/dockyard-uv-cache "
-            f"--requirements {_MOUNT}/requirements.txt --prefix {prefix} --record {record} --mode {mode}{near}")
+            f"--requirements {_MOUNT}/requirements.txt --prefix {prefix} --record {record} --mode {mode}{near}{again}")
 
 
 def _pip_record(prefix: str, record: str, mode: str) -> str:
@@ -155,11 +157,11 @@ def _pip_record(prefix: str, record: str, mode: str) -> str:
 
 
 def _conda_steps(prefix: str, with_pip: bool, spec_from: str | None, tool: str, *, uv: str | None = None,
-                 record: str = "") -> str:
+                 record: str = "", fresh: str | None = None) -> str:
     if not with_pip:
         pip = ""
     elif uv is not None:
-        pip = f" && {_uv_command(prefix, record, 'into')}"
+        pip = f" && {_uv_command(prefix, record, 'into', fresh=fresh)}"
     else:
         pip = (f' && "{prefix}/bin/python" -m pip install --no-cache-dir -r {_MOUNT}/requirements.txt'
                f" && {_pip_record(prefix, record, 'conda')}")
@@ -176,7 +178,7 @@ def _conda_steps(prefix: str, with_pip: bool, spec_from: str | None, tool: str, 
 
 
 def _venv_steps(prefix: str, python_version: str | None, spec_from: str | None, *, uv: str | None = None,
-                record: str = "", neighbour: NeighbourImage | None = None) -> str:
+                record: str = "", neighbour: NeighbourImage | None = None, fresh: str | None = None) -> str:
     check = ""
     if python_version:
         # conda's "python=3.11" means 3.11.*: the base's python3 must be that version.
@@ -190,7 +192,7 @@ def _venv_steps(prefix: str, python_version: str | None, spec_from: str | None, 
     if uv is not None:
         mounts = f"--mount=type=bind,from={uv},target={_UV} {_spec_mount(spec_from)} {UV_CACHE_MOUNT}"
         mode = ("near", neighbour.prefix) if neighbour is not None else ("venv", None)
-        install = f"    {_uv_command(prefix, record, *mode)}\n"
+        install = f"    {_uv_command(prefix, record, *mode, fresh=fresh)}\n"
     else:
         mounts = _spec_mount(spec_from)
         install = (f"    python3 -m venv {prefix} && {prefix}/bin/python -m pip install --no-cache-dir "
@@ -221,6 +223,7 @@ def render_dockerfile(
     installer: str = "uv",
     uv_image: str = UV_PLACEHOLDER,
     neighbour: NeighbourImage | None = None,
+    fresh: str | None = None,
 ) -> RenderedBuild:
     """Render the build for ``env`` whose content key is ``key`` (a ``ContentKey``).
 
@@ -232,6 +235,9 @@ def render_dockerfile(
         uv_image: the tag of the uv tool image.
         neighbour: a near miss's neighbour (uv, a venv, no Dockerfile of the user's): the build
             starts from its image and changes its environment.
+        fresh: a ``--no-cache`` build by uv (a nonce): the installing step downloads and compiles
+            everything itself, leaving the shared download cache as it is, and its text is new, so
+            BuildKit's cache cannot answer it.
 
     Raises:
         SpecError: the environment is invalid.
@@ -271,12 +277,14 @@ def render_dockerfile(
             files["conda.yml"] = _conda_file(_local_channels(conda, files))
             if pip:
                 files["requirements.txt"] = _pip_file(pip)
-            lines.append(_conda_steps(prefix, bool(pip), spec_from, rattler_image, uv=uv, record=record or ""))
+            lines.append(_conda_steps(prefix, bool(pip), spec_from, rattler_image, uv=uv, record=record or "",
+                                      fresh=fresh))
             uses_rattler, layout = True, "conda"
         elif pip:
             files["requirements.txt"] = _pip_file(pip)
             lines.append(_venv_steps(prefix, wanted_python, spec_from, uv=uv, record=record or "",
-                                     neighbour=neighbour if uv is not None and parts.dockerfile is None else None))
+                                     neighbour=neighbour if uv is not None and parts.dockerfile is None else None,
+                                     fresh=fresh))
             layout = "venv"
         if conda is not None or pip:
             path = "$PATH"

@@ -30,6 +30,10 @@ uv falls back to pip, saying why, when it cannot do what pip would: a pip config
 ``PIP_*`` variable it does not read, a requirements option it does not support, or a ``uv`` binary
 that cannot run in this image (it is linked against glibc).
 
+``--fresh NONCE`` (a ``--no-cache`` build): nothing is read from or written to the shared download
+cache, uv downloads into a throwaway one of its own and every module is compiled here; the nonce
+only makes the step's text new, so that BuildKit's cache cannot answer it.
+
 The download cache (``--cache``, a BuildKit cache mount) is only a cache: when uv fails for any
 reason other than the requirements themselves, or when an installed file does not match its
 wheel's ``RECORD`` (a damaged cache entry), the step retries once without the shared cache and
@@ -407,7 +411,7 @@ def resolve(uv: Uv, python: str, requirements: list, extra: list, work: str) -> 
 
 def install(uv: Uv, python: str, resolved: str, *, mode: str, extra: list, work: str, before: set | None = None,
             have: dict | None = None, clock: Clock | None = None, meanwhile: threading.Thread | None = None,
-            fresh: bool = False) -> None:
+            fresh: bool = False, store: str | None = None) -> None:
     """Install ``resolved`` (``sync``: exactly it plus the seeds there are; ``into``: add it), check
     every distribution installed since ``before`` (default: now) against its wheel's RECORD, then
     compile the environment's bytecode (see :func:`compile_bytecode`).
@@ -416,7 +420,8 @@ def install(uv: Uv, python: str, resolved: str, *, mode: str, extra: list, work:
     the environment running alongside the install (the seeds' bytecode), joined before the check;
     ``fresh``: the download cache held nothing when this build began (:func:`cache_is_empty`), so
     no file can come from a damaged entry and the check is left out (it hashes every installed
-    byte: 0.56 s of the digits example's cold build, measured).
+    byte: 0.56 s of the digits example's cold build, measured); ``store``: the download cache whose
+    compiled modules are reused (:func:`compile_bytecode`; None: none).
     """
     clock = clock or Clock()
     dirs = site_dirs(python)
@@ -451,7 +456,7 @@ def install(uv: Uv, python: str, resolved: str, *, mode: str, extra: list, work:
         if still:
             raise Failure(f"installed files of {', '.join(sorted(set(still)))} do not match their RECORD")
     clock.lap("check")
-    compile_bytecode(python, dirs, cache=uv.cache)
+    compile_bytecode(python, dirs, cache=store)
     clock.lap("bytecode")
 
 
@@ -737,6 +742,7 @@ def main(argv: list) -> int:
     parser.add_argument("--record", required=True)
     parser.add_argument("--mode", choices=("venv", "near", "into"), default="venv")
     parser.add_argument("--from", dest="old", default=None)
+    parser.add_argument("--fresh", default=None, help="a --no-cache build (a nonce): no shared cache read or written")
     args = parser.parse_args(argv)
     prefix = args.prefix
     python3 = sys.executable or "python3"
@@ -758,6 +764,10 @@ def main(argv: list) -> int:
                 raise UsePip(why)
             if odd:
                 raise UsePip(f"uv does not support {_option(odd[0])[0]}")
+            if args.fresh:
+                # Everything downloaded and compiled afresh, in uv's own throwaway cache; the shared
+                # one is left as it is for the builds after this one.
+                settings = {**settings, "UV_NO_CACHE": "1"}
             uv = Uv(args.uv, args.cache, settings)
             installer = f"uv {uv.version()}"
         except UsePip as reason:
@@ -770,7 +780,8 @@ def main(argv: list) -> int:
         requirements, extra = split_options(lines)
         work = tempfile.mkdtemp(prefix="dockyard-uv-")
         clock = Clock()
-        fresh = cache_is_empty(args.cache)  # before the seeds and the resolver write to it
+        fresh = bool(args.fresh) or cache_is_empty(args.cache)  # before the seeds and the resolver write to it
+        store = None if args.fresh else args.cache
         try:
             # A new venv is made (from the base's python3, which therefore resolves for it) while the
             # requirements are resolved, and the seeds' bytecode compiled while they are installed:
@@ -797,15 +808,15 @@ def main(argv: list) -> int:
                 clock.lap("venv")
                 if have is not None:  # the seeds' files, found before uv adds any of its own
                     dirs = site_dirs(python)
-                    meanwhile = Background(compile_bytecode, python, dirs, seed_paths(dirs), args.cache)
+                    meanwhile = Background(compile_bytecode, python, dirs, seed_paths(dirs), store)
                     meanwhile.start()
             # A new environment: every distribution in it is checked, the seeds too.
             install(uv, python, resolved, mode="into" if args.mode == "into" else "sync", extra=extra,
                     work=work, before=set() if args.mode == "venv" else None, have=have, clock=clock,
-                    meanwhile=meanwhile, fresh=fresh)
+                    meanwhile=meanwhile, fresh=fresh, store=store)
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        if uv.damaged:
+        if uv.damaged and not args.fresh:
             say("emptying the download cache, which failed this build once")
             uv.clean()
         write_record(args.record, installer, args.mode, resolved)

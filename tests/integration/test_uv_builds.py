@@ -258,3 +258,23 @@ def test_a_second_clean_build_takes_its_bytecode_from_the_cache_and_python_uses_
     assert loaded.returncode == 0, loaded.stderr
     assert "code object from '" in loaded.stderr and "/tqdm/__pycache__/" in loaded.stderr
     assert "bytecode is stale" not in loaded.stderr and "# wrote " not in loaded.stderr
+
+
+def test_a_no_cache_build_builds_anew_and_leaves_the_download_cache_to_the_builds_after_it(builder: Builder) -> None:
+    stamp = uuid.uuid4().hex
+    builder.ensure_image(env_of(["six", "tqdm", "idna"], stamp + "-warm"))  # all three in the cache
+    first = builder.ensure_image(env_of(["six"], stamp + "-a"))
+    steps: list[tuple[str, str]] = []
+    again = builder.ensure_image(env_of(["six"], stamp + "-a"), no_cache=True,
+                                 on_event=lambda e: steps.append((e.name, e.state)) if e.kind == "step" else None)
+    assert again.key == first.key and again.image_id != first.image_id, "built anew"
+    assert any("install pip requirements" in name and state == "done" for name, state in steps), steps
+    assert freeze(again.image) == freeze(first.image)
+    # BuildKit's own --no-cache would have handed that step a new download cache, holding six only,
+    # and the builds after it would get that one: tqdm's and idna's modules compiled again here.
+    said: list[str] = []
+    builder.ensure_image(env_of(["tqdm", "idna"], stamp + "-b"),
+                         on_event=lambda e: said.append(e.text) if e.kind == "log" else None)
+    counts = [[int(n.replace(",", "")) for n in t.split() if n.replace(",", "").isdigit()]
+              for t in said if "modules from the bytecode cache" in t]
+    assert counts and all(reused > 0 and compiled == 0 for reused, compiled in counts), said

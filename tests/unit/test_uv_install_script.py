@@ -288,3 +288,19 @@ def test_a_requirement_that_does_not_resolve_is_one_line_naming_it(tmp_path: Pat
     assert len(lines) == 1 and lines[0].startswith("dockyard-uv: cannot resolve the requirements: ")
     assert "tinya>=3" in lines[0] and len(lines[0]) < 400
     assert not record.exists() and not (tmp_path / "bad").exists(), "resolved first: nothing made"
+
+
+def test_a_fresh_install_reads_and_writes_nothing_of_the_shared_cache(tmp_path: Path, wheels: Path) -> None:
+    cache = tmp_path / "cache"
+    offline = ["--no-index", f"--find-links {wheels}"]
+    out, _ = _run(tmp_path, cache, [*offline, "tinyb"], tmp_path / "a")
+    assert out.returncode == 0, out.stdout + out.stderr
+    before = sorted(p.relative_to(cache) for p in cache.rglob("*"))
+    assert before, "a plain install fills the cache"
+    out, _ = _run(tmp_path, cache, [*offline, "tinyb", "tinyc"], tmp_path / "b", "--fresh", "nonce")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert sorted(p.relative_to(cache) for p in cache.rglob("*")) == before, "the shared cache is untouched"
+    assert "modules from the bytecode cache" not in out.stdout
+    assert {"tinyb==1.0", "tinyc==1.0"} <= set(_freeze(tmp_path / "b"))
+    site = next((tmp_path / "b/lib").glob("python*/site-packages"))
+    assert any((site / "tinyc/__pycache__").glob("__init__.*.pyc")), "compiled all the same"
