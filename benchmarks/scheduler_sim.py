@@ -2,7 +2,7 @@
 """Replay a GPU cluster trace through dockyard's scheduler and two baselines, side by side.
 
     python benchmarks/scheduler_sim.py --trace FILE [--gpus 8] [--nodes 1] [--load 0.3 0.5 0.7 0.9]
-                                       [--limit N] [--time-limit-factor 1 2 random none]
+                                       [--skip N] [--limit N] [--time-limit-factor 1 2 random none]
                                        [--workspaces 4] [--json]
 
 The trace is an Alibaba openb pod list (``/work/shared/traces``): a run arrives at
@@ -14,7 +14,9 @@ start on arrival and are left out of every metric. A pod list without the time c
 name; its extra pods, absent there, get a duration drawn from the timed runs with the same GPU
 count and an arrival drawn from the timed runs' arrivals (both seeded by the pod name).
 
-``--limit N`` keeps the N earliest usable rows. Arrival times are scaled by one factor so the
+``--skip N`` drops the N earliest usable rows and ``--limit N`` then keeps the N earliest left
+(``--limit N`` alone: the first N rows; ``--skip N`` alone: the rest), so one trace gives
+several of the same kind to check that a policy is not tuned to one. Arrival times are scaled by one factor so the
 offered load, sum(gpus x duration) / (GPUs x arrival span), is ``--load`` of capacity; every load
 given is replayed in the same run (default 0.3 0.5 0.7 0.9), and for each every time-limit variant
 given: ``--time-limit-factor F`` (time limit = true duration x F >= 1), ``random`` (x a factor drawn
@@ -204,7 +206,7 @@ def _burst(jobs: list[Job], gpus_total: int, share: float = 0.9) -> tuple[float,
 
 
 def load_trace(path: Path, *, limit: int | None, node_gpus: int, gpus_total: int, load: float,
-               times: Path | None = None) -> Trace:
+               times: Path | None = None, skip: int = 0) -> Trace:
     rows, columns = _read_rows(path)
     for column in ("name", "num_gpu"):
         if column not in columns:
@@ -228,6 +230,8 @@ def load_trace(path: Path, *, limit: int | None, node_gpus: int, gpus_total: int
             raise SystemExit(f"{path}:{line}: column 'num_gpu' must be a whole number >= 0, got {r['num_gpu']!r}")
         jobs.append(Job(r["name"], _number(path, line, r, "creation_time"), int(gpus), duration))
     jobs.sort(key=lambda j: (j.arrival, j.name))
+    if skip:
+        jobs = jobs[skip:]
     if limit is not None:
         jobs = jobs[:limit]
     cpu_only = sum(1 for j in jobs if j.gpus == 0)
@@ -721,7 +725,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     offered: list[str] = []
     for load in loads:
         trace = load_trace(Path(args.trace), limit=args.limit, node_gpus=args.gpus, gpus_total=total, load=load,
-                           times=Path(args.times) if args.times else None)
+                           times=Path(args.times) if args.times else None, skip=args.skip)
         offered.append(f"offered load {trace.offered_load:.3f} of capacity over {trace.span:.0f}s (arrivals scaled "
                        f"x{trace.scale:.4g}; 90% of the runs arrive within {trace.burst_share:.0%} of it, at load "
                        f"{trace.burst_load:.2f})")
@@ -824,7 +828,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                                                      for k, v in c["goals"].items()) for c in cells]
     latency_goal = _pct(long_q or plan_us, 0.95) <= 100
     notes = (
-        f"trace {Path(args.trace).name}: {len(trace.jobs)} GPU runs ({trace.cpu_only} CPU-only left out, "
+        f"trace {Path(args.trace).name}"
+        + (f" (usable rows from {args.skip}" + (f", {args.limit} of them" if args.limit else "") + ")" if args.skip else "")
+        + f": {len(trace.jobs)} GPU runs ({trace.cpu_only} CPU-only left out, "
         f"{trace.skipped} rows without a run skipped, {trace.too_wide} runs wider than a node refused, "
         f"{trace.synthesized} extra pods given drawn times); "
         f"{args.nodes} node(s) x {args.gpus} GPUs ({node_topology(args.gpus)!r}); "
@@ -884,7 +890,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--load", type=float, nargs="+", default=[0.3, 0.5, 0.7, 0.9],
                         help="offered load(s) as a fraction of capacity, each replayed in this run")
-    parser.add_argument("--limit", type=int, default=None, help="keep the N earliest usable rows")
+    parser.add_argument("--skip", type=int, default=0, help="drop the N earliest usable rows (before --limit)")
+    parser.add_argument("--limit", type=int, default=None, help="keep the N earliest usable rows (after --skip)")
     parser.add_argument("--times", default=None,
                         help="a timed pod list to take times from when --trace has no time columns "
                              "(default: openb_pod_list_default.csv beside it)")
@@ -899,6 +906,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.gpus < 1 or args.nodes < 1 or any(x <= 0 for x in args.load) or args.workspaces < 1:
         parser.error("--gpus, --nodes, --load and --workspaces must be positive")
+    if args.skip < 0 or (args.limit is not None and args.limit < 1):
+        parser.error("--skip must be >= 0 and --limit >= 1")
     try:
         doc = run(args)
     except InputError as exc:

@@ -241,3 +241,22 @@ def test_workspaces_are_assigned_by_name_with_skewed_shares(tmp_path: Path):
     assert [j.account for j in trace.jobs] == first
     counts = {ws: first.count(ws) for ws in set(first)}
     assert set(counts) == {"ws0", "ws1", "ws2", "ws3"} and counts["ws0"] > counts["ws3"]
+
+
+def test_skip_and_limit_cut_the_trace_into_slices_of_the_same_kind(tmp_path: Path):
+    # --skip drops the earliest usable rows and --limit keeps the earliest of the rest: the two
+    # halves of one trace partition its runs, each scaled to the offered load on its own.
+    sim = _sim()
+    path = _write_trace(tmp_path / "pods.csv", n=200)
+    whole = sim.load_trace(path, limit=None, node_gpus=8, gpus_total=8, load=0.7)
+    usable = whole.cpu_only + len(whole.jobs)
+    first = sim.load_trace(path, limit=usable // 2, node_gpus=8, gpus_total=8, load=0.7)
+    second = sim.load_trace(path, limit=None, node_gpus=8, gpus_total=8, load=0.7, skip=usable // 2)
+    assert sorted(j.name for j in first.jobs + second.jobs) == sorted(j.name for j in whole.jobs)
+    assert not {j.name for j in first.jobs} & {j.name for j in second.jobs}
+    for part in (first, second):
+        assert part.jobs[0].arrival == 0
+        assert sum(j.gpus * j.duration for j in part.jobs) / (8 * part.span) == pytest.approx(0.7)
+    done = subprocess.run([sys.executable, str(SCRIPT), "--trace", str(path), "--skip", "-1"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "--skip" in done.stderr
