@@ -1415,17 +1415,19 @@ def plan(
                 if best is not None and r > best_rank:
                     continue
                 chosen = _pick(t, pools[pool], req)
-                if chosen is not None and guards and entry[1] > allowed(chosen):  # type: ignore[index]
+                if chosen is None:
+                    continue
+                most = allowed(chosen) if guards else _INF
+                if entry[1] > most:  # type: ignore[index]
                     # Only its bucket's runs that end by the young runs' guards (see phase 1).
-                    gen = iterators[k] = b.ordered(low, allowed(chosen), c, cap)
+                    gen = iterators[k] = b.ordered(low, most, c, cap)
                     entry = candidates[k] = _next_untaken(gen, taken)
                     if entry is None:
                         continue
                     r = rank(entry, b.account)
                     if best is not None and r > best_rank:
                         continue
-                if chosen is not None:
-                    best, best_rank = (entry, k, chosen), r
+                best, best_rank = (entry, k, chosen), r
             if best is None:
                 break
             entry, k, chosen = best
