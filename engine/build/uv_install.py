@@ -442,7 +442,7 @@ def install(uv: Uv, python: str, resolved: str, *, mode: str, extra: list, work:
         meanwhile.join()
     clock.lap("install")
     if fresh:
-        say("the download cache was empty: nothing installed came from an earlier entry, nothing to check")
+        say("a new download cache: nothing installed came from an earlier entry, nothing to check")
     new = [] if fresh else sorted(dist_infos(dirs) - before)
     bad = {project_of(d): damaged_files(d) for d in new}
     bad = {name: files for name, files in bad.items() if files}
