@@ -144,7 +144,7 @@ def _spec_mount(from_image: str | None) -> str:
 
 def _uv_command(prefix: str, record: str, mode: str, old: str | None = None, fresh: str | None = None) -> str:
     near = f" --from {old}" if old else ""
-    # --fresh NONCE: a --no-cache build; the nonce makes the step BuildKit's own cache cannot answer.
+    # --fresh NONCE: a --no-cache build; the nonce makes a step text BuildKit's cache has never seen.
     again = f" --fresh {fresh}" if fresh else ""
     return (f"python3 -s {_UV}/uv_install.py --uv {_UV}/uv --cache /tmp/dockyard-uv-cache "
             f"--requirements {_MOUNT}/requirements.txt --prefix {prefix} --record {record} --mode {mode}{near}{again}")

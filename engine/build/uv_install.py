@@ -411,15 +411,15 @@ def resolve(uv: Uv, python: str, requirements: list, extra: list, work: str) -> 
 
 def install(uv: Uv, python: str, resolved: str, *, mode: str, extra: list, work: str, before: set | None = None,
             have: dict | None = None, clock: Clock | None = None, meanwhile: threading.Thread | None = None,
-            fresh: bool = False, store: str | None = None) -> None:
+            new_cache: bool = False, store: str | None = None) -> None:
     """Install ``resolved`` (``sync``: exactly it plus the seeds there are; ``into``: add it), check
     every distribution installed since ``before`` (default: now) against its wheel's RECORD, then
     compile the environment's bytecode (see :func:`compile_bytecode`).
 
     ``have``: what the environment holds (default: ``uv pip freeze`` says); ``meanwhile``: work on
     the environment running alongside the install (the seeds' bytecode), joined before the check;
-    ``fresh``: the download cache held nothing when this build began (:func:`cache_is_empty`), so
-    no file can come from a damaged entry and the check is left out (it hashes every installed
+    ``new_cache``: the download cache held nothing when this build began (:func:`cache_is_empty`), or
+    it is uv's throwaway one (``--fresh``), so no file can come from a damaged entry and the check is left out (it hashes every installed
     byte: 0.56 s of the digits example's cold build, measured); ``store``: the download cache whose
     compiled modules are reused (:func:`compile_bytecode`; None: none).
     """
@@ -441,9 +441,9 @@ def install(uv: Uv, python: str, resolved: str, *, mode: str, extra: list, work:
     if meanwhile is not None:
         meanwhile.join()
     clock.lap("install")
-    if fresh:
+    if new_cache:
         say("a new download cache: nothing installed came from an earlier entry, nothing to check")
-    new = [] if fresh else sorted(dist_infos(dirs) - before)
+    new = [] if new_cache else sorted(dist_infos(dirs) - before)
     bad = {project_of(d): damaged_files(d) for d in new}
     bad = {name: files for name, files in bad.items() if files}
     if bad:
@@ -780,7 +780,7 @@ def main(argv: list) -> int:
         requirements, extra = split_options(lines)
         work = tempfile.mkdtemp(prefix="dockyard-uv-")
         clock = Clock()
-        fresh = bool(args.fresh) or cache_is_empty(args.cache)  # before the seeds and the resolver write to it
+        new_cache = bool(args.fresh) or cache_is_empty(args.cache)  # before the seeds and the resolver write to it
         store = None if args.fresh else args.cache
         try:
             # A new venv is made (from the base's python3, which therefore resolves for it) while the
@@ -813,7 +813,7 @@ def main(argv: list) -> int:
             # A new environment: every distribution in it is checked, the seeds too.
             install(uv, python, resolved, mode="into" if args.mode == "into" else "sync", extra=extra,
                     work=work, before=set() if args.mode == "venv" else None, have=have, clock=clock,
-                    meanwhile=meanwhile, fresh=fresh, store=store)
+                    meanwhile=meanwhile, new_cache=new_cache, store=store)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         if uv.damaged and not args.fresh:
