@@ -712,6 +712,26 @@ def test_short_runs_go_first_within_a_window_of_the_longest_wait():
     assert list(started(plan(1000.0, DGX, frozenset(U[7:]), queue, running, Policy(short_first=0.0)))) == ["old-long"]
 
 
+def test_a_shallow_queue_is_not_reordered_beyond_its_own_work():
+    # The end of a busy period: two 1-GPU runs left, one GPU free, the oldest waited 1e6 s. The
+    # longest-wait cap (0.25 x 1e6) would put the 4,000 s run before the 15,000 s one, which
+    # would then start last and end last; the queued work (19,000 GPU-s over 8 GPUs) caps the
+    # shift at 0.25 x 4 x 2,375 s, so the older, longer run goes first.
+    running = [Active("busy", tuple(U[:7]), None)]
+    queue = [Waiting("long", req(1, limit=15_000), 0.0), Waiting("short", req(1, limit=4_000), 10.0)]
+    free = frozenset(U[7:])
+    assert list(started(plan(1e6, DGX, free, queue, running))) == ["long"]
+    assert list(started(plan(1e6, DGX, free, queue, running, Policy(short_first_backlog=0.0)))) == ["short"]
+    # Under a backlog (a hundred more runs waiting) the short run goes first again.
+    backlog = [Waiting(f"more-{i}", req(1, limit=15_000), 20.0 + i) for i in range(100)]
+    assert list(started(plan(1e6, DGX, free, queue + backlog, running))) == ["short"]
+    # A RunQueue kept through adds and removes decides as a fresh one (its work sum is exact).
+    rq = RunQueue(queue + backlog)
+    for w in backlog:
+        rq.remove(w.run_id)
+    assert list(started(plan(1e6, DGX, free, rq, running))) == ["long"]
+
+
 def test_a_run_submitted_when_the_oldest_has_waited_is_placed_behind_it():
     # With a window below 1, the oldest run's place (submitted + window x its wait) is before now,
     # so a run submitted now, however short, is placed behind it.
@@ -757,11 +777,13 @@ def test_fair_share_over_a_replay_bounds_the_small_workspace_wait():
 def test_policy_is_validated_and_read_from_the_environment():
     assert Policy.from_env({}) == Policy()
     env = {"DOCKYARD_RESERVE_FACTOR": "1.5", "DOCKYARD_RESERVE_UNKNOWN_S": "60", "DOCKYARD_SHORT_FIRST": "0",
-           "DOCKYARD_SHORT_FIRST_WINDOW": "0.5", "DOCKYARD_FAIR_SHARE": "0"}
-    assert Policy.from_env(env) == Policy(1.5, 60.0, 0.0, 0.5, False)
+           "DOCKYARD_SHORT_FIRST_WINDOW": "0.5", "DOCKYARD_FAIR_SHARE": "0", "DOCKYARD_SHORT_FIRST_BACKLOG": "2"}
+    assert Policy.from_env(env) == Policy(1.5, 60.0, 0.0, 0.5, False, 2.0)
     for env, words in [({"DOCKYARD_RESERVE_FACTOR": "soon"}, "not a number"),
                        ({"DOCKYARD_SHORT_FIRST_WINDOW": "1"}, "out of range"),
                        ({"DOCKYARD_RESERVE_UNKNOWN_S": "-1"}, "out of range"),
+                       ({"DOCKYARD_SHORT_FIRST_BACKLOG": "-4"}, "out of range"),
+                       ({"DOCKYARD_SHORT_FIRST_BACKLOG": "deep"}, "not a number"),
                        ({"DOCKYARD_FAIR_SHARE": "maybe"}, "must be 1 or 0")]:
         with pytest.raises(InputError, match=words):
             Policy.from_env(env)
