@@ -827,6 +827,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     met = [f"{limits_label(c['limits'])} @{c['load']:g}: " + ", ".join(f"{k} {'met' if v else 'NOT met'}"
                                                                      for k, v in c["goals"].items()) for c in cells]
     latency_goal = _pct(long_q or plan_us, 0.95) <= 100
+    # One line to compare policies by (a change is judged over many cells, not one).
+    cells_met = sum(all(c["goals"].values()) for c in cells)
+    goals_missed = sum(not v for c in cells for v in c["goals"].values())
+    summary = (f"all goals met in {cells_met} of {len(cells)} cells ({goals_missed} goal(s) missed in all)")
     notes = (
         f"trace {Path(args.trace).name}"
         + (f" (usable rows from {args.skip}" + (f", {args.limit} of them" if args.limit else "") + ")" if args.skip else "")
@@ -841,14 +845,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         f"reservation promises: {kept} of {promised} holders started by the time they were promised, "
         f"{moved} promises moved later by a run ranked ahead, {takeovers} reservations taken over by a run ranked ahead; "
         f"replay seconds " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()) + "; "
-        "goals: " + "; ".join(met) + "; "
+        "goals: " + "; ".join(met) + f"; {summary}; "
         f"plan p95 <= 100 us with >= {LONG_QUEUE} runs waiting: {'met' if latency_goal else 'NOT met'}"
         + (f"; fair share (smallest workspace waits <= the biggest, on average): {'met' if fair_goal else 'NOT met'}"
            if fair_goal is not None else "")
         + f"; {platform.python_implementation()} {platform.python_version()} on {platform.machine()}"
     )
     return {"benchmark": "scheduler_sim", "results": rows, "ratios": ratios, "notes": notes,
-            "_cells": cells, "_fairness": fairness, "_latency_goal": latency_goal, "_fair_goal": fair_goal}
+            "_cells": cells, "_summary": summary, "_fairness": fairness, "_latency_goal": latency_goal, "_fair_goal": fair_goal}
 
 
 def _ratio(a: float, b: float, digits: int = 3) -> str:
@@ -870,6 +874,7 @@ def print_table(doc: dict[str, Any]) -> None:
               f"{_ratio(f['wait_ge4_mean'], d['wait_ge4_mean']):>8} {_ratio(s['wait_ge4_mean'], d['wait_ge4_mean']):>8}  "
               f"{_ratio(f['wait_max'], d['wait_max']):>8} {_ratio(s['wait_max'], d['wait_max']):>8}  "
               + ("all met" if not unmet else "NOT met: " + ", ".join(unmet)))
+    print(doc["_summary"])
     if doc["_fairness"]:
         print("fairness replay (runs spread over synthetic workspaces ws0 55%, ws1 25%, ws2 15%, ws3 5%): mean wait (s)")
         for e in doc["_fairness"]:
