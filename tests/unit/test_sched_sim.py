@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
 import random
@@ -264,3 +265,28 @@ def test_skip_and_limit_cut_the_trace_into_slices_of_the_same_kind(tmp_path: Pat
     done = subprocess.run([sys.executable, str(SCRIPT), "--trace", str(path), "--skip", "-1"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "--skip" in done.stderr
+
+
+def test_a_variant_with_more_multi_gpu_pods_replays_with_borrowed_times(tmp_path: Path):
+    timed = _write_trace(tmp_path / "timed.csv", n=300)
+    out = tmp_path / "variant.csv"
+    tool = ROOT / "benchmarks" / "trace_variant.py"
+    done = subprocess.run([sys.executable, str(tool), "--trace", str(timed), "--multi-gpu-share", "0.6",
+                           "--out", str(out)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    rows = list(csv.DictReader(out.open()))
+    assert "creation_time" not in rows[0]  # like multigpu20: times come from the timed list
+    single = sum(1 for r in rows if r["num_gpu"] == "1")
+    multi = sum(int(r["num_gpu"]) for r in rows if int(r["num_gpu"]) > 1)
+    assert 0.6 <= multi / (single + multi) < 0.65
+    added = [r for r in rows if r["name"].startswith("openb-pod-x")]
+    assert added and all(int(r["num_gpu"]) > 1 for r in added)
+    sim = _sim()
+    trace = sim.load_trace(out, limit=None, node_gpus=8, gpus_total=8, load=0.5, times=timed)
+    assert trace.synthesized == len(added)
+    # A share outside (0, 1) and an unreadable trace are usage errors that name the problem.
+    for args, words in ((["--trace", str(timed), "--multi-gpu-share", "1"], "between 0 and 1"),
+                        (["--trace", str(tmp_path / "none.csv"), "--multi-gpu-share", "0.5"], "cannot read")):
+        bad = subprocess.run([sys.executable, str(tool), *args, "--out", str(tmp_path / "x.csv")],
+                             capture_output=True, text=True, timeout=60)
+        assert bad.returncode == 2 and words in bad.stderr
