@@ -120,7 +120,16 @@ Queue policy (:func:`plan`, settings in :class:`Policy`)
     60 on the halves alone); a wider short-first window for multi-GPU runs (0.75 x the longest
     wait: the default trace's 0.3 mean wait 0.80x -> 0.95x, still short); a reservation delay
     of k x the run's own limit (no change). Each moves misses between cells: the mean wait at
-    0.3 for max wait or utilisation (the makespan's end) at 0.5-0.9.
+    0.3 for max wait or utilisation (the makespan's end) at 0.5-0.9. Later, over 84 cells (both
+    traces, their halves, a ``benchmarks/trace_variant.py`` list with half the GPUs asked by
+    multi-GPU runs; 1x, 2x and random limits; 75 misses with the policy above): a reservation
+    threshold of ``reserve_factor`` x the reserved GPUs' mean idle time until the reservation
+    instead of the drain (75: max wait misses 28 -> 24, utilisation 28 -> 34, the whole traces
+    14 -> 16); the drain capped at k x the run's own limit (k = 1, 3, 10: 88-89); the drain
+    scaled by the share of the smaller queued runs too long for the gap (81); the oldest run
+    reserving at 3x its drain and the rest at 10x or 30x (71 and 81, the whole traces 18 and
+    21); ``short_first_window`` 0.5 or 0.6 (the whole traces 19 and 16). Some cells were met by
+    none of 25 variants (multigpu20's first half at 0.5-0.9): these rules are at their limit.
 
 Cost (:class:`RunQueue`)
     The queue is kept in buckets, one per request shape (GPU count, memory, name filter, with or
