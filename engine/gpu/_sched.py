@@ -121,7 +121,7 @@ Queue policy (:func:`plan`, settings in :class:`Policy`)
     wait: the default trace's 0.3 mean wait 0.80x -> 0.95x, still short); a reservation delay
     of k x the run's own limit (no change). Each moves misses between cells: the mean wait at
     0.3 for max wait or utilisation (the makespan's end) at 0.5-0.9. Later, over 84 cells (both
-    traces, their halves, a ``benchmarks/trace_variant.py`` list with half the GPUs asked by
+    traces, their halves, a list of the kind ``benchmarks/trace_variant.py`` writes, half the GPUs asked by
     multi-GPU runs; 1x, 2x and random limits; 75 misses with the policy above): a reservation
     threshold of ``reserve_factor`` x the reserved GPUs' mean idle time until the reservation
     instead of the drain (75: max wait misses 28 -> 24, utilisation 28 -> 34, the whole traces
