@@ -483,7 +483,7 @@ class Dockyard(Policy):
                     cluster.take(node, gpus, job)
                     limit = waiting.request.time_limit_s
                     self.running[node][run_id] = Active(run_id, gpus, now + limit if limit is not None else None,
-                                                        waiting.account)
+                                                        waiting.account, now)
                     out.append((job, node, gpus))
                     self.started.append(job)
                     started += 1

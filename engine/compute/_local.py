@@ -296,7 +296,8 @@ class LocalBackend:
             if r.record.gpus:
                 limit = GpuRequest.from_dict(r.record.gpu_request).time_limit_s
                 end = (r.record.started or r.record.created) + limit if limit else None
-                active.append(Active(_plan_id(r), tuple(r.record.gpus), end, str(r.workspace)))
+                # Its start lets the policy guess the end of a run without a time limit.
+                active.append(Active(_plan_id(r), tuple(r.record.gpus), end, str(r.workspace), r.record.started))
         by_id = {_plan_id(r): r for r in waiting}
         # Each run is charged to its workspace: the fair share compares workspaces.
         queue = [Waiting(pid, GpuRequest.from_dict(r.record.gpu_request), r.record.created, str(r.workspace))

@@ -302,7 +302,8 @@ def req(count: int, *, limit: float | None = None, priority: int = 0, **kw) -> G
 
 # Classic EASY backfill: reserve at once, submit order, one account. The tests of the reservation
 # and backfill mechanics use it; the tests further down cover what the default Policy adds.
-EASY = Policy(reserve_factor=0.0, reserve_unknown_s=0.0, short_first=0.0, short_first_window=0.0, fair_share=False)
+EASY = Policy(reserve_factor=0.0, reserve_unknown_s=0.0, short_first=0.0, short_first_window=0.0, fair_share=False,
+              reserve_unknown_factor=0.0)
 
 
 def started(p: Plan) -> dict[str, list[int]]:
@@ -461,6 +462,8 @@ def test_plan_rejects_inconsistent_state():
         plan(0.0, DGX, frozenset(), [], [Active("a", ("GPU-elsewhere",))])
     with pytest.raises(InputError, match="distinct"):
         Active("a", (U[0], U[0]))
+    with pytest.raises(InputError, match="started must be a finite number"):
+        Active("a", (U[0],), None, "", float("inf"))
     with pytest.raises(InputError, match="submitted"):
         Waiting("a", req(1), float("nan"))
 
@@ -481,7 +484,8 @@ def states(draw):
         held = tuple(u for u, h in zip(uuids, holders) if h == k)
         if held:
             end = draw(st.one_of(st.none(), st.floats(0, 500)))
-            running.append(Active(f"run-{k}", held, end, draw(st.sampled_from(["", "A", "B"]))))
+            started = draw(st.one_of(st.none(), st.floats(-500, 200)))  # may even be after now
+            running.append(Active(f"run-{k}", held, end, draw(st.sampled_from(["", "A", "B"])), started))
     # Sometimes a busy GPU is also (wrongly) listed free: it must still never be started on.
     if running and draw(st.booleans()):
         free |= {running[0].gpus[0]}
@@ -498,7 +502,8 @@ def states(draw):
     now = draw(st.floats(0, 200))
     policy = draw(st.one_of(
         st.sampled_from([EASY, Policy()]),
-        st.builds(Policy, st.floats(0, 10), st.floats(0, 500), st.floats(0, 100), st.floats(0, 0.99), st.booleans()),
+        st.builds(Policy, st.floats(0, 10), st.floats(0, 500), st.floats(0, 100), st.floats(0, 0.99), st.booleans(),
+                  st.floats(0, 8), st.floats(0, 100)),
     ))
     return topology, now, free, queue, running, policy
 
@@ -572,7 +577,8 @@ def _replay(policy, horizon: float = 2000.0, limit: float | None = 60.0) -> floa
     """One DGX; eight 1-GPU runs hold it (ending t=10..80); an 8-GPU run is submitted at t=0;
     then a 1-GPU run lasting 60 s (time limit ``limit``) arrives every 5 s. Returns when the
     8-GPU run started, or None if it had not by ``horizon``."""
-    running = {f"warm-{i}": (U[i], 10.0 * (i + 1)) for i in range(8)}  # run -> (gpu, true end)
+    # run -> (gpu, true end, start): warm run i started 10 x (i + 1) s ago and lasts twice that
+    running = {f"warm-{i}": (U[i], 10.0 * (i + 1), -10.0 * (i + 1)) for i in range(8)}
     queue = {"big": Waiting("big", req(8, limit=100 if limit else None), 0.0)}
     now, next_arrival, k = 0.0, 0.0, 0
     while now <= horizon:
@@ -580,22 +586,24 @@ def _replay(policy, horizon: float = 2000.0, limit: float | None = 60.0) -> floa
             queue[f"s{k}"] = Waiting(f"s{k}", req(1, limit=limit), next_arrival)
             next_arrival += 5.0
             k += 1
-        running = {r: (g, end) for r, (g, end) in running.items() if end > now}
-        free = frozenset(U) - {g for g, _ in running.values()}
+        running = {r: held for r, held in running.items() if held[1] > now}
+        free = frozenset(U) - {g for g, _, _ in running.values()}
         for run_id, chosen in policy(now, free, list(queue.values()), running):
             if run_id == "big":
                 return now
             queue.pop(run_id)
-            running[run_id] = (chosen[0], now + 60.0)
-        ends = [end for _, end in running.values() if end > now]
+            running[run_id] = (chosen[0], now + 60.0, now)
+        ends = [end for _, end, _ in running.values() if end > now]
         now = min([next_arrival, *ends])
     return None
 
 
-def _dockyard(policy: Policy | None = None, limit: float | None = 60.0):
+def _dockyard(policy: Policy | None = None, limit: float | None = 60.0, starts: bool = False):
     def decide(now, free, queue, running):
-        # expected end = start + time limit: the stream's runs last exactly their limit.
-        active = [Active(r, (g,), end if limit else None) for r, (g, end) in running.items()]
+        # expected end = start + time limit: the stream's runs last exactly their limit. With
+        # ``starts`` the agent also tells when each run started (what guesses a run's end).
+        active = [Active(r, (g,), end if limit else None, "", start if starts else None)
+                  for r, (g, end, start) in running.items()]
         return plan(now, DGX, free, queue, active, policy).starts
     return decide
 
@@ -635,6 +643,50 @@ def test_without_time_limits_the_front_run_reserves_after_reserve_unknown_s():
     for wait in (0.0, 100.0, 600.0):
         started_at = _replay(_dockyard(Policy(reserve_unknown_s=wait), limit=None), horizon=10_000.0)
         assert started_at is not None and wait <= started_at <= wait + 80.0 + 5.0
+
+
+@pytest.mark.parametrize("factor", [0.0, 1.0, 3.0, 30.0])
+def test_without_time_limits_the_end_is_guessed_and_the_bound_holds(factor):
+    # The agent tells when each run started: a run without a time limit that has run x seconds is
+    # guessed to end x seconds from now, and the front run reserves once it has waited factor x
+    # the guessed drain. The guess is never above the runtime of a run it waits for (at most L =
+    # 160 s here: the warm runs last 20-160 s, the stream's 60 s), so it reserves by factor x L
+    # and starts by (1 + factor) x L: the stated bound.
+    bound = (1 + factor) * 160.0
+    started_at = _replay(_dockyard(Policy(reserve_unknown_factor=factor), limit=None, starts=True), horizon=bound)
+    assert started_at is not None and started_at <= bound
+    if factor == 0.0:
+        # No guess: it reserves at once and starts when the warm runs end (FIFO, as before).
+        assert started_at == 80.0
+    if factor >= 3.0:
+        # The stream's 1-GPU runs flowed past it for a while: it did not reserve at once.
+        assert started_at > 80.0 + 60.0
+
+
+def test_a_guessed_drain_delays_the_reservation_but_never_promises_a_start():
+    # 6 GPUs held by a run without a time limit that started 100 s ago: guessed free at t+100.
+    running = [Active("forever", tuple(U[:6]), None, "", -100.0)]
+    queue = [Waiting("big", req(8, limit=1000), 0.0), Waiting("small", req(1), 0.0)]
+    policy = Policy(reserve_unknown_factor=3.0)
+    p = plan(0.0, DGX, frozenset(U[6:]), queue, running, policy)
+    assert list(started(p)) == ["small"] and p.reservation is None  # young: waits 3 x 100 s first
+    assert "300s (3x the time they are guessed to take to free up, t+100s" in p.reasons["big"]
+    # At t=700 that run has run 800 s: guessed to end at t+800, so the big run waits until it
+    # has waited 3 x 800 s. Against one run the guess grows as fast as the wait (faster, x3):
+    # it reserves once the runs in its way are young ones, which the bound's L covers.
+    p = plan(700.0, DGX, frozenset(U[6:]), queue, running, policy)
+    assert list(started(p)) == ["small"] and p.reservation is None
+    # Once only a short-lived run is in the way, it reserves; the start stays unknown, so
+    # nothing without a time limit is backfilled and no time is promised.
+    running = [Active("recent", tuple(U[:6]), None, "", 650.0)]
+    p = plan(700.0, DGX, frozenset(U[6:]), queue, running, policy)
+    assert p.starts == () and p.reservation == Reservation("big", None, ())
+    # Without a start (an agent that does not say), the old rule: reserve at once.
+    p = plan(0.0, DGX, frozenset(U[6:]), queue, [Active("forever", tuple(U[:6]), None)], policy)
+    assert p.starts == () and p.reservation == Reservation("big", None, ())
+    # reserve_unknown_s is a floor under the guessed threshold.
+    p = plan(700.0, DGX, frozenset(U[6:]), queue, running, Policy(reserve_unknown_factor=3.0, reserve_unknown_s=1e4))
+    assert list(started(p)) == ["small"] and p.reservation is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -777,11 +829,14 @@ def test_fair_share_over_a_replay_bounds_the_small_workspace_wait():
 def test_policy_is_validated_and_read_from_the_environment():
     assert Policy.from_env({}) == Policy()
     env = {"DOCKYARD_RESERVE_FACTOR": "1.5", "DOCKYARD_RESERVE_UNKNOWN_S": "60", "DOCKYARD_SHORT_FIRST": "0",
-           "DOCKYARD_SHORT_FIRST_WINDOW": "0.5", "DOCKYARD_FAIR_SHARE": "0", "DOCKYARD_SHORT_FIRST_BACKLOG": "2"}
-    assert Policy.from_env(env) == Policy(1.5, 60.0, 0.0, 0.5, False, 2.0)
+           "DOCKYARD_SHORT_FIRST_WINDOW": "0.5", "DOCKYARD_FAIR_SHARE": "0", "DOCKYARD_SHORT_FIRST_BACKLOG": "2",
+           "DOCKYARD_RESERVE_UNKNOWN_FACTOR": "5"}
+    assert Policy.from_env(env) == Policy(1.5, 60.0, 0.0, 0.5, False, 2.0, 5.0)
     for env, words in [({"DOCKYARD_RESERVE_FACTOR": "soon"}, "not a number"),
                        ({"DOCKYARD_SHORT_FIRST_WINDOW": "1"}, "out of range"),
                        ({"DOCKYARD_RESERVE_UNKNOWN_S": "-1"}, "out of range"),
+                       ({"DOCKYARD_RESERVE_UNKNOWN_FACTOR": "-3"}, "out of range"),
+                       ({"DOCKYARD_RESERVE_UNKNOWN_FACTOR": "often"}, "not a number"),
                        ({"DOCKYARD_SHORT_FIRST_BACKLOG": "-4"}, "out of range"),
                        ({"DOCKYARD_SHORT_FIRST_BACKLOG": "deep"}, "not a number"),
                        ({"DOCKYARD_FAIR_SHARE": "maybe"}, "must be 1 or 0")]:
