@@ -63,7 +63,10 @@ Every start is checked as it happens: its GPUs must be free on its node and not 
 a violation stops the replay with an AssertionError, and so does a run that never starts. The
 reservation promise is checked too: the notes count the holders that started by the time they
 were last promised, the promises that moved later, and the reservations taken over by a run
-ranked ahead (the policy's bound allows only those). Benchmarks print; they never assert timings.
+ranked ahead (the policy's bound allows only those) or given up by a run still waiting (it
+became young again: a run ranked ahead moved its drain, or, without time limits, the guessed
+drain grew); a holder whose start is unknown (no time limits) must start by the time the runs
+holding GPUs when it reserved have ended. Benchmarks print; they never assert timings.
 """
 
 from __future__ import annotations
@@ -393,6 +396,14 @@ class Dockyard(Policy):
         self.promises_moved = 0
         self.promises_broken = 0
         self.takeovers = 0
+        # A holder whose start is unknown (runs without time limits in its way) is promised no
+        # time, but nothing may start on its GPUs: it must start once the runs holding them when it
+        # first reserved have ended (their true ends, which the simulation knows).
+        self.true_end: list[dict[str, tuple[float, tuple[str, ...]]]] = [{} for _ in range(nodes)]
+        self.unknown_deadline: dict[str, float] = {}
+        self.unknown_kept = 0
+        self.unknown_broken = 0
+        self.dropped = 0  # reservations given up by a run still waiting, with no new holder
 
     def submit(self, job: Job) -> None:
         if self.factor is None:
@@ -411,6 +422,7 @@ class Dockyard(Policy):
 
     def finish(self, job: Job) -> None:
         del self.running[job.node][job.name]
+        del self.true_end[job.node][job.name]
 
     def waiting(self) -> int:
         return len(self.queue)
@@ -476,6 +488,12 @@ class Dockyard(Policy):
                             self.promises_kept += 1
                         else:
                             self.promises_broken += 1
+                    deadline = self.unknown_deadline.pop(run_id, None)
+                    if deadline is not None:
+                        if now <= deadline + 1e-6:
+                            self.unknown_kept += 1
+                        else:
+                            self.unknown_broken += 1
                     job = self.jobs.pop(run_id)
                     t0 = time.perf_counter()
                     waiting = queue.remove(run_id)
@@ -484,19 +502,34 @@ class Dockyard(Policy):
                     limit = waiting.request.time_limit_s
                     self.running[node][run_id] = Active(run_id, gpus, now + limit if limit is not None else None,
                                                         waiting.account, now)
+                    self.true_end[node][run_id] = (now + job.duration, gpus)
                     out.append((job, node, gpus))
                     self.started.append(job)
                     started += 1
+                previous = self.holder[node]
+                holder = decision.reservation.run_id if decision.reservation is not None else None
+                if previous not in (None, holder) and previous in queue:
+                    # Still waiting, no longer the holder: a run ranked ahead became the head, or
+                    # (unknown start) the guessed drain grew past what it had waited. Its unknown
+                    # start's deadline is set again when it next reserves.
+                    if holder is not None:
+                        self.takeovers += 1
+                    else:
+                        self.dropped += 1
+                    self.unknown_deadline.pop(previous, None)
+                    self.promise.pop(previous, None)
+                self.holder[node] = holder
                 if decision.reservation is not None:
                     holder, at = decision.reservation.run_id, decision.reservation.at
                     self.head_since.setdefault(holder, now)
-                    if self.holder[node] not in (None, holder) and self.holder[node] in queue:
-                        self.takeovers += 1  # a run ranked ahead of the holder became the head
-                    self.holder[node] = holder
                     if at is not None:
                         if holder in self.promise and at > self.promise[holder] + 1e-6:
                             self.promises_moved += 1
                         self.promise[holder] = at
+                    elif holder not in self.unknown_deadline:
+                        # The replay's requests have no memory or name filter: any GPU will do.
+                        ends = [end for end, _ in self.true_end[node].values()]
+                        self.unknown_deadline[holder] = max(ends, default=now)
                 if decision.reservation is not None and len(cluster.free) > 1:
                     # Offered to the next node without it (put back after the round).
                     reserved.append(queue.remove(decision.reservation.run_id))
@@ -782,6 +815,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             cells.append({"load": load, "limits": factor, "d": d, "fifo": fifo_m, "skip": skip_m,
                           "goals": goals_for(load, d, fifo_m, skip_m), "promised": dock.promises_kept + dock.promises_broken,
                           "kept": dock.promises_kept, "moved": dock.promises_moved, "takeovers": dock.takeovers,
+                          "unknown": dock.unknown_kept + dock.unknown_broken, "unknown_kept": dock.unknown_kept,
+                          "dropped": dock.dropped,
                           "p95": _pct(dock.plan_us, 0.95)})
         if args.workspaces > 1:
             assign_workspaces(trace.jobs, args.workspaces)
@@ -824,6 +859,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     kept = sum(c["kept"] for c in cells)
     moved = sum(c["moved"] for c in cells)
     takeovers = sum(c["takeovers"] for c in cells)
+    unknown = sum(c["unknown"] for c in cells)
+    unknown_kept = sum(c["unknown_kept"] for c in cells)
+    dropped = sum(c["dropped"] for c in cells)
     met = [f"{limits_label(c['limits'])} @{c['load']:g}: " + ", ".join(f"{k} {'met' if v else 'NOT met'}"
                                                                      for k, v in c["goals"].items()) for c in cells]
     latency_goal = _pct(long_q or plan_us, 0.95) <= 100
@@ -844,6 +882,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         f"{checked} starts checked against oversubscription, none found; every run started; "
         f"reservation promises: {kept} of {promised} holders started by the time they were promised, "
         f"{moved} promises moved later by a run ranked ahead, {takeovers} reservations taken over by a run ranked ahead; "
+        f"reservations of unknown start (no time limits in the way): {unknown_kept} of {unknown} holders started "
+        f"by the time the runs holding GPUs when they reserved had ended, {dropped} reservations given up "
+        "while waiting; "
         f"replay seconds " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()) + "; "
         "goals: " + "; ".join(met) + f"; {summary}; "
         f"plan p95 <= 100 us with >= {LONG_QUEUE} runs waiting: {'met' if latency_goal else 'NOT met'}"

@@ -6,6 +6,7 @@ import csv
 import importlib.util
 import json
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -290,3 +291,22 @@ def test_a_variant_with_more_multi_gpu_pods_replays_with_borrowed_times(tmp_path
         bad = subprocess.run([sys.executable, str(tool), *args, "--out", str(tmp_path / "x.csv")],
                              capture_output=True, text=True, timeout=60)
         assert bad.returncode == 2 and words in bad.stderr
+
+
+def test_the_replay_checks_the_reservations_without_time_limits(tmp_path: Path):
+    # Without time limits a holder is promised no time, but nothing may start on its GPUs: the
+    # replay checks that it started once the runs holding them when it reserved had ended, and,
+    # with limits, that every holder started by the time it was last promised.
+    trace = _write_trace(tmp_path / "pods.csv")
+    out = subprocess.run(
+        [sys.executable, str(SCRIPT), "--trace", str(trace), "--limit", "300", "--load", "0.9", "--workspaces", "1",
+         "--time-limit-factor", "none", "1", "--json"],
+        capture_output=True, text=True, check=True, timeout=120,
+    ).stdout
+    notes = json.loads(out)["notes"]
+    unknown = re.search(r"reservations of unknown start \(no time limits in the way\): (\d+) of (\d+) holders", notes)
+    promised = re.search(r"reservation promises: (\d+) of (\d+) holders started by the time", notes)
+    assert unknown and promised, notes
+    for found in (unknown, promised):
+        kept, total = int(found.group(1)), int(found.group(2))
+        assert total > 0 and kept == total, notes
