@@ -266,6 +266,12 @@ def node_topology(gpus: int) -> Topology:
     return Topology.dgx(gpus) if gpus % 4 == 0 else Topology.uniform(gpus, 1)
 
 
+def _settle(deadlines: dict[str, float], run_id: str, now: float) -> bool | None:
+    """Whether a run starting ``now`` started by its deadline (taken out); None if it had none."""
+    deadline = deadlines.pop(run_id, None)
+    return None if deadline is None else now <= deadline + 1e-6
+
+
 class Cluster:
     def __init__(self, topologies: list[Topology]) -> None:
         self.topologies = topologies
@@ -482,18 +488,14 @@ class Dockyard(Policy):
                     if set(reasons) != {w.run_id for w in queue} - started_ids:
                         raise AssertionError("plan did not explain every queued run it left waiting")
                 for run_id, gpus in decision.starts:
-                    promised = self.promise.pop(run_id, None)
-                    if promised is not None:
-                        if now <= promised + 1e-6:
-                            self.promises_kept += 1
-                        else:
-                            self.promises_broken += 1
-                    deadline = self.unknown_deadline.pop(run_id, None)
-                    if deadline is not None:
-                        if now <= deadline + 1e-6:
-                            self.unknown_kept += 1
-                        else:
-                            self.unknown_broken += 1
+                    kept = _settle(self.promise, run_id, now)
+                    if kept is not None:
+                        self.promises_kept += kept
+                        self.promises_broken += not kept
+                    kept = _settle(self.unknown_deadline, run_id, now)
+                    if kept is not None:
+                        self.unknown_kept += kept
+                        self.unknown_broken += not kept
                     job = self.jobs.pop(run_id)
                     t0 = time.perf_counter()
                     waiting = queue.remove(run_id)
