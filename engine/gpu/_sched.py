@@ -974,9 +974,9 @@ class Policy:
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Policy:
         """The policy set by ``DOCKYARD_RESERVE_FACTOR``, ``DOCKYARD_RESERVE_UNKNOWN_FACTOR``,
-        ``DOCKYARD_RESERVE_UNKNOWN_S``, ``DOCKYARD_SHORT_FIRST``, ``DOCKYARD_SHORT_FIRST_WINDOW``, ``DOCKYARD_SHORT_FIRST_BACKLOG``
-        and ``DOCKYARD_FAIR_SHARE``
-        (``1``/``0``) in ``environ``; one unset or empty keeps its default.
+        ``DOCKYARD_RESERVE_UNKNOWN_S``, ``DOCKYARD_SHORT_FIRST``, ``DOCKYARD_SHORT_FIRST_WINDOW``,
+        ``DOCKYARD_SHORT_FIRST_BACKLOG`` and ``DOCKYARD_FAIR_SHARE`` (``1``/``0``) in ``environ``;
+        one unset or empty keeps its default.
 
         Raises:
             InputError: a value is not a number (a flag not 0/1/true/false) or is out of range.
