@@ -20,7 +20,8 @@ several of the same kind to check that a policy is not tuned to one. Arrival tim
 offered load, sum(gpus x duration) / (GPUs x arrival span), is ``--load`` of capacity; every load
 given is replayed in the same run (default 0.3 0.5 0.7 0.9), and for each every time-limit variant
 given: ``--time-limit-factor F`` (time limit = true duration x F >= 1), ``random`` (x a factor drawn
-from 1-5 per run, seeded by its name: users over-estimate, unevenly) or ``none`` (no time limits).
+from 1-5 per run, seeded by its name: users over-estimate, unevenly), ``mixed`` (half the runs,
+drawn by name, without a limit, the others ``random``) or ``none`` (no time limits).
 The queue policy is ``dockyard.gpu.Policy`` read from the ``DOCKYARD_*`` settings, as the agent
 reads it. The table gives, per variant and load, the ratios against FIFO and skip-ahead and which
 of the issue's goals are met: below load 0.8, Pareto-dominate both (utilisation >=, mean wait <=,
@@ -66,7 +67,8 @@ were last promised, the promises that moved later, and the reservations taken ov
 ranked ahead (the policy's bound allows only those) or given up by a run still waiting (it
 became young again: a run ranked ahead moved its drain, or, without time limits, the guessed
 drain grew); a holder whose start is unknown (no time limits) must start by the time the runs
-holding GPUs when it reserved have ended. Benchmarks print; they never assert timings.
+holding GPUs when it reserved have ended (a run ranked ahead starting meanwhile moves that
+later, counted). Benchmarks print; they never assert timings.
 """
 
 from __future__ import annotations
@@ -410,13 +412,17 @@ class Dockyard(Policy):
         self.unknown_kept = 0
         self.unknown_broken = 0
         self.dropped = 0  # reservations given up by a run still waiting, with no new holder
+        self.unknown_moved = 0  # deadlines moved later by a run ranked ahead
 
     def submit(self, job: Job) -> None:
         if self.factor is None:
             limit = None
-        elif self.factor == "random":
+        elif self.factor in ("random", "mixed"):
             # Seeded by the run's name: the same over-estimate whatever the replay order.
-            limit = job.duration * random.Random(f"{self.seed}:{job.name}").uniform(1.0, 5.0)
+            rng = random.Random(f"{self.seed}:{job.name}")
+            limit = job.duration * rng.uniform(1.0, 5.0)
+            if self.factor == "mixed" and rng.random() < 0.5:
+                limit = None  # half the users set no limit at all
         else:
             limit = job.duration * self.factor
         request = GpuRequest(job.gpus, time_limit_s=limit)
@@ -528,10 +534,18 @@ class Dockyard(Policy):
                         if holder in self.promise and at > self.promise[holder] + 1e-6:
                             self.promises_moved += 1
                         self.promise[holder] = at
-                    elif holder not in self.unknown_deadline:
-                        # The replay's requests have no memory or name filter: any GPU will do.
-                        ends = [end for end, _ in self.true_end[node].values()]
-                        self.unknown_deadline[holder] = max(ends, default=now)
+                        # Its start is known now (the runs without a limit in its way ended): the
+                        # promise, made of time limits, replaces the deadline made of true ends.
+                        self.unknown_deadline.pop(holder, None)
+                    else:
+                        # The replay's requests have no memory or name filter: any GPU will do, and
+                        # nothing may be backfilled while the start is unknown, so a run started
+                        # now is one ranked ahead of the holder (it may delay it, as with limits).
+                        deadline = max((end for end, _ in self.true_end[node].values()), default=now)
+                        before = self.unknown_deadline.get(holder)
+                        if before is None or deadline > before + 1e-6:
+                            self.unknown_moved += before is not None
+                            self.unknown_deadline[holder] = deadline
                 if decision.reservation is not None and len(cluster.free) > 1:
                     # Offered to the next node without it (put back after the round).
                     reserved.append(queue.remove(decision.reservation.run_id))
@@ -668,15 +682,16 @@ LONG_QUEUE = 1000  # "thousands waiting": decisions with at least this many runs
 
 
 def parse_limits(text: str) -> float | str | None:
-    """A ``--time-limit-factor`` value: a number >= 1, ``random`` (1-5x, seeded) or ``none``."""
+    """A ``--time-limit-factor`` value: a number >= 1, ``random`` (1-5x, seeded), ``mixed`` (half
+    the runs without a limit, the rest random) or ``none``."""
     if text == "none":
         return None
-    if text == "random":
-        return "random"
+    if text in ("random", "mixed"):
+        return text
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number >= 1, 'random' or 'none'") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number >= 1, 'random', 'mixed' or 'none'") from None
     if not math.isfinite(value) or value < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: a time limit factor must be >= 1 (an over-estimate)")
     return value
@@ -687,6 +702,8 @@ def limits_label(factor: float | str | None) -> str:
         return "none"
     if factor == "random":
         return "random 1-5x"
+    if factor == "mixed":
+        return "mixed"
     return f"{factor:g}x"
 
 
@@ -818,7 +835,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                           "goals": goals_for(load, d, fifo_m, skip_m), "promised": dock.promises_kept + dock.promises_broken,
                           "kept": dock.promises_kept, "moved": dock.promises_moved, "takeovers": dock.takeovers,
                           "unknown": dock.unknown_kept + dock.unknown_broken, "unknown_kept": dock.unknown_kept,
-                          "dropped": dock.dropped,
+                          "dropped": dock.dropped, "unknown_moved": dock.unknown_moved,
                           "p95": _pct(dock.plan_us, 0.95)})
         if args.workspaces > 1:
             assign_workspaces(trace.jobs, args.workspaces)
@@ -864,6 +881,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     unknown = sum(c["unknown"] for c in cells)
     unknown_kept = sum(c["unknown_kept"] for c in cells)
     dropped = sum(c["dropped"] for c in cells)
+    unknown_moved = sum(c["unknown_moved"] for c in cells)
     met = [f"{limits_label(c['limits'])} @{c['load']:g}: " + ", ".join(f"{k} {'met' if v else 'NOT met'}"
                                                                      for k, v in c["goals"].items()) for c in cells]
     latency_goal = _pct(long_q or plan_us, 0.95) <= 100
@@ -885,8 +903,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         f"reservation promises: {kept} of {promised} holders started by the time they were promised, "
         f"{moved} promises moved later by a run ranked ahead, {takeovers} reservations taken over by a run ranked ahead; "
         f"reservations of unknown start (no time limits in the way): {unknown_kept} of {unknown} holders started "
-        f"by the time the runs holding GPUs when they reserved had ended, {dropped} reservations given up "
-        "while waiting; "
+        f"by the time the runs holding GPUs when they reserved had ended, {unknown_moved} of those deadlines moved "
+        f"later by a run ranked ahead; {dropped} reservations given up while waiting; "
         f"replay seconds " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()) + "; "
         "goals: " + "; ".join(met) + f"; {summary}; "
         f"plan p95 <= 100 us with >= {LONG_QUEUE} runs waiting: {'met' if latency_goal else 'NOT met'}"
@@ -945,7 +963,8 @@ def main(argv: list[str] | None = None) -> int:
                              "(default: openb_pod_list_default.csv beside it)")
     parser.add_argument("--time-limit-factor", type=parse_limits, nargs="+", default=[1.0],
                         help="dockyard's time limit = true duration x this (>= 1: an over-estimate); "
-                             "'random' draws 1-5x per run (seeded by its name), 'none' gives no time limits; "
+                             "'random' draws 1-5x per run (seeded by its name), 'mixed' leaves half the runs "
+                             "without a limit and draws the others so, 'none' gives no time limits; "
                              "several values are replayed one after another")
     parser.add_argument("--workspaces", type=int, default=4,
                         help="also replay with the runs spread over this many synthetic workspaces, with and "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import importlib.util
 import json
@@ -300,13 +301,23 @@ def test_the_replay_checks_the_reservations_without_time_limits(tmp_path: Path):
     trace = _write_trace(tmp_path / "pods.csv")
     out = subprocess.run(
         [sys.executable, str(SCRIPT), "--trace", str(trace), "--limit", "300", "--load", "0.9", "--workspaces", "1",
-         "--time-limit-factor", "none", "1", "--json"],
+         "--time-limit-factor", "none", "mixed", "1", "--json"],
         capture_output=True, text=True, check=True, timeout=120,
     ).stdout
     notes = json.loads(out)["notes"]
+    assert "limits=mixed" in json.dumps(json.loads(out)["results"])  # half the runs without a limit
     unknown = re.search(r"reservations of unknown start \(no time limits in the way\): (\d+) of (\d+) holders", notes)
     promised = re.search(r"reservation promises: (\d+) of (\d+) holders started by the time", notes)
     assert unknown and promised, notes
     for found in (unknown, promised):
         kept, total = int(found.group(1)), int(found.group(2))
         assert total > 0 and kept == total, notes
+
+
+def test_time_limit_variants_are_parsed_and_bad_ones_refused():
+    sim = _sim()
+    assert sim.parse_limits("none") is None and sim.parse_limits("2") == 2.0
+    assert sim.parse_limits("random") == "random" and sim.parse_limits("mixed") == "mixed"
+    for bad in ("0.5", "often", "nan"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            sim.parse_limits(bad)
