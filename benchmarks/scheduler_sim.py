@@ -527,8 +527,8 @@ class Dockyard(Policy):
                     self.unknown_deadline.pop(previous, None)
                     self.promise.pop(previous, None)
                 self.holder[node] = holder
-                if decision.reservation is not None:
-                    holder, at = decision.reservation.run_id, decision.reservation.at
+                if holder is not None:
+                    at = decision.reservation.at
                     self.head_since.setdefault(holder, now)
                     if at is not None:
                         if holder in self.promise and at > self.promise[holder] + 1e-6:
