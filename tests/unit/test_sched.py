@@ -707,6 +707,25 @@ def test_a_young_run_that_does_not_fit_reserves_nothing_and_small_runs_flow():
     assert p.starts == () and p.reservation == Reservation("big", 390.0, tuple(U))
 
 
+def test_a_young_run_placed_ahead_does_not_hide_an_older_run_of_its_shape_that_may_reserve():
+    # Two 8-GPU runs; 6 GPUs busy until t=4600 (drain 1000 s at t=3600: reserve after 3000 s).
+    # "old" waited 3600 s (placed at 0 + min(30 x 10000, 0.25 x 3600) = 900), "young" 2900 s
+    # (placed at 700 + 30 x 1 = 730: ahead of "old", short-first). The young one passes; the
+    # old one still reserves, so a 1-GPU run ending at t=4650 no longer starts on its GPUs (the
+    # young run's guard alone would let it: t=4600 + 3000 - 2900 = 4700).
+    running = [Active("busy", tuple(U[:6]), 4600.0)]
+    queue = [Waiting("old", req(8, limit=10_000), 0.0), Waiting("young", req(8, limit=1), 700.0),
+             Waiting("small", req(1, limit=1050), 800.0)]
+    p = plan(3600.0, DGX, frozenset(U[6:]), queue, running, Policy(reserve_factor=3.0, fair_share=False))
+    assert p.reservation == Reservation("old", 4600.0, tuple(U))
+    assert p.starts == ()
+    assert p.reasons["old"] == "needs 8 GPUs; 2 free; reserved 8 GPUs from t+1000s"
+    assert p.reasons["young"].startswith("needs 8 GPUs; 2 free; smaller runs may start first until it reserves")
+    # Once "young" has waited long enough too, it takes the reservation over (placed ahead).
+    p = plan(3800.0, DGX, frozenset(U[6:]), queue, running, Policy(reserve_factor=3.0, fair_share=False))
+    assert p.reservation == Reservation("young", 4600.0, tuple(U))
+
+
 def test_a_run_behind_a_young_run_starts_only_if_it_ends_by_the_young_runs_guard():
     # "big" (8 GPUs) at t=10: free from t=100 (drain 90 s), it reserves once it has waited
     # 3 x 90 = 270 s, 260 s from now. Its guard: t=100 + 260 = 360. A run ranked behind it may
