@@ -143,7 +143,9 @@ Queue policy (:func:`plan`, settings in :class:`Policy`)
     the queue's work over the GPUs, so the longest runs are not left to end a busy period (k =
     0.5, 1, 2: 86, 74, 72, within noise); a run whose start is unknown reserving only the GPUs
     its guess picks among runs older than it (no change: its holders are mostly 8-GPU runs,
-    which need every GPU). The utilisation misses there are drains: at 0.9 on multigpu20's
+    which need every GPU); for the threshold (and guard), a running run's end taken as the
+    sooner of its time limit and k x the time it has run, against over-estimated limits (k = 1,
+    3: 79, 76). The utilisation misses there are drains: at 0.9 on multigpu20's
     first half (1x) the node idled 1.87e7 GPU-s while runs waited, skip-ahead 8.1e6, 1.2e7 of
     it behind 8-GPU reservations whose gap no queued run fits (short-first has started the
     short ones), and the makespan grew by one 8-GPU run of 1.3e6 s started last.
