@@ -22,31 +22,30 @@ Placement (:func:`place`)
 
 Queue policy (:func:`plan`, settings in :class:`Policy`)
     Runs are ordered by priority (higher first); within a priority, with ``fair_share``, the
-    runs of an account (a workspace) holding more than its share of the GPUs (all of them /
-    the accounts with runs) go after the others; then by their *place*: submit time plus
-    ``short_first`` x time limit, that shift capped at ``short_first_window`` x the longest
-    wait in the queue now, and at that fraction of ``short_first_backlog`` x the queue's work
-    over the GPUs (a run without a time limit gets the whole cap). Runs start in that
-    order while they fit. The first run that does not fit and has waited ``reserve_factor`` x
-    its *drain* (the time until the GPUs it needs are free given the running runs'
-    ``expected_end``) is the *head* (a young run placed ahead of older runs of its shape does
-    not hide them: the oldest is looked at again at its own place). When a run it waits for has
-    no time limit the drain is unknown; it is guessed (a run that has run x seconds ends x
-    seconds from now) and the run reserves after ``reserve_unknown_factor`` x that guess, at
-    least ``reserve_unknown_s``; the guess decides only when to reserve, never a promise or a
-    backfill. The head gets a
-    reservation, that earliest time and the GPUs it would get then. A younger
-    run that does not fit reserves nothing (Slurm's ``bf_min_age_reserve``, with a threshold
-    relative to the drain instead of an absolute age) but is *guarded*: a run ranked behind it
-    may take the GPUs it would start on only if its time limit ends by the guard, the young
-    run's earliest start plus the time it still has to wait before it reserves (:func:`_guard`),
-    so the guard closes on the reservation as the run ages. A later run may start
-    ahead of the head (backfill) only if it fits now and has a time limit, and either ends
-    before the reservation or stays off the reserved GPUs. A run without a time limit, or any
-    run while the head's start time is unknown, is never backfilled, except onto GPUs the head
-    can never use (filtered out by its memory or name). The runs that would end before the
-    reservation share the GPUs free until then widest first (queue order among runs of one
-    width): a many-GPU run rarely finds such a gap, a 1-GPU run fills any hole.
+    runs of an account (a workspace) holding more than its share of the GPUs (all of them / the
+    accounts with runs) go after the others; then by their *place*: submit time plus
+    ``short_first`` x time limit, that shift capped at ``short_first_window`` x the longest wait
+    in the queue now, and at that fraction of ``short_first_backlog`` x the queue's work over
+    the GPUs (a run without a time limit gets the whole cap). Runs start in that order while
+    they fit. The first run that does not fit and has waited ``reserve_factor`` x its *drain*
+    (the time until the GPUs it needs are free given the running runs' ``expected_end``) is the
+    *head* (a young run placed ahead of older runs of its shape does not hide them: the oldest
+    is looked at again at its own place). When a run it waits for has no time limit the drain is
+    unknown; it is guessed (a run that has run x seconds ends x seconds from now) and the run
+    reserves after ``reserve_unknown_factor`` x that guess, at least ``reserve_unknown_s``; the
+    guess decides only when to reserve, never a promise or a backfill. The head gets a
+    reservation, that earliest time and the GPUs it would get then. A younger run that does not
+    fit reserves nothing (Slurm's ``bf_min_age_reserve``, with a threshold relative to the drain
+    instead of an absolute age) but is *guarded*: a run ranked behind it may take the GPUs it
+    would start on only if its time limit ends by the guard, the young run's earliest start plus
+    the time it still has to wait before it reserves (:func:`_guard`), so the guard closes on
+    the reservation as the run ages. A later run may start ahead of the head (backfill) only if
+    it fits now and has a time limit, and either ends before the reservation or stays off the
+    reserved GPUs. A run without a time limit, or any run while the head's start time is
+    unknown, is never backfilled, except onto GPUs the head can never use (filtered out by its
+    memory or name). The runs that would end before the reservation share the GPUs free until
+    then widest first (queue order among runs of one width): a many-GPU run rarely finds such a
+    gap, a 1-GPU run fills any hole.
 
     Why each rule, measured with ``benchmarks/scheduler_sim.py`` (one 8-GPU node, the openb
     traces at loads 0.3-0.9, time limits = durations; ratios "skip-ahead's mean wait / ours"):
@@ -139,16 +138,17 @@ Queue policy (:func:`plan`, settings in :class:`Policy`)
     none of 25 variants (multigpu20's first half at 0.5-0.9): these rules are at their limit.
     Later still (the same 84 cells, 74 misses, 23 on the whole traces): the drain for the
     threshold counted only runs started before the waiting run was submitted, the later ones
-    (which passed it) as free (79); no short-first shift for a run whose limit is longer than k x
-    the queue's work over the GPUs, so the longest runs are not left to end a busy period (k =
+    (which passed it) as free (79); no short-first shift for a run whose limit is longer than k
+    x the queue's work over the GPUs, so the longest runs are not left to end a busy period (k =
     0.5, 1, 2: 86, 74, 72, within noise); a run whose start is unknown reserving only the GPUs
     its guess picks among runs older than it (no change: its holders are mostly 8-GPU runs,
     which need every GPU); for the threshold (and guard), a running run's end taken as the
     sooner of its time limit and k x the time it has run, against over-estimated limits (k = 1,
-    3: 79, 76). The utilisation misses there are drains: at 0.9 on multigpu20's
-    first half (1x) the node idled 1.87e7 GPU-s while runs waited, skip-ahead 8.1e6, 1.2e7 of
-    it behind 8-GPU reservations whose gap no queued run fits (short-first has started the
-    short ones), and the makespan grew by one 8-GPU run of 1.3e6 s started last.
+    3: 79, 76). The utilisation misses there are drains: at 0.9 on multigpu20's first half (1x)
+    the node idled 1.87e7 GPU-s while runs waited, skip-ahead 8.1e6, 1.2e7 of it behind 8-GPU
+    reservations whose gap no queued run fits (short-first has started the short ones), and the
+    makespan grew by one 8-GPU run of 1.3e6 s started last. Kept from that round: a young front
+    no longer hides an older run of its shape (73 misses, 22 on the whole traces).
 
 Cost (:class:`RunQueue`)
     The queue is kept in buckets, one per request shape (GPU count, memory, name filter, with or
