@@ -144,11 +144,14 @@ Queue policy (:func:`plan`, settings in :class:`Policy`)
     its guess picks among runs older than it (no change: its holders are mostly 8-GPU runs,
     which need every GPU); for the threshold (and guard), a running run's end taken as the
     sooner of its time limit and k x the time it has run, against over-estimated limits (k = 1,
-    3: 79, 76). The utilisation misses there are drains: at 0.9 on multigpu20's first half (1x)
-    the node idled 1.87e7 GPU-s while runs waited, skip-ahead 8.1e6, 1.2e7 of it behind 8-GPU
-    reservations whose gap no queued run fits (short-first has started the short ones), and the
-    makespan grew by one 8-GPU run of 1.3e6 s started last. Kept from that round: a young front
-    no longer hides an older run of its shape (73 misses, 22 on the whole traces).
+    3: 79, 76); a wide run (>= 4 or 8 GPUs) that fits now starting before a narrower one ranked
+    ahead of it but submitted later, when that one would take GPUs it needs, so wide runs follow
+    one another after one drain (81 both). The utilisation misses there are drains: at 0.9 on
+    multigpu20's first half (1x) the node idled 1.87e7 GPU-s while runs waited, skip-ahead
+    8.1e6, 1.2e7 of it behind 8-GPU reservations whose gap no queued run fits (short-first has
+    started the short ones), and the makespan grew by one 8-GPU run of 1.3e6 s started last.
+    Kept from that round: a young front no longer hides an older run of its shape (73 misses, 22
+    on the whole traces).
 
 Cost (:class:`RunQueue`)
     The queue is kept in buckets, one per request shape (GPU count, memory, name filter, with or
