@@ -196,6 +196,63 @@ def test_cancel_stops_the_container_on_its_node(ws, tmp_path, cluster, second_en
         assert ContainerLauncher(engine).find(run.id) is None, "the canceled run's container is left on its node"
 
 
+# Two stand-ins for node daemons left by another dockyard version (a name ending in another
+# code's id): "busy" answers 1 (still following a run), the other 0.
+_OLD_DAEMONS = """\
+import json, sys, time, ray
+address, namespace, idle, busy, wait = sys.argv[1:6]
+ray.init(address=address, namespace=namespace, log_to_driver=False)
+if float(wait) == 0:
+    @ray.remote(num_cpus=0)
+    class Old:
+        def __init__(self, units):
+            self.units = units
+        def busy(self):
+            return self.units
+    made = [Old.options(name=name, lifetime="detached").remote(units) for units, name in enumerate((idle, busy))]
+    ray.get([actor.busy.remote() for actor in made])
+    sys.exit(0)
+def alive(name):
+    try:
+        ray.get_actor(name, namespace=namespace)
+        return True
+    except ValueError:
+        return False
+deadline = time.monotonic() + float(wait)
+while alive(idle) and time.monotonic() < deadline:
+    time.sleep(1)
+found = {"idle": alive(idle), "busy": alive(busy)}
+if found["busy"]:
+    ray.kill(ray.get_actor(busy, namespace=namespace))
+print(json.dumps(found))
+"""
+
+
+def test_node_daemons_of_other_code_are_ended_once_they_follow_no_run(ws, tmp_path, cluster):
+    from dockyard.compute._ray_node import NAMESPACE
+
+    run = submit(ws, tmp_path, env_with_stamp())  # the agent drives the cluster from now on
+    assert run.wait_for_completion(raise_on_error=False)["status"] == "Completed"
+    tag = uuid.uuid4().hex[:8]
+    idle, busy = f"node-old{tag}-000000000000", f"node-busy{tag}-000000000000"
+    env = {**os.environ, **cluster.environment()}
+    env.pop("RAY_AUTH_TOKEN", None)
+
+    def driver(wait: float) -> str:
+        done = subprocess.run([sys.executable, "-c", _OLD_DAEMONS, cluster.address, NAMESPACE, idle, busy, str(wait)],
+                              capture_output=True, text=True, env=env, timeout=wait + 120)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout
+
+    driver(0)
+    # The agent sweeps the cluster every 15 s: within a few sweeps the idle one is gone.
+    found = json.loads(driver(90).strip().splitlines()[-1])
+    agent_log = (ws.home / "agent.log").read_text()
+    assert found == {"idle": False, "busy": True}, f"{found}\n{agent_log[-3000:]}"
+    assert f"ended the node daemon {idle} (other dockyard code, following no run)" in agent_log
+    assert busy not in agent_log
+
+
 def kill_the_agent_once(ws, log: Path, text: str) -> None:
     """kill -9 the agent once ``text`` is in the run's log; the run goes on on its nodes meanwhile."""
     from dockyard.compute import agent_status
