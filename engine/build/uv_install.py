@@ -418,10 +418,11 @@ def install(uv: Uv, python: str, resolved: str, *, mode: str, extra: list, work:
 
     ``have``: what the environment holds (default: ``uv pip freeze`` says); ``meanwhile``: work on
     the environment running alongside the install (the seeds' bytecode), joined before the check;
-    ``new_cache``: the download cache held nothing when this build began (:func:`cache_is_empty`), or
-    it is uv's throwaway one (``--fresh``), so no file can come from a damaged entry and the check is left out (it hashes every installed
-    byte: 0.56 s of the digits example's cold build, measured); ``store``: the download cache whose
-    compiled modules are reused (:func:`compile_bytecode`; None: none).
+    ``new_cache``: the download cache held nothing when this build began (:func:`cache_is_empty`),
+    or it is uv's throwaway one (``--fresh``), so no file can come from a damaged entry and the
+    check is left out (it hashes every installed byte: 0.56 s of the digits example's cold build,
+    measured); ``store``: the download cache whose compiled modules are reused
+    (:func:`compile_bytecode`; None: none).
     """
     clock = clock or Clock()
     dirs = site_dirs(python)
