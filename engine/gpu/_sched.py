@@ -1212,6 +1212,12 @@ class _Bucket:
         return iter(self.by_submit)
 
 
+def _queue_place(entry: tuple, c: float, cap: float) -> tuple:
+    """The queue place of a submit-ordered entry, as :meth:`_Bucket.ordered` gives it."""
+    (prio, submitted, run_id), limit, _ = entry
+    return (prio, submitted + min(c * limit, cap) if c else submitted, submitted, run_id)
+
+
 def _work_ms(request: GpuRequest) -> int:
     """What a run adds to its bucket's work: GPUs x time limit in ms (0 without a limit)."""
     limit = request.time_limit_s
@@ -1502,9 +1508,8 @@ def plan(
         # waiting, each when a young run of its shape came to be placed ahead of the holder.
         first = _next_untaken(iter(b), taken)
         if first is not None and first[2] is not w and _mature(policy, now, first[2], at, guess):
-            (prio, submitted, run_id), limit, older = first
-            place = (prio, submitted + min(c * limit, cap) if c else submitted, submitted, run_id)
-            heapq.heappush(fronts, (rank((place, limit), b.account), n, (place, limit, older), iter(())))
+            placed = (_queue_place(first, c, cap), first[1], first[2])
+            heapq.heappush(fronts, (rank(placed, b.account), n, placed, iter(())))
     if head is not None:
         head_avail = avail
         taken.add(head.run_id)
@@ -1619,9 +1624,7 @@ def plan(
             return at, guess
 
         def ahead_of_head(entry: tuple, bucket: _Bucket) -> bool:
-            (prio, submitted, run_id), limit, _ = entry
-            place = (prio, submitted + min(c * limit, cap) if c else submitted, submitted, run_id)
-            return rank((place, limit), bucket.account) < head_rank
+            return rank((_queue_place(entry, c, cap), entry[1]), bucket.account) < head_rank
 
         def guarded(entry: tuple) -> tuple[Waiting, float] | None:
             # The young run (and its guard) that kept a run which fits now from starting.
