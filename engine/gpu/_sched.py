@@ -1152,6 +1152,11 @@ class _Index:
 
     def within(self, low: float, high: float) -> Iterator[tuple]:
         """Entries whose time limit is in ``(low, high]``, in key order (lazily)."""
+        if low >= high:
+            # Empty: without this a block whose limits straddle the interval would be read
+            # through (ordered() asks for such pieces when a limit range falls on one side of
+            # the short-first split; measured: 1,800 entries read per slow decision).
+            return
         for k, block in enumerate(self.blocks):
             if self.highs[k] <= low or self.lows[k] > high:
                 continue
