@@ -151,7 +151,15 @@ Queue policy (:func:`plan`, settings in :class:`Policy`)
     8.1e6, 1.2e7 of it behind 8-GPU reservations whose gap no queued run fits (short-first has
     started the short ones), and the makespan grew by one 8-GPU run of 1.3e6 s started last.
     Kept from that round: a young front no longer hides an older run of its shape (73 misses, 22
-    on the whole traces).
+    on the whole traces). Then, from 73: the threshold from the reserved GPUs' idle area less the
+    queued work that could fill it before the reservation (79); running runs' ends scaled for it
+    by the median of runtime / time limit over the last 200 runs to end, so 2x limits reserve as
+    1x do (78: max wait fixed in 6 cells, utilisation lost in 8, as over-estimated limits still
+    backfill less); the guard capped at k x the drain past the earliest start (k = 0.5, 1, 1.5,
+    2, 2.5: 83, 83, 74, 72, 72); the gap filled longest limit first within a width (83); the
+    oldest run reserving after 1x or 2x its drain (77, 75). Where the idle goes (multigpu50-like
+    list, load 0.5, 1x): 1.33e8 GPU-s with runs waiting, none reserving and none fitting (skip-
+    ahead's whole idle while runs wait: 1.48e8) and 2.6e7 behind 8-GPU reservations.
 
 Cost (:class:`RunQueue`)
     The queue is kept in buckets, one per request shape (GPU count, memory, name filter, with or
