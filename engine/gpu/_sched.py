@@ -157,9 +157,15 @@ Queue policy (:func:`plan`, settings in :class:`Policy`)
     1x do (78: max wait fixed in 6 cells, utilisation lost in 8, as over-estimated limits still
     backfill less); the guard capped at k x the drain past the earliest start (k = 0.5, 1, 1.5,
     2, 2.5: 83, 83, 74, 72, 72); the gap filled longest limit first within a width (83); the
-    oldest run reserving after 1x or 2x its drain (77, 75). Where the idle goes (multigpu50-like
-    list, load 0.5, 1x): 1.33e8 GPU-s with runs waiting, none reserving and none fitting (skip-
-    ahead's whole idle while runs wait: 1.48e8) and 2.6e7 behind 8-GPU reservations.
+    oldest run reserving after 1x or 2x its drain (77, 75); a reservation kept against runs
+    submitted after its holder that are placed ahead of it (76). Where the idle goes
+    (multigpu50-like list, load 0.5, 1x): 1.33e8 GPU-s with runs waiting, none reserving and none
+    fitting (skip-ahead's whole idle while runs wait: 1.48e8) and 2.6e7 behind 8-GPU
+    reservations. Over 120 cells (three more lists of the kind: the default list with 30 % of its
+    GPUs asked by multi-GPU runs, multigpu20 with 30 % and 40 %; 97 misses):
+    ``short_first_window`` 0.5 or 0.9 (99, 100; 0.9 meets the default variant's mean wait goal
+    at 0.9, 0.24x -> 1.12x skip-ahead's, and loses 12 goals at 0.7), and the window x 3 or x 0.5
+    for runs of 2, 4 or 8 GPUs or more (100-123).
 
 Cost (:class:`RunQueue`)
     The queue is kept in buckets, one per request shape (GPU count, memory, name filter, with or
