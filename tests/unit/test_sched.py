@@ -951,3 +951,26 @@ def test_plan_over_a_long_queue_reads_only_what_it_may_start():
     p = plan(0.0, DGX, frozenset(U[6:]), rq, running, policy=EASY)
     assert started(p) == {"short": [6, 7]}
     assert p.reservation == Reservation("big", 100.0, tuple(U))
+
+
+def test_an_empty_time_limit_range_reads_no_entry():
+    # ordered() asks for pieces of a range cut at the short-first split, which are often empty;
+    # every block holding both short and long limits straddles such a piece, and reading it
+    # through cost 1,800 entries per decision on multigpu20 with random limits.
+    class Counted(list):
+        reads = 0
+
+        def __iter__(self):
+            for e in super().__iter__():
+                Counted.reads += 1
+                yield e
+
+    index = _sched._Index()
+    for i in range(1000):
+        index.add(((0, float(i), f"r{i:04}"), 1.0 if i % 2 else 100.0, None))
+    assert len(index.blocks) > 5
+    index.blocks = [Counted(b) for b in index.blocks]
+    assert list(index.within(50.0, 40.0)) == [] and list(index.within(50.0, 50.0)) == []
+    assert Counted.reads == 0
+    short = [e[0][2] for e in index.within(0.0, 1.0)]
+    assert short == [f"r{i:04}" for i in range(1, 1000, 2)]
