@@ -321,3 +321,38 @@ def test_time_limit_variants_are_parsed_and_bad_ones_refused():
     for bad in ("0.5", "often", "nan"):
         with pytest.raises(argparse.ArgumentTypeError):
             sim.parse_limits(bad)
+
+
+def test_the_grid_counts_the_goals_missed_over_every_slice_and_variant(tmp_path: Path):
+    # The grid replays both lists whole and in halves plus four variants (or four hold-out
+    # lists), at four loads under each limit variant, and sums what its cells missed.
+    traces = tmp_path / "traces"
+    traces.mkdir()
+    _write_trace(traces / "openb_pod_list_default.csv", n=240, seed=3)
+    _write_trace(traces / "openb_pod_list_multigpu20.csv", n=240, seed=4)
+    grid = ROOT / "benchmarks" / "scheduler_grid.py"
+    goals = {"utilisation >= both", "mean wait <= both", ">=4-GPU mean wait <= both", "max wait <= both",
+             "utilisation within 1% of the better", "mean wait within 10% of skip_ahead"}
+    for extra, slices in (([], 10), (["--holdout"], 4)):
+        done = subprocess.run([sys.executable, str(grid), "--traces", str(traces), "--time-limit-factor", "1", "2",
+                               "--jobs", "2", "--json", *extra], capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr
+        doc = json.loads(done.stdout)
+        assert doc["benchmark"] == "scheduler_grid" and doc["holdout"] == bool(extra)
+        assert len(doc["traces"]) == slices
+        cells = [c for t in doc["traces"] for c in t["cells"]]
+        assert len(cells) == slices * 4 * 2
+        assert {(c["load"], c["limits"]) for c in cells} == {(x, y) for x in (0.3, 0.5, 0.7, 0.9) for y in ("1x", "2x")}
+        assert all(set(c["missed"]) <= goals for c in cells)
+        total = doc["total"]
+        assert total["cells"] == len(cells)
+        assert total["goals_missed"] == sum(len(c["missed"]) for c in cells) == sum(total["by_goal"].values())
+        assert total["cells_all_met"] == sum(not c["missed"] for c in cells)
+    names = [t["trace"] for t in json.loads(done.stdout)["traces"]]
+    assert names == ["default-mg20", "default-mg40", "multigpu25-like", "multigpu50-seed51"]
+    missing = subprocess.run([sys.executable, str(grid), "--traces", str(tmp_path / "none")],
+                             capture_output=True, text=True, timeout=60)
+    assert missing.returncode != 0 and "openb_pod_list_default.csv: not found" in missing.stderr
+    bad = subprocess.run([sys.executable, str(grid), "--traces", str(traces), "--jobs", "0"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--jobs" in bad.stderr
