@@ -109,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error("--jobs must be >= 1")
+    try:
+        policy = sim.QueuePolicy.from_env(os.environ)
+    except sim.InputError as exc:  # a bad DOCKYARD_* setting, named by the error
+        parser.error(str(exc))
     with tempfile.TemporaryDirectory(prefix="dockyard-grid-") as tmp:
         replays = grid(Path(args.traces), Path(tmp), args.holdout)
         with ProcessPoolExecutor(min(args.jobs, len(replays))) as pool:
@@ -123,11 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     total = {"goals_missed": missed, "cells": len(cells), "cells_all_met": met, "by_goal": by_goal,
              "latency_goal_met": all(r["latency_goal"] for r in results)}
     if args.json:
-        json.dump({"benchmark": "scheduler_grid", "holdout": args.holdout, "policy": str(sim.QueuePolicy.from_env(os.environ)),
+        json.dump({"benchmark": "scheduler_grid", "holdout": args.holdout, "policy": str(policy),
                    "traces": results, "total": total}, sys.stdout)
         sys.stdout.write("\n")
         return 0
-    print(f"queue policy {sim.QueuePolicy.from_env(os.environ)}")
+    print(f"queue policy {policy}")
     print(f"{'trace':<22}{'cells met':>10}{'missed':>8}  missed goals (limits @load)")
     for r in results:
         n = sum(len(c["missed"]) for c in r["cells"])

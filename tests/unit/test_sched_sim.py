@@ -6,6 +6,7 @@ import argparse
 import csv
 import importlib.util
 import json
+import os
 import random
 import re
 import subprocess
@@ -356,3 +357,6 @@ def test_the_grid_counts_the_goals_missed_over_every_slice_and_variant(tmp_path:
     bad = subprocess.run([sys.executable, str(grid), "--traces", str(traces), "--jobs", "0"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--jobs" in bad.stderr
+    setting = subprocess.run([sys.executable, str(grid), "--traces", str(traces)], capture_output=True, text=True,
+                             timeout=60, env={**os.environ, "DOCKYARD_RESERVE_FACTOR": "abc"})
+    assert setting.returncode == 2 and "DOCKYARD_RESERVE_FACTOR" in setting.stderr
