@@ -161,14 +161,15 @@ Queue policy (:func:`plan`, settings in :class:`Policy`)
     submitted after its holder that are placed ahead of it (76). Where the idle goes
     (multigpu50-like list, load 0.5, 1x): 1.33e8 GPU-s with runs waiting, none reserving and none
     fitting (skip-ahead's whole idle while runs wait: 1.48e8) and 2.6e7 behind 8-GPU
-    reservations. Over 120 cells (three more lists of the kind: the default list with 30 % of its
-    GPUs asked by multi-GPU runs, multigpu20 with 30 % and 40 %; 97 misses):
+    reservations. Over 120 cells (``benchmarks/scheduler_grid.py``: three more lists of the kind,
+    the default list with 30 % of its GPUs asked by multi-GPU runs, multigpu20 with 30 % and 40 %;
+    97 misses):
     ``short_first_window`` 0.5 or 0.9 (99, 100; 0.9 meets the default variant's mean wait goal
     at 0.9, 0.24x -> 1.12x skip-ahead's, and loses 12 goals at 0.7), and the window x 3 or x 0.5
     for runs of 2, 4 or 8 GPUs or more (100-123); only the oldest waiting run reserving, after
     0.5x or 0.75x its drain, or also any run after 3x (93, 92, 91: the three lists 24 -> 13-15,
     the whole shared traces 22 -> 26-28), which a hold-out of four lists made only to check it
-    (the default list with 20 % and 40 % multi-GPU, multigpu20 with 25 % and 50 %, new seeds;
+    (``--holdout``: the default list with 20 % and 40 % multi-GPU, multigpu20 with 25 % and 50 %, new seeds;
     48 cells) did not bear out: 38 misses (0.5x) and 35 (0.75x, any run after 3x) against 35.
 
 Cost (:class:`RunQueue`)
