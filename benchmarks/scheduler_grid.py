@@ -90,7 +90,7 @@ def replay(job: tuple[Replay, list[float | str | None]]) -> dict[str, Any]:
     """Replay one slice under every limit variant; its cells' goals (run in a worker process)."""
     r, limits = job
     args = argparse.Namespace(trace=str(r.trace), gpus=8, nodes=1, load=list(LOADS), skip=r.skip, limit=r.limit,
-                              times=str(r.times), time_limit_factor=limits, workspaces=1, json=True)
+                              times=str(r.times), time_limit_factor=limits, workspaces=1)
     doc = sim.run(args)
     cells = [{"load": c["load"], "limits": sim.limits_label(c["limits"]),
               "missed": [goal for goal, met in c["goals"].items() if not met]} for c in doc["_cells"]]
