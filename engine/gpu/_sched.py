@@ -913,6 +913,7 @@ class Plan:
 
 
 ENV_RESERVE_FACTOR = "DOCKYARD_RESERVE_FACTOR"
+ENV_RESERVE_OLDEST_FACTOR = "DOCKYARD_RESERVE_OLDEST_FACTOR"
 ENV_RESERVE_UNKNOWN_S = "DOCKYARD_RESERVE_UNKNOWN_S"
 ENV_RESERVE_UNKNOWN_FACTOR = "DOCKYARD_RESERVE_UNKNOWN_FACTOR"
 ENV_SHORT_FIRST = "DOCKYARD_SHORT_FIRST"
@@ -932,6 +933,13 @@ class Policy:
             the GPUs it needs are free. 0 reserves at once (classic EASY backfill). Until then
             a run behind it may take those GPUs only if it ends by its earliest start plus the
             time it still has to wait (its guard: no single long run moves its start far).
+        reserve_oldest_factor: None (the default), or the same as ``reserve_factor`` for the run
+            that has waited longest of the queue (submitted first among the runs that can ever
+            start here): it reserves once it has waited this many times its drain (or
+            ``reserve_factor`` times, if that is less). The oldest run's wait is the queue's
+            longest; reserving for it sooner bounds the longest wait, at the cost of more
+            drains. Off by default: it helps where wide runs are common and costs where they
+            are rare (see the comment at the field).
         reserve_unknown_factor: when the drain is unknown (a run it waits for has no time
             limit), it is guessed: a run without a limit that has run for x seconds is taken to
             end x seconds from now. The run reserves once it has waited this many times the
@@ -996,6 +1004,17 @@ class Policy:
     # runs without a limit and the rest over-estimated 1-5x (the replay's "mixed"), 28 cells:
     # 101 misses reserving at once, 57 with the guess.
     reserve_unknown_factor: float = 30.0
+    # Last, so positional construction of the earlier fields keeps its meaning. Measured with
+    # benchmarks/scheduler_grid.py, goals missed over the grid / its hold-out / the data set's
+    # real multigpu30-50 lists / its gpushare40, gpuspec33 and cpu250 lists (default-like) /
+    # the two shared lists whole (120 / 48 / 36 / 36 / 24 cells): off (3 drains, as any run):
+    # 97 / 35 / 20 / 20 / 10; 0.75: 92 / 35 / 14 / 24 / 14; 0.5: 94 / 36 / 14; 1: 95 / 35 / 14
+    # / - / 16; 2: 93 / 40 / 16 / - / 11; 2.5: 96 / 37 / 16 / - / 10. At 0.75 the max-wait misses
+    # on the grid fall 31 -> 24 and multi-GPU-heavy lists gain, but the default list loses its
+    # 1x goals at 0.7 and 0.9 (mean wait 0.67x skip-ahead's at 0.7: the oldest run is often a
+    # wide one, and reserving for it sooner drains the node more often). No single value wins
+    # across kinds of workload, so it is a setting for boxes where wide runs are common.
+    reserve_oldest_factor: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("reserve_factor", "reserve_unknown_factor", "reserve_unknown_s", "short_first",
@@ -1006,12 +1025,17 @@ class Policy:
         if not _finite(self.short_first_window) or not 0 <= self.short_first_window < 1:
             raise InputError(f"short_first_window must be a number in [0, 1), got {self.short_first_window!r}",
                              hint="below 1 the oldest run is never passed by a later one")
+        rof = self.reserve_oldest_factor
+        if rof is not None and (not _finite(rof) or rof < 0):
+            raise InputError(f"reserve_oldest_factor must be a number >= 0 or None, got {rof!r}",
+                             hint="None gives the oldest run reserve_factor, as any other")
         if not isinstance(self.fair_share, bool):
             raise InputError(f"fair_share must be True or False, got {self.fair_share!r}")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Policy:
-        """The policy set by ``DOCKYARD_RESERVE_FACTOR``, ``DOCKYARD_RESERVE_UNKNOWN_FACTOR``,
+        """The policy set by ``DOCKYARD_RESERVE_FACTOR``, ``DOCKYARD_RESERVE_OLDEST_FACTOR``,
+        ``DOCKYARD_RESERVE_UNKNOWN_FACTOR``,
         ``DOCKYARD_RESERVE_UNKNOWN_S``, ``DOCKYARD_SHORT_FIRST``, ``DOCKYARD_SHORT_FIRST_WINDOW``,
         ``DOCKYARD_SHORT_FIRST_BACKLOG`` and ``DOCKYARD_FAIR_SHARE`` (``1``/``0``) in ``environ``;
         one unset or empty keeps its default.
@@ -1020,7 +1044,8 @@ class Policy:
             InputError: a value is not a number (a flag not 0/1/true/false) or is out of range.
         """
         kwargs: dict[str, object] = {}
-        numbers = ((ENV_RESERVE_FACTOR, "reserve_factor"), (ENV_RESERVE_UNKNOWN_S, "reserve_unknown_s"),
+        numbers = ((ENV_RESERVE_FACTOR, "reserve_factor"), (ENV_RESERVE_OLDEST_FACTOR, "reserve_oldest_factor"),
+                   (ENV_RESERVE_UNKNOWN_S, "reserve_unknown_s"),
                    (ENV_RESERVE_UNKNOWN_FACTOR, "reserve_unknown_factor"),
                    (ENV_SHORT_FIRST, "short_first"), (ENV_SHORT_FIRST_WINDOW, "short_first_window"),
                    (ENV_SHORT_FIRST_BACKLOG, "short_first_backlog"))
@@ -1067,14 +1092,25 @@ def _reserve(t: _Tables, avail: int, request: GpuRequest, known: list[tuple[floa
     return None, 0
 
 
-def _mature(policy: Policy, now: float, run: Waiting, at: float | None, guess: float | None = None) -> bool:
+def _factor(policy: Policy, run: Waiting, oldest: float) -> float:
+    """How many drains ``run`` waits before it reserves: ``reserve_oldest_factor`` when set (at
+    most ``reserve_factor``) for a run submitted at ``oldest`` (the queue's oldest that can ever
+    start here), else ``reserve_factor``."""
+    if policy.reserve_oldest_factor is not None and run.submitted <= oldest:
+        return min(policy.reserve_factor, policy.reserve_oldest_factor)
+    return policy.reserve_factor
+
+
+def _mature(policy: Policy, now: float, run: Waiting, at: float | None, guess: float | None = None,
+            oldest: float = -math.inf) -> bool:
     """Whether ``run``, which does not fit now and could start at ``at``, has waited long enough
     to reserve: ``reserve_factor`` times its drain (ski rental: wait as long as reserving would
-    cost, then reserve). When ``at`` is unknown, ``reserve_unknown_factor`` times the drain
-    guessed from the time the runs without a limit have run so far (``guess``, the start it
-    gives), at least ``reserve_unknown_s``."""
+    cost, then reserve), ``reserve_oldest_factor`` times when it is the oldest run (submitted at
+    ``oldest``). When ``at`` is unknown, ``reserve_unknown_factor`` times the drain guessed
+    from the time the runs without a limit have run so far (``guess``, the start it gives), at
+    least ``reserve_unknown_s``."""
     if at is not None:
-        threshold = policy.reserve_factor * (at - now)
+        threshold = _factor(policy, run, oldest) * (at - now)
     elif guess is not None:
         threshold = max(policy.reserve_unknown_s, policy.reserve_unknown_factor * (guess - now))
     else:
@@ -1083,7 +1119,7 @@ def _mature(policy: Policy, now: float, run: Waiting, at: float | None, guess: f
     return threshold <= 0 or now - run.submitted >= threshold
 
 
-def _guard(policy: Policy, now: float, run: Waiting, at: float | None) -> float | None:
+def _guard(policy: Policy, now: float, run: Waiting, at: float | None, oldest: float = -math.inf) -> float | None:
     """Until when a run ranked behind ``run`` (young: it does not fit and has not waited long
     enough to reserve) may hold the GPUs ``run`` would start on at ``at``: ``at`` plus the time
     ``run`` still has to wait before it reserves. None when ``at`` is unknown (nothing to
@@ -1097,7 +1133,7 @@ def _guard(policy: Policy, now: float, run: Waiting, at: float | None) -> float 
     shrinks as it ages and is nil when it reserves: the reservation takes over seamlessly."""
     if at is None:
         return None
-    return at + max(0.0, policy.reserve_factor * (at - now) - (now - run.submitted))
+    return at + max(0.0, _factor(policy, run, oldest) * (at - now) - (now - run.submitted))
 
 
 _ORDER = attrgetter("_order")
@@ -1413,9 +1449,12 @@ def plan(
     # backlog short runs go first, an idle queue stays in submit order, and (below 1) the oldest
     # run is never passed by a run submitted after it.
     oldest = now
+    oldest_entry: tuple | None = None  # its submit-ordered entry, and its bucket
+    oldest_bucket: _Bucket | None = None
     for submitted, run_id in rq._submits:
-        if rq._entries[run_id][2].request._never(t) is None:  # a run that may ever start here
-            oldest = submitted
+        entry, _, bucket = rq._entries[run_id]
+        if bucket.request._never(t) is None:  # a run that may ever start here
+            oldest, oldest_entry, oldest_bucket = submitted, entry, bucket
             break
     cap = policy.short_first_window * max(0.0, now - oldest) if c else 0.0
     if c and policy.short_first_backlog:
@@ -1516,13 +1555,13 @@ def plan(
             continue
         at, mask = reserve(w.request)
         guess = _reserve(t, avail, w.request, sorted(known + aged))[0] if at is None and aged else None
-        if _mature(policy, now, w, at, guess):
+        if _mature(policy, now, w, at, guess, oldest):
             head, head_rank, res_mask = w, current, mask
             res = Reservation(w.run_id, at, _uuids(t, mask) if at is not None else ())
             break
         heapq.heappop(fronts)
         young.add(b.key)
-        guard = _guard(policy, now, w, at)
+        guard = _guard(policy, now, w, at, oldest)
         if guard is not None:
             guards.append((guard - now, mask, w))
         # A shorter run placed ahead of older ones of its shape (short-first) must not cost them
@@ -1530,10 +1569,16 @@ def plan(
         # first to be old enough, and it is looked at again at its own place. Measured: without
         # this, 404 reservations on the default trace (1x limits) were given up by runs still
         # waiting, each when a young run of its shape came to be placed ahead of the holder.
+        # The oldest run of the queue may reserve sooner (reserve_oldest_factor): when it is of this
+        # shape, it is looked at too (it is the bucket's first unless a priority is above it).
         first = _next_untaken(iter(b), taken)
-        if first is not None and first[2] is not w and _mature(policy, now, first[2], at, guess):
-            placed = (_queue_place(first, c, cap), first[1], first[2])
-            heapq.heappush(fronts, (rank(placed, b.account), n, placed, iter(())))
+        again = [first] if first is not None and first[2] is not w else []
+        if oldest_bucket is b and oldest_entry is not first and oldest_entry[2] is not w:  # type: ignore[index]
+            again.append(oldest_entry)
+        for e in again:
+            if e[2].run_id not in taken and _mature(policy, now, e[2], at, guess, oldest):
+                placed = (_queue_place(e, c, cap), e[1], e[2])
+                heapq.heappush(fronts, (rank(placed, b.account), n, placed, iter(())))
     if head is not None:
         head_avail = avail
         taken.add(head.run_id)
@@ -1660,7 +1705,7 @@ def plan(
             return None
 
         return _explain(now, t, policy, head, res, frozenset(_uuids(t, head_avail)), frozenset(_uuids(t, avail)),
-                        young, drain, ahead_of_head, guarded, waiting)
+                        young, drain, ahead_of_head, guarded, waiting, oldest)
 
     return Plan(tuple((run_id, _uuids(t, chosen)) for _, run_id, chosen in starts), res, explain)
 
@@ -1689,7 +1734,7 @@ def _after(now: float, at: float) -> str:
 def _explain(
     now: float, t: _Tables, policy: Policy, head: Waiting | None, res: Reservation | None,
     head_avail: frozenset[str], avail: frozenset[str], young: set[tuple], drain, ahead_of_head, guarded,
-    waiting: Iterable[tuple[tuple, _Bucket]],
+    waiting: Iterable[tuple[tuple, _Bucket]], oldest: float,
 ) -> dict[str, str]:
     said: dict[tuple, str] = {}
     out: dict[str, str] = {}
@@ -1720,7 +1765,7 @@ def _explain(
             continue
         if head is None or (bucket.key in young and ahead_of_head(entry, bucket)):
             # Passed over without a reservation: it did not fit and had not waited long enough.
-            out[w.run_id] = _young_reason(now, t, policy, w, avail, drain, said)
+            out[w.run_id] = _young_reason(now, t, policy, w, avail, drain, said, _factor(policy, w, oldest))
             continue
         limit = req.time_limit_s
         in_gap = res.at is not None and limit is not None and now + limit <= res.at  # type: ignore[union-attr]
@@ -1731,10 +1776,12 @@ def _explain(
     return out
 
 
-def _young_reason(now: float, t: _Tables, policy: Policy, w: Waiting, avail: frozenset[str], drain, said: dict) -> str:
+def _young_reason(
+    now: float, t: _Tables, policy: Policy, w: Waiting, avail: frozenset[str], drain, said: dict, factor: float
+) -> str:
     req = w.request
     have = (req._eligible_mask(t) & _free_mask(t, avail)).bit_count() if avail else 0
-    kind = ("young", req._fkey, have)  # type: ignore[attr-defined]
+    kind = ("young", req._fkey, have, factor)  # type: ignore[attr-defined]
     text = said.get(kind)
     if text is None:
         at, guess = drain(req)
@@ -1747,8 +1794,9 @@ def _young_reason(now: float, t: _Tables, policy: Policy, w: Waiting, avail: fro
             rule = (f"it reserves GPUs once it has waited {policy.reserve_unknown_s:.0f}s "
                     "(its start time is unknown: a run it waits for has no time limit)")
         else:
-            rule = (f"it reserves GPUs once it has waited {policy.reserve_factor:g}x the time they take "
-                    f"to free up (they would be free from {_after(now, at)})")
+            oldest = " (the oldest run waiting)" if factor < policy.reserve_factor else ""
+            rule = (f"it reserves GPUs once it has waited {factor:g}x the time they take "
+                    f"to free up{oldest} (they would be free from {_after(now, at)})")
         text = f"needs {_plural(req.count)}{req._qualifiers()}; {have} free; smaller runs may start first until {rule}"
         said[kind] = text
     return text

@@ -707,6 +707,44 @@ def test_a_young_run_that_does_not_fit_reserves_nothing_and_small_runs_flow():
     assert p.starts == () and p.reservation == Reservation("big", 390.0, tuple(U))
 
 
+def test_the_oldest_run_waiting_reserves_after_fewer_drains():
+    # 6 GPUs busy until t=100. "old" (8 GPUs) was submitted first; "urgent" (8 GPUs of >= 1 MiB,
+    # another shape, and a higher priority, so ranked ahead of it) later. At t=40 (drain 60 s)
+    # neither reserves: "old" would
+    # after 0.75 x 60 = 45 s, "urgent" after 3 x 60. Each guards the GPUs: "old" until t=100 + 45
+    # - 40 = 105, "urgent" until t=100 + 180 - 35 = 245, so a 1-GPU run ending at t=100 starts and
+    # one ending at t=106 does not.
+    running = [Active("busy", tuple(U[:6]), 100.0)]
+    queue = [Waiting("old", req(8, limit=1000), 0.0), Waiting("urgent", req(8, limit=1000, priority=1, min_memory_mib=1), 5.0),
+             Waiting("small", req(1, limit=60), 6.0), Waiting("small2", req(1, limit=66), 7.0)]
+    policy = Policy(reserve_oldest_factor=0.75, fair_share=False)
+    p = plan(40.0, DGX, frozenset(U[6:]), queue, running, policy)
+    assert list(started(p)) == ["small"] and p.reservation is None
+    assert "waited 0.75x the time they take to free up (the oldest run waiting)" in p.reasons["old"]
+    assert "waited 3x the time they take to free up (they" in p.reasons["urgent"]
+    assert p.reasons["small2"].startswith("its time limit ends after t+65s, and run old")
+    # At t=50 (drain 50 s) "old" has waited 50 s >= 0.75 x 50 and reserves; "urgent" (45 s < 150)
+    # does not, though ranked ahead. Nothing may end after the reservation on its GPUs.
+    p = plan(50.0, DGX, frozenset(U[6:]), queue, running, policy)
+    assert p.reservation == Reservation("old", 100.0, tuple(U)) and p.starts == ()
+    # By default the oldest run waits three drains like the others: nothing reserves yet and the
+    # small runs flow (both end by the guards, t=200 and t=205).
+    p = plan(50.0, DGX, frozenset(U[6:]), queue, running, Policy(fair_share=False))
+    assert p.reservation is None and sorted(started(p)) == ["small", "small2"]
+    # The oldest's factor is never more than reserve_factor's: with 5 (and reserve_factor 3) it
+    # still reserves after 3 drains, like any run (at t=150, drain 50 s: "old" has waited 150 s,
+    # "urgent" 145 s).
+    assert plan(50.0, DGX, frozenset(U[6:]), queue, running,
+                Policy(reserve_oldest_factor=5.0, fair_share=False)).reservation is None
+    late = plan(150.0, DGX, frozenset(U[6:]), queue, [Active("busy", tuple(U[:6]), 200.0)],
+                Policy(reserve_oldest_factor=5.0, fair_share=False))
+    assert late.reservation == Reservation("old", 200.0, tuple(U))
+    # Of one shape, the higher-priority run is its front; the oldest behind it is still looked at.
+    queue[1] = Waiting("urgent", req(8, limit=1000, priority=1), 5.0)
+    p = plan(50.0, DGX, frozenset(U[6:]), queue, running, policy)
+    assert p.reservation == Reservation("old", 100.0, tuple(U)) and p.starts == ()
+
+
 def test_a_young_run_placed_ahead_does_not_hide_an_older_run_of_its_shape_that_may_reserve():
     # Two 8-GPU runs; 6 GPUs busy until t=4600 (drain 1000 s at t=3600: reserve after 3000 s).
     # "old" waited 3600 s (placed at 0 + min(30 x 10000, 0.25 x 3600) = 900), "young" 2900 s
@@ -849,8 +887,8 @@ def test_policy_is_validated_and_read_from_the_environment():
     assert Policy.from_env({}) == Policy()
     env = {"DOCKYARD_RESERVE_FACTOR": "1.5", "DOCKYARD_RESERVE_UNKNOWN_S": "60", "DOCKYARD_SHORT_FIRST": "0",
            "DOCKYARD_SHORT_FIRST_WINDOW": "0.5", "DOCKYARD_FAIR_SHARE": "0", "DOCKYARD_SHORT_FIRST_BACKLOG": "2",
-           "DOCKYARD_RESERVE_UNKNOWN_FACTOR": "5"}
-    assert Policy.from_env(env) == Policy(1.5, 60.0, 0.0, 0.5, False, 2.0, 5.0)
+           "DOCKYARD_RESERVE_UNKNOWN_FACTOR": "5", "DOCKYARD_RESERVE_OLDEST_FACTOR": "0.5"}
+    assert Policy.from_env(env) == Policy(1.5, 60.0, 0.0, 0.5, False, 2.0, 5.0, 0.5)
     for env, words in [({"DOCKYARD_RESERVE_FACTOR": "soon"}, "not a number"),
                        ({"DOCKYARD_SHORT_FIRST_WINDOW": "1"}, "out of range"),
                        ({"DOCKYARD_RESERVE_UNKNOWN_S": "-1"}, "out of range"),
@@ -858,6 +896,8 @@ def test_policy_is_validated_and_read_from_the_environment():
                        ({"DOCKYARD_RESERVE_UNKNOWN_FACTOR": "often"}, "not a number"),
                        ({"DOCKYARD_SHORT_FIRST_BACKLOG": "-4"}, "out of range"),
                        ({"DOCKYARD_SHORT_FIRST_BACKLOG": "deep"}, "not a number"),
+                       ({"DOCKYARD_RESERVE_OLDEST_FACTOR": "-1"}, "out of range"),
+                       ({"DOCKYARD_RESERVE_OLDEST_FACTOR": "early"}, "not a number"),
                        ({"DOCKYARD_FAIR_SHARE": "maybe"}, "must be 1 or 0")]:
         with pytest.raises(InputError, match=words):
             Policy.from_env(env)
