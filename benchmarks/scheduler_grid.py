@@ -3,7 +3,7 @@
 one number a policy change is judged by (a change moves misses between cells; one cell says little).
 
     python benchmarks/scheduler_grid.py [--traces ../shared/traces] [--time-limit-factor 1 2 random]
-        [--holdout] [--jobs N] [--json]
+        [--holdout] [--extra FILE ...] [--jobs N] [--json]
 
 The grid: ``openb_pod_list_default.csv`` and ``openb_pod_list_multigpu20.csv`` whole and in
 halves (the first and second half of their usable rows, ``scheduler_sim.py --limit`` and
@@ -12,7 +12,10 @@ multi-GPU pods, and the default list and multigpu20 with 30-40 %), each replayed
 0.5, 0.7 and 0.9 under each time-limit variant on one 8-GPU node. ``--holdout`` replays four
 more lists instead (the default list with 20 % and 40 %, multigpu20 with 25 % and 50 %, other
 seeds), kept apart to check a change the grid favours before it is kept: the grid has been looked
-at while the policy was tuned, the hold-out has not. The policy's settings come from the
+at while the policy was tuned, the hold-out has not. ``--extra`` adds other pod lists, replayed
+whole (a list without time columns borrows them from the default list, as multigpu20 does): the
+data set's other lists (``multigpu30``-``50``, ``gpushare*``, ``gpuspec*``, ``cpu*``) are
+real workloads of the kind, when they are at hand. The policy's settings come from the
 environment as the agent reads them (``DOCKYARD_RESERVE_FACTOR=5 python benchmarks/...``).
 """
 
@@ -69,8 +72,9 @@ def _variant(name: str, source: Path, share: float, seed: int, folder: Path) -> 
     return out
 
 
-def grid(traces: Path, folder: Path, holdout: bool) -> list[Replay]:
-    """The replays of the grid (or of the hold-out), variants written under ``folder``."""
+def grid(traces: Path, folder: Path, holdout: bool, extra: tuple[Path, ...] = ()) -> list[Replay]:
+    """The replays of the grid (or of the hold-out), variants written under ``folder``, then the
+    ``extra`` lists whole."""
     for name in (DEFAULT, MULTIGPU20):
         if not (traces / name).is_file():
             raise SystemExit(f"{traces / name}: not found; pass --traces, the folder holding the openb pod lists")
@@ -83,6 +87,7 @@ def grid(traces: Path, folder: Path, holdout: bool) -> list[Replay]:
                     Replay(f"{label} 2nd half", traces / name, times, skip=half)]
     for label, source, share, seed in HOLDOUT if holdout else VARIANTS:
         out.append(Replay(label, _variant(label, traces / source, share, seed, folder), times))
+    out += [Replay(path.stem.removeprefix("openb_pod_list_"), path, times) for path in extra]
     return out
 
 
@@ -104,17 +109,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--time-limit-factor", type=sim.parse_limits, nargs="+", default=[1.0, 2.0, "random"],
                         help="as scheduler_sim.py's (default: 1 2 random)")
     parser.add_argument("--holdout", action="store_true", help="replay the hold-out lists instead of the grid")
+    parser.add_argument("--extra", type=Path, nargs="+", default=[], metavar="FILE",
+                        help="more pod lists to replay whole (e.g. the data set's openb_pod_list_multigpu50.csv)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="replays run at once")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error("--jobs must be >= 1")
+    for path in args.extra:
+        if not path.is_file():
+            parser.error(f"--extra {path}: no such file")
     try:
         policy = sim.QueuePolicy.from_env(os.environ)
     except sim.InputError as exc:  # a bad DOCKYARD_* setting, named by the error
         parser.error(str(exc))
     with tempfile.TemporaryDirectory(prefix="dockyard-grid-") as tmp:
-        replays = grid(Path(args.traces), Path(tmp), args.holdout)
+        replays = grid(Path(args.traces), Path(tmp), args.holdout, tuple(args.extra))
         with ProcessPoolExecutor(min(args.jobs, len(replays))) as pool:
             results = list(pool.map(replay, [(r, args.time_limit_factor) for r in replays]))
     cells = [c for r in results for c in r["cells"]]

@@ -351,6 +351,17 @@ def test_the_grid_counts_the_goals_missed_over_every_slice_and_variant(tmp_path:
         assert total["cells_all_met"] == sum(not c["missed"] for c in cells)
     names = [t["trace"] for t in json.loads(done.stdout)["traces"]]
     assert names == ["default-mg20", "default-mg40", "multigpu25-like", "multigpu50-seed51"]
+    # Another list is replayed whole after them, named by its file.
+    _write_trace(tmp_path / "openb_pod_list_other.csv", n=120, seed=5)
+    done = subprocess.run([sys.executable, str(grid), "--traces", str(traces), "--time-limit-factor", "1",
+                           "--holdout", "--extra", str(tmp_path / "openb_pod_list_other.csv"), "--json"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(done.stdout)
+    assert [t["trace"] for t in doc["traces"]][4:] == ["other"] and len(doc["traces"][4]["cells"]) == 4
+    absent = subprocess.run([sys.executable, str(grid), "--traces", str(traces), "--extra", str(tmp_path / "x.csv")],
+                            capture_output=True, text=True, timeout=60)
+    assert absent.returncode == 2 and "x.csv: no such file" in absent.stderr
     missing = subprocess.run([sys.executable, str(grid), "--traces", str(tmp_path / "none")],
                              capture_output=True, text=True, timeout=60)
     assert missing.returncode != 0 and "openb_pod_list_default.csv: not found" in missing.stderr
