@@ -45,7 +45,8 @@ Queue policy (:func:`plan`, settings in :class:`Policy`)
     unknown, is never backfilled, except onto GPUs the head can never use (filtered out by its
     memory or name). The runs that would end before the reservation share the GPUs free until
     then widest first (queue order among runs of one width): a many-GPU run rarely finds such a
-    gap, a 1-GPU run fills any hole.
+    gap, a 1-GPU run fills any hole. Optionally (``reserve_oldest_factor``) the run that has
+    waited longest reserves after fewer drains than the others.
 
     Why each rule, measured with ``benchmarks/scheduler_sim.py`` (one 8-GPU node, the openb
     traces at loads 0.3-0.9, time limits = durations; ratios "skip-ahead's mean wait / ours"):
@@ -171,6 +172,15 @@ Queue policy (:func:`plan`, settings in :class:`Policy`)
     the whole shared traces 22 -> 26-28), which a hold-out of four lists made only to check it
     (``--holdout``: the default list with 20 % and 40 % multi-GPU, multigpu20 with 25 % and 50 %, new seeds;
     48 cells) did not bear out: 38 misses (0.5x) and 35 (0.75x, any run after 3x) against 35.
+    Re-measured on the data set's real lists (``scheduler_grid.py --extra``; multigpu30-50, and
+    the default-like gpushare40, gpuspec33, cpu250), the oldest run after 0.75x and any after 3x
+    (with its guard and the look past a higher-priority front to match) missed 14 against 20 on
+    the multi-GPU lists and 24 against 20 on the default-like ones (the shared lists whole: 14
+    against 10): kept as the setting ``reserve_oldest_factor``, off by default. Also tried then:
+    a young run's guard never growing past the earliest guard it was given (96 on the grid); the
+    front run reserving only once it has also waited a share of the queue's work over the GPUs
+    (0.1, 0.15, 0.25, 0.5, 1 of it: 98-103, the multi-GPU lists 15-25); a run whose time limit
+    is as long as the queue's work over the GPUs reserving at once (97 and 104).
 
 Cost (:class:`RunQueue`)
     The queue is kept in buckets, one per request shape (GPU count, memory, name filter, with or
