@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
@@ -33,7 +32,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import scheduler_sim as sim  # a sibling script, not a package
+import scheduler_sim as sim  # sibling scripts, not a package
+import trace_variant
 
 DEFAULT = "openb_pod_list_default.csv"
 MULTIGPU20 = "openb_pod_list_multigpu20.csv"
@@ -64,11 +64,10 @@ def _usable(trace: Path, times: Path) -> int:
 
 def _variant(name: str, source: Path, share: float, seed: int, folder: Path) -> Path:
     out = folder / f"{name}.csv"
-    tool = Path(__file__).resolve().parent / "trace_variant.py"
-    done = subprocess.run([sys.executable, str(tool), "--trace", str(source), "--multi-gpu-share", str(share),
-                           "--out", str(out), "--seed", str(seed)], capture_output=True, text=True)
-    if done.returncode:
-        raise SystemExit(f"trace_variant.py failed for {name}: {done.stderr.strip()}")
+    try:
+        trace_variant.write_variant(source, share, seed, out)
+    except trace_variant.VariantError as exc:
+        raise SystemExit(f"cannot write the {name} list: {exc}") from None
     return out
 
 

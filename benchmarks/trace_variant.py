@@ -55,6 +55,41 @@ def variant(rows: list[dict[str, str]], share: float, seed: int) -> list[dict[st
     return out
 
 
+class VariantError(ValueError):
+    """The source list cannot be read or is not an openb pod list (the message says where)."""
+
+
+def write_variant(source: Path, share: float, seed: int, out: Path) -> tuple[int, int, float]:
+    """Write the variant of ``source`` to ``out``: (pods read, pods written, the multi-GPU share
+    of the GPUs asked in it).
+
+    Raises:
+        VariantError: ``source`` cannot be read, lacks a column, or has a bad ``num_gpu``.
+    """
+    try:
+        with source.open(newline="") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            columns = [c for c in (reader.fieldnames or []) if c not in ("creation_time", "deletion_time",
+                                                                           "scheduled_time")]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise VariantError(f"{source}: cannot read the trace: {exc}") from None
+    if "name" not in columns or "num_gpu" not in columns:
+        raise VariantError(f"{source}: no 'name' or 'num_gpu' column; expected an openb pod list")
+    for line, r in enumerate(rows, start=2):
+        try:
+            float(r["num_gpu"])
+        except (TypeError, ValueError):
+            raise VariantError(f"{source}:{line}: column 'num_gpu' must be a number, got {r['num_gpu']!r}") from None
+    written = variant(rows, share, seed)
+    with out.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(written)
+    single, multi = gpu_demand(written)
+    return len(rows), len(written), multi / (single + multi)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--trace", required=True, help="an openb pod-list CSV (name,...,num_gpu,...)")
@@ -65,30 +100,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 0 < args.multi_gpu_share < 1:
         parser.error("--multi-gpu-share must be between 0 and 1 (exclusive)")
-    path = Path(args.trace)
     try:
-        with path.open(newline="") as f:
-            reader = csv.DictReader(f)
-            rows = list(reader)
-            columns = [c for c in (reader.fieldnames or []) if c not in ("creation_time", "deletion_time",
-                                                                           "scheduled_time")]
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        parser.error(f"{path}: cannot read the trace: {exc}")
-    if "name" not in columns or "num_gpu" not in columns:
-        parser.error(f"{path}: no 'name' or 'num_gpu' column; expected an openb pod list")
-    for line, r in enumerate(rows, start=2):
-        try:
-            float(r["num_gpu"])
-        except (TypeError, ValueError):
-            parser.error(f"{path}:{line}: column 'num_gpu' must be a number, got {r['num_gpu']!r}")
-    out = variant(rows, args.multi_gpu_share, args.seed)
-    with open(args.out, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(out)
-    single, multi = gpu_demand(out)
-    print(f"{args.out}: {len(out)} pods ({len(out) - len(rows)} added); multi-GPU pods ask for "
-          f"{multi / (single + multi):.1%} of the GPUs")
+        read, written, share = write_variant(Path(args.trace), args.multi_gpu_share, args.seed, Path(args.out))
+    except VariantError as exc:
+        parser.error(str(exc))
+    except OSError as exc:
+        parser.error(f"{args.out}: cannot write the variant: {exc}")
+    print(f"{args.out}: {written} pods ({written - read} added); multi-GPU pods ask for {share:.1%} of the GPUs")
     return 0
 
 

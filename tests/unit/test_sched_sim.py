@@ -293,6 +293,16 @@ def test_a_variant_with_more_multi_gpu_pods_replays_with_borrowed_times(tmp_path
         bad = subprocess.run([sys.executable, str(tool), *args, "--out", str(tmp_path / "x.csv")],
                              capture_output=True, text=True, timeout=60)
         assert bad.returncode == 2 and words in bad.stderr
+    # So are a list without num_gpu, a bad num_gpu cell (by line) and an output that cannot be written.
+    (tmp_path / "nogpu.csv").write_text("name,cpu_milli\npod-0,1000\n")
+    (tmp_path / "badcell.csv").write_text("name,num_gpu\npod-0,1\npod-1,two\n")
+    for args, words in ((["--trace", str(tmp_path / "nogpu.csv")], "no 'name' or 'num_gpu' column"),
+                        (["--trace", str(tmp_path / "badcell.csv")], "badcell.csv:3: column 'num_gpu'"),
+                        (["--trace", str(timed), "--out", str(tmp_path / "no" / "x.csv")], "cannot write")):
+        out_args = [] if "--out" in args else ["--out", str(tmp_path / "x.csv")]
+        bad = subprocess.run([sys.executable, str(tool), *args, "--multi-gpu-share", "0.5", *out_args],
+                             capture_output=True, text=True, timeout=60)
+        assert bad.returncode == 2 and words in bad.stderr, bad.stderr
 
 
 def test_the_replay_checks_the_reservations_without_time_limits(tmp_path: Path):
