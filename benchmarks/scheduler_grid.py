@@ -43,6 +43,7 @@ VARIANTS = (("multigpu50-like", MULTIGPU20, 0.5, 50), ("default-mg30", DEFAULT, 
 HOLDOUT = (("default-mg20", DEFAULT, 0.2, 21), ("default-mg40", DEFAULT, 0.4, 41),
            ("multigpu25-like", MULTIGPU20, 0.25, 25), ("multigpu50-seed51", MULTIGPU20, 0.5, 51))
 LOADS = (0.3, 0.5, 0.7, 0.9)
+NEAR_TIE = 0.005
 
 
 @dataclass(frozen=True)
@@ -96,8 +97,12 @@ def replay(job: tuple[Replay, list[float | str | None]]) -> dict[str, Any]:
     args = argparse.Namespace(trace=str(r.trace), gpus=8, nodes=1, load=list(LOADS), skip=r.skip, limit=r.limit,
                               times=str(r.times), time_limit_factor=limits, workspaces=1)
     doc = sim.run(args)
-    cells = [{"load": c["load"], "limits": sim.limits_label(c["limits"]),
-              "missed": [goal for goal, met in c["goals"].items() if not met]} for c in doc["_cells"]]
+    cells = []
+    for c in doc["_cells"]:
+        short = sim.goal_shortfalls(c["load"], c["d"], c["fifo"], c["skip"])
+        missed = [goal for goal, met in c["goals"].items() if not met]
+        cells.append({"load": c["load"], "limits": sim.limits_label(c["limits"]), "missed": missed,
+                      "shortfall": {goal: round(short[goal], 6) for goal in missed}})
     return {"trace": r.name, "cells": cells, "latency_goal": doc["_latency_goal"]}
 
 
@@ -133,7 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     for c in cells:
         for goal in c["missed"]:
             by_goal[goal] = by_goal.get(goal, 0) + 1
+    # Misses by less than NEAR_TIE of the figure: ties a change of policy flips either way.
+    near = sum(1 for c in cells for v in c["shortfall"].values() if v < NEAR_TIE)
     total = {"goals_missed": missed, "cells": len(cells), "cells_all_met": met, "by_goal": by_goal,
+             "missed_by_under_half_a_percent": near,
              "latency_goal_met": all(r["latency_goal"] for r in results)}
     if args.json:
         json.dump({"benchmark": "scheduler_grid", "holdout": args.holdout, "policy": str(policy),
@@ -149,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         share = f"{ok}/{len(r['cells'])}"
         print(f"{r['trace']:<22}{share:>10}{n:>8}  {where}")
     print(f"{'grid' if not args.holdout else 'hold-out'}: {missed} goal(s) missed over {len(cells)} cells, "
-          f"all goals met in {met}; by goal: " + ", ".join(f"{g} {n}" for g, n in sorted(by_goal.items()))
+          f"all goals met in {met}; {near} of the misses by < 0.5 %; by goal: "
+          + ", ".join(f"{g} {n}" for g, n in sorted(by_goal.items()))
           + f"; plan p95 <= 100 us with >= 1000 waiting: {'met' if total['latency_goal_met'] else 'NOT met'}")
     return 0
 

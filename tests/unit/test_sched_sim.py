@@ -334,6 +334,23 @@ def test_time_limit_variants_are_parsed_and_bad_ones_refused():
             sim.parse_limits(bad)
 
 
+def test_a_goal_missed_says_by_how_much():
+    sim = _sim()
+    fifo = {"utilisation": 0.5, "wait_mean": 300.0, "wait_ge4_mean": 900.0, "wait_max": 4000.0}
+    skip = {"utilisation": 1.0, "wait_mean": 100.0, "wait_ge4_mean": 800.0, "wait_max": 5000.0}
+    ours = {"utilisation": 0.99, "wait_mean": 125.0, "wait_ge4_mean": 700.0, "wait_max": 4000.0}
+    short = sim.goal_shortfalls(0.5, ours, fifo, skip)
+    assert short["utilisation >= both"] == pytest.approx(1 / 0.99 - 1)  # ours must rise ~1 %
+    assert short["mean wait <= both"] == pytest.approx(0.2)  # ours must fall 20 %
+    assert short[">=4-GPU mean wait <= both"] == 0.0 and short["max wait <= both"] == 0.0  # met, a tie included
+    met = sim.goals_for(0.5, ours, fifo, skip)
+    assert [goal for goal, ok in met.items() if not ok] == [goal for goal, v in short.items() if v > 0]
+    # From the overload on, the bounds are relative: 1 % of utilisation, 10 % of mean wait.
+    short = sim.goal_shortfalls(0.9, ours, fifo, skip)
+    assert short["utilisation within 1% of the better"] == 0.0
+    assert short["mean wait within 10% of skip_ahead"] == pytest.approx(1 - 110 / 125)
+
+
 def test_the_grid_counts_the_goals_missed_over_every_slice_and_variant(tmp_path: Path):
     # The grid replays both lists whole and in halves plus four variants (or four hold-out
     # lists), at four loads under each limit variant, and sums what its cells missed.
@@ -359,6 +376,9 @@ def test_the_grid_counts_the_goals_missed_over_every_slice_and_variant(tmp_path:
         assert total["cells"] == len(cells)
         assert total["goals_missed"] == sum(len(c["missed"]) for c in cells) == sum(total["by_goal"].values())
         assert total["cells_all_met"] == sum(not c["missed"] for c in cells)
+        assert all(set(c["shortfall"]) == set(c["missed"]) and all(v > 0 for v in c["shortfall"].values())
+                   for c in cells)
+        assert total["missed_by_under_half_a_percent"] == sum(v < 0.005 for c in cells for v in c["shortfall"].values())
     names = [t["trace"] for t in json.loads(done.stdout)["traces"]]
     assert names == ["default-mg20", "default-mg40", "multigpu25-like", "multigpu50-seed51"]
     # Another list is replayed whole after them, named by its file.
