@@ -943,13 +943,13 @@ class Policy:
             the GPUs it needs are free. 0 reserves at once (classic EASY backfill). Until then
             a run behind it may take those GPUs only if it ends by its earliest start plus the
             time it still has to wait (its guard: no single long run moves its start far).
-        reserve_oldest_factor: None (the default), or the same as ``reserve_factor`` for the run
-            that has waited longest of the queue (submitted first among the runs that can ever
-            start here): it reserves once it has waited this many times its drain (or
-            ``reserve_factor`` times, if that is less). The oldest run's wait is the queue's
-            longest; reserving for it sooner bounds the longest wait, at the cost of more
-            drains. Off by default: it helps where wide runs are common and costs where they
-            are rare (see the comment at the field).
+        reserve_oldest_factor: like ``reserve_factor``, for the run that has waited longest of
+            the queue (submitted first among the runs that can ever start here): it reserves
+            once it has waited this many times its drain (or ``reserve_factor`` times, if that
+            is less); None (the default): ``reserve_factor``, as any run. The oldest run's wait
+            is the queue's longest; reserving for it sooner bounds the longest wait, at the
+            cost of more drains. Off by default: it helps where wide runs are common and costs
+            where they are rare (see the comment at the field).
         reserve_unknown_factor: when the drain is unknown (a run it waits for has no time
             limit), it is guessed: a run without a limit that has run for x seconds is taken to
             end x seconds from now. The run reserves once it has waited this many times the
