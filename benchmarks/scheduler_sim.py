@@ -753,10 +753,11 @@ def goal_shortfalls(load: float, d: dict[str, float], fifo: dict[str, float],
     """How far each goal is from met: the share by which our figure must improve (a utilisation
     rise of bound / ours - 1, a wait cut of 1 - bound / ours), 0 when met. A goal missed by
     0.01 % is a tie; one missed by 50 % is not, and a miss count alone does not tell them apart."""
+    met = goals_for(load, d, fifo, skip)
     out = {}
     for goal, metric, bound, at_least in _goal_bounds(load, fifo, skip):
         ours = d[metric]
-        if goals_for(load, d, fifo, skip)[goal] or ours <= 0:
+        if met[goal] or ours <= 0:
             out[goal] = 0.0
         else:
             out[goal] = bound / ours - 1 if at_least else 1 - bound / ours

@@ -65,6 +65,7 @@ def write_variant(source: Path, share: float, seed: int, out: Path) -> tuple[int
 
     Raises:
         VariantError: ``source`` cannot be read, lacks a column, or has a bad ``num_gpu``.
+        OSError: ``out`` cannot be written.
     """
     try:
         with source.open(newline="") as f:
