@@ -303,7 +303,7 @@ def req(count: int, *, limit: float | None = None, priority: int = 0, **kw) -> G
 # Classic EASY backfill: reserve at once, submit order, one account. The tests of the reservation
 # and backfill mechanics use it; the tests further down cover what the default Policy adds.
 EASY = Policy(reserve_factor=0.0, reserve_unknown_s=0.0, short_first=0.0, short_first_window=0.0, fair_share=False,
-              reserve_unknown_factor=0.0)
+              reserve_unknown_factor=0.0, hold_factor=0.0)
 
 
 def started(p: Plan) -> dict[str, list[int]]:
@@ -503,7 +503,7 @@ def states(draw):
     policy = draw(st.one_of(
         st.sampled_from([EASY, Policy()]),
         st.builds(Policy, st.floats(0, 10), st.floats(0, 500), st.floats(0, 100), st.floats(0, 0.99), st.booleans(),
-                  st.floats(0, 8), st.floats(0, 100)),
+                  st.floats(0, 8), st.floats(0, 100), hold_factor=st.floats(0, 5), hold_backlog=st.floats(0, 3)),
     ))
     return topology, now, free, queue, running, policy
 
@@ -573,12 +573,12 @@ def test_place_only_returns_free_eligible_gpus(topology, data):
 # no starvation
 
 
-def _replay(policy, horizon: float = 2000.0, limit: float | None = 60.0) -> float | None:
-    """One DGX; eight 1-GPU runs hold it (ending t=10..80); an 8-GPU run is submitted at t=0;
-    then a 1-GPU run lasting 60 s (time limit ``limit``) arrives every 5 s. Returns when the
-    8-GPU run started, or None if it had not by ``horizon``."""
+def _replay(policy, horizon: float = 2000.0, limit: float | None = 60.0, warm: bool = True) -> float | None:
+    """One DGX; eight 1-GPU runs hold it (ending t=10..80; none with ``warm`` False); an 8-GPU
+    run is submitted at t=0; then a 1-GPU run lasting 60 s (time limit ``limit``) arrives every
+    5 s. Returns when the 8-GPU run started, or None if it had not by ``horizon``."""
     # run -> (gpu, true end, start): warm run i started 10 x (i + 1) s ago and lasts twice that
-    running = {f"warm-{i}": (U[i], 10.0 * (i + 1), -10.0 * (i + 1)) for i in range(8)}
+    running = {f"warm-{i}": (U[i], 10.0 * (i + 1), -10.0 * (i + 1)) for i in range(8)} if warm else {}
     queue = {"big": Waiting("big", req(8, limit=100 if limit else None), 0.0)}
     now, next_arrival, k = 0.0, 0.0, 0
     while now <= horizon:
@@ -705,6 +705,54 @@ def test_a_young_run_that_does_not_fit_reserves_nothing_and_small_runs_flow():
     # Waited 300 s >= 3 x 90 s: it reserves, and the long run no longer starts.
     p = plan(300.0, DGX, frozenset(U[6:]), queue, [Active("busy", tuple(U[:6]), 390.0)], Policy(reserve_factor=3.0))
     assert p.starts == () and p.reservation == Reservation("big", 390.0, tuple(U))
+
+
+def test_a_long_wide_run_that_fits_holds_back_while_shorter_runs_start():
+    # An idle DGX at t=10. "big" (8 GPUs x 1000 s) fits, but would make the 1-GPU runs wait its
+    # whole time limit: it holds back until it has waited 1.5 x 1000 s x 8/8 (t=1500), the short
+    # run starts, and a 1-GPU run that would end after t=1500 may not take its GPUs.
+    queue = [Waiting("big", req(8, limit=1000), 0.0), Waiting("short", req(1, limit=100), 5.0),
+             Waiting("long", req(1, limit=2000), 6.0)]
+    p = plan(10.0, DGX, frozenset(U), queue, [])
+    assert list(started(p)) == ["short"] and p.reservation is None
+    assert p.reasons["big"].startswith("fits now, but holds back until t+1490s so that shorter runs start first")
+    assert "its time limit ends after t+1490s" in p.reasons["long"]
+    # Off, it takes the machine at once.
+    assert list(started(plan(10.0, DGX, frozenset(U), queue, [], Policy(hold_factor=0.0)))) == ["big"]
+    # Once it has waited that long it starts (the short run ended meanwhile).
+    assert list(started(plan(1500.0, DGX, frozenset(U), [queue[0], queue[2]], []))) == ["big"]
+
+
+def test_a_wide_run_holds_only_for_runs_that_gain_from_it():
+    big = Waiting("big", req(8, limit=1000), 0.0)
+    # Nothing shorter that would end within the hold (t+1490s): no hold.
+    assert list(started(plan(10.0, DGX, frozenset(U), [big, Waiting("s", req(1, limit=1600), 5.0)], []))) == ["big"]
+    # A run without a time limit that fits would be kept waiting by the hold (nothing without a
+    # limit passes a guard): no hold.
+    queue = [big, Waiting("short", req(1, limit=100), 5.0), Waiting("open", req(1), 6.0)]
+    assert list(started(plan(10.0, DGX, frozenset(U), queue, []))) == ["big"]
+    # Under a backlog (the other runs' work, 90 x 100 GPU-s over 8 GPUs, is more than its time
+    # limit) holding would only stretch its wait.
+    queue = [big] + [Waiting(f"s{i}", req(1, limit=100), 5.0 + i) for i in range(90)]
+    assert list(started(plan(10.0, DGX, frozenset(U), queue, []))) == ["big"]
+    assert len(started(plan(10.0, DGX, frozenset(U), queue, [], Policy(hold_backlog=0.0)))) == 8
+    # A 4-GPU run holds only when the shorter runs need its GPUs: one short run goes beside it...
+    half = Waiting("half", req(4, limit=1000), 0.0)
+    shorts = [Waiting(f"s{i}", req(1, limit=100), 5.0 + i) for i in range(5)]
+    assert set(started(plan(10.0, DGX, frozenset(U), [half, shorts[0]], []))) == {"half", "s0"}
+    # ...five take the other four GPUs and one of its own, so it holds back (nothing idles).
+    p = plan(10.0, DGX, frozenset(U), [half, *shorts], [])
+    assert set(started(p)) == {f"s{i}" for i in range(5)} and "holds back" in p.reasons["half"]
+
+
+def test_a_held_run_starts_within_its_bound_under_a_stream_of_short_runs():
+    # An idle DGX; "big" (8 GPUs, 100 s limit) and a stream of 1-GPU runs of 60 s, one every 5 s.
+    # It holds back for at most 1.5 x 100 s x 8/8 = 150 s, and only runs that end by then start
+    # on its GPUs: it starts by t=150 (plus a decision), where skip-ahead starves it.
+    started_at = _replay(_dockyard(), horizon=10_000.0, warm=False)
+    assert started_at is not None and 0.0 < started_at <= 155.0
+    assert _replay(_dockyard(Policy(hold_factor=0.0)), warm=False) == 0.0
+    assert _replay(_skip_ahead, warm=False) == 0.0  # it fits at once; skip-ahead takes it then
 
 
 def test_the_oldest_run_waiting_reserves_after_fewer_drains():
@@ -887,8 +935,9 @@ def test_policy_is_validated_and_read_from_the_environment():
     assert Policy.from_env({}) == Policy()
     env = {"DOCKYARD_RESERVE_FACTOR": "1.5", "DOCKYARD_RESERVE_UNKNOWN_S": "60", "DOCKYARD_SHORT_FIRST": "0",
            "DOCKYARD_SHORT_FIRST_WINDOW": "0.5", "DOCKYARD_FAIR_SHARE": "0", "DOCKYARD_SHORT_FIRST_BACKLOG": "2",
-           "DOCKYARD_RESERVE_UNKNOWN_FACTOR": "5", "DOCKYARD_RESERVE_OLDEST_FACTOR": "0.5"}
-    assert Policy.from_env(env) == Policy(1.5, 60.0, 0.0, 0.5, False, 2.0, 5.0, 0.5)
+           "DOCKYARD_RESERVE_UNKNOWN_FACTOR": "5", "DOCKYARD_RESERVE_OLDEST_FACTOR": "0.5",
+           "DOCKYARD_HOLD_FACTOR": "3", "DOCKYARD_HOLD_BACKLOG": "0"}
+    assert Policy.from_env(env) == Policy(1.5, 60.0, 0.0, 0.5, False, 2.0, 5.0, 0.5, 3.0, 0.0)
     for env, words in [({"DOCKYARD_RESERVE_FACTOR": "soon"}, "not a number"),
                        ({"DOCKYARD_SHORT_FIRST_WINDOW": "1"}, "out of range"),
                        ({"DOCKYARD_RESERVE_UNKNOWN_S": "-1"}, "out of range"),
@@ -898,6 +947,8 @@ def test_policy_is_validated_and_read_from_the_environment():
                        ({"DOCKYARD_SHORT_FIRST_BACKLOG": "deep"}, "not a number"),
                        ({"DOCKYARD_RESERVE_OLDEST_FACTOR": "-1"}, "out of range"),
                        ({"DOCKYARD_RESERVE_OLDEST_FACTOR": "early"}, "not a number"),
+                       ({"DOCKYARD_HOLD_FACTOR": "-1"}, "out of range"),
+                       ({"DOCKYARD_HOLD_BACKLOG": "lots"}, "not a number"),
                        ({"DOCKYARD_FAIR_SHARE": "maybe"}, "must be 1 or 0")]:
         with pytest.raises(InputError, match=words):
             Policy.from_env(env)
