@@ -200,6 +200,23 @@ Queue policy (:func:`plan`, settings in :class:`Policy`)
     front run reserving only once it has also waited a share of the queue's work over the GPUs
     (0.1, 0.15, 0.25, 0.5, 1 of it: 98-103, the multi-GPU lists 15-25); a run whose time limit
     is as long as the queue's work over the GPUs reserving at once (97 and 104).
+    Kept from the next round: the hold (``hold_factor``, above). Tried then, counted at 1x over
+    the grid, the hold-out and the data set's multigpu30-50 and gpushare20-100 lists (88 cells,
+    52 misses, sum of shortfalls 5.62) or over all three limit variants (264 cells, 201): a
+    shadow FIFO replayed from the time limits as runs are submitted (exact at 1x), its longest
+    wait so far M bounding the reordering (the short-first cap shrunk to 0.5 or 0.8 x M less the
+    oldest run's wait: the all-1-GPU gpushare100 list then meets max wait at every load, FIFO and
+    skip-ahead being the same there, but 201 -> 203 and 199 in all: a wash); reserving only to start by
+    M (``reserve_factor`` off): the load-0.9 mean wait conflicts are met (the default list with
+    20-40 % multi-GPU, multigpu30's mean wait) and the shortfalls fall to 4.58, but max wait is
+    missed in 21-27 cells (75 misses), FIFO's longest wait being far above skip-ahead's at 0.7;
+    by min(M, a shadow skip-ahead's longest wait so far): 88 (the running maximum is too tight
+    early in a trace); that cap on top of the drain rule: 61. A per-run FIFO start (an oracle:
+    FIFO's true starts) as each wide run's deadline cost the default list its 0.7 and 0.9 goals
+    (early reservations drain the node). The hold without its backlog limit (117 on the grid),
+    without its guard (210 in all), only while the other queued work is at most 30 % multi-GPU
+    (197 in all, the default list's 0.3 goal lost), and a reservation delay of k x the run's own
+    limit (k 0.5-2: no change at 0.3, where the wide run fits and reserves nothing).
 
 Cost (:class:`RunQueue`)
     The queue is kept in buckets, one per request shape (GPU count, memory, name filter, with or
@@ -1061,14 +1078,16 @@ class Policy:
     # and gpushare20-100 lists: off 97 / 7.44, 35 / 3.22, 69 / 5.91; 1.5 (backlog 1): 96 / 6.58,
     # 38 / 3.22, 73 / 5.71; 2: 98 / 6.60, 38 / 3.23, 73 / 5.87; 3 (no backlog limit): 117 on the
     # grid (wide runs held under a backlog wait too long: max wait and utilisation at 0.7-0.9).
-    # What it buys: the default list (and the data set's 14 cpu* and gpuspec* lists, whose GPU
-    # runs are the same) meets the 0.3 mean wait goal with 1x, 2x and random limits (0.78x
+    # What it buys: the default list (and the data set's 14 cpu* and gpuspec* lists, which repeat
+    # its GPU runs) meets the 0.3 mean wait goal with 1x, 2x and random limits (0.78x
     # skip-ahead's before, a 977,000 s 8-GPU run taking the node while 33 1-GPU runs waited); its
     # second half at 0.3 and 0.5 too. What it costs: utilisation ties (0.03-1.3 %) at 0.3-0.5
     # on lists where multi-GPU runs ask for 30-50 % of the GPUs (a held run starts after the
     # shorter runs drain its GPUs). Kept on: the lists it helps are the production trace's.
     hold_factor: float = 1.5
-    # 0.5: 212 missed in all (grid, hold-out, the eight lists); 1: 207; 2: 215.
+    # With hold_factor 2, goals missed in all (grid, hold-out, the eight lists above): backlog
+    # 0.5: 212, 1: 209, 2: 215; hold_factor 1, 1.25, 1.5, 1.75 with backlog 1: 209, 209, 207, 207
+    # (shortfalls 15.74, 15.81, 15.52, 15.56).
     hold_backlog: float = 1.0
 
     def __post_init__(self) -> None:
