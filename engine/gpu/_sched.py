@@ -117,15 +117,17 @@ Queue policy (:func:`plan`, settings in :class:`Policy`)
     could move it by that run's whole time limit, and it would then wait ``reserve_factor`` x
     the new drain before reserving. A run that holds back does so for at most ``hold_factor`` x
     its own time limit x its share of the GPUs, and only runs that end by then start on its GPUs;
-    then it is an ordinary run of its place. A run's place is at most ``short_first_window`` x the longest wait behind its
-    submit time, so below 1 a run submitted now is placed behind the oldest waiting run: every
+    then it is an ordinary run of its place. A run's place is at most ``short_first_window`` x
+    the longest wait behind its submit time, so below 1 a run submitted now is placed behind the
+    oldest waiting run: every
     run reaches the front in turn (within a priority; a stream of higher-priority runs may
     still overtake a lower-priority one, by design).
 
     Not met at load 0.3 on the default trace before the hold (mean wait 0.80x skip-ahead's with 1x
-    limits; the hold meets it): at low load skip-ahead starves the wide runs through a burst (its 44 8-GPU runs waited 2.9e6 s
-    each where ours waited 1.1e6 s) and runs them in the quiet after it, while ours runs them in
-    the burst, and the 1-GPU runs arriving while one of 977,000 s holds the node wait for it.
+    limits; the hold meets it): at low load skip-ahead starves the wide runs through a burst
+    (its 44 8-GPU runs waited 2.9e6 s each where ours waited 1.1e6 s) and runs them in the quiet
+    after it, while ours runs them in the burst, and the 1-GPU runs arriving while one of
+    977,000 s holds the node wait for it.
     The wide run starts there because it fits an empty node and is first in the queue: no
     reservation is involved, and a reservation delay grown by the run's own length changed
     nothing. Reserving later only makes the policy more like skip-ahead (``reserve_factor`` 6
