@@ -93,7 +93,7 @@ Queue policy (:func:`plan`, settings in :class:`Policy`)
       its own length): a wide run that fits an empty node was started at once even while
       dozens of 1-GPU runs waited, and they (and those arriving) waited its whole limit. Default
       trace at 0.3: mean wait 0.78x -> 1.0x or better skip-ahead's with 1x, 2x and random limits
-      (at loads 0.28-0.35 too; 0.25 trades it for max wait); its second half at 0.3 and 0.5 met
+      (every goal there at loads 0.25-0.35 with 1x limits); its second half at 0.3 and 0.5 met
       too. It costs utilisation ties (0.03-1.3 %) at 0.3-0.5 where multi-GPU runs ask for 30-50 %
       of the GPUs. Under a backlog (``hold_backlog`` 1) holding only stretches the wide run's wait
       (max wait and utilisation at 0.7-0.9: 117 goals missed on the grid without that limit), and
@@ -1223,7 +1223,7 @@ def _hold(policy: Policy, now: float, t: _Tables, run: Waiting, own: _Bucket, bu
     limit; the shorter runs first cost it little (Smith's rule: order by GPUs x time limit).
     Measured on the default trace at load 0.3: a 977,000 s 8-GPU run started on an empty node
     while 33 1-GPU runs waited, and the runs arriving while it ran waited too; skip-ahead ran it
-    later (mean wait 0.78x skip-ahead's; held, 1.0x or better at loads 0.28-0.35)."""
+    later (mean wait 0.78x skip-ahead's; held, every goal met at loads 0.25-0.35)."""
     limit = run.request.time_limit_s
     count = run.request.count
     if limit is None or count < 2:
