@@ -1800,7 +1800,10 @@ def plan(
                 taken.add(w.run_id)
                 avail &= ~chosen
     for run_id, (entry, account, _) in held.items():
-        # A held run whose GPUs nothing took starts after all: holding never idles a GPU.
+        # A held run whose GPUs nothing took starts after all: holding never idles a GPU. (One
+        # started meanwhile on other GPUs, or now the head, is taken already.)
+        if run_id in taken:
+            continue
         hw = entry[2]
         chosen = _pick(t, avail, hw.request)
         if chosen is not None and head is not None and chosen & res_mask and (
